@@ -97,9 +97,12 @@ class ModelConfig:
     def from_hf_config(cls, hf: dict[str, Any], name: str | None = None) -> ModelConfig:
         """Build from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2 families)."""
         arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+        is_qwen2 = arch.startswith("Qwen2") or hf.get("model_type") == "qwen2"
         n_heads = int(hf["num_attention_heads"])
         d_model = int(hf["hidden_size"])
-        scaling = hf.get("rope_scaling") or {}
+        # transformers >= 5 folds rope_theta and the scaling dict into `rope_parameters`.
+        rope_params = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or rope_params
         rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
         rope = RopeScaling(
             rope_type=rope_type,
@@ -121,10 +124,10 @@ class ModelConfig:
             ffn_dim=int(hf["intermediate_size"]),
             max_context=int(hf.get("max_position_embeddings", 4096)),
             rms_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=float(hf.get("rope_theta") or rope_params.get("rope_theta") or 10000.0),
             rope_scaling=rope,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=bool(hf.get("attention_bias", arch.startswith("Qwen2"))),
+            qkv_bias=bool(hf.get("attention_bias", is_qwen2)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )

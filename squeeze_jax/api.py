@@ -1,0 +1,115 @@
+"""High-level API: index a fixed context once, then ask it many questions.
+
+    cfg, model, tok = load_pretrained("smollm2-135m")
+    index = index_context(model, tok, document_text)
+    result = ask(model, tok, index, ["Who ...?", "When ...?"], budget=1/8)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from squeeze_jax.attention.context import POLICIES, ContextAttention, ContextState
+from squeeze_jax.generate import GenerationResult, SamplingConfig, generate
+from squeeze_jax.index import IndexConfig, build_index
+
+SYSTEM_PROMPT = "You are a helpful AI assistant."
+
+
+def chat_parts(tokenizer, context: str, question: str) -> tuple[str, str]:
+    """Split one chat prompt into its fixed part (system + start of the user turn + context) and the user part.
+
+    The two parts concatenate to the chat template's rendering of a single user turn holding
+    `context + "\\n\\n" + question`, followed by the assistant prompt.
+    """
+    marker = "\x00QUESTION\x00"
+    messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": context + "\n\n" + marker}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    head, tail = rendered.split(marker)
+    return head, question + tail
+
+
+def context_tokens(tokenizer, context: str) -> list[int]:
+    """Token ids of the fixed part of the prompt for `context`."""
+    if not context.strip():
+        raise ValueError("the fixed context is empty")
+    head, _ = chat_parts(tokenizer, context, "")
+    return tokenizer.encode(head)
+
+
+def question_tokens(tokenizer, question: str) -> list[int]:
+    """Token ids of the user part of the prompt for `question` (after the fixed context)."""
+    if not question.strip():
+        raise ValueError("the question is empty")
+    _, tail = chat_parts(tokenizer, "x", question)
+    return tokenizer.encode(tail)
+
+
+def index_context(model, tokenizer, context: str, config: IndexConfig | None = None, *, progress: bool = True):
+    """Prefill the fixed context once and build its context index."""
+    ids = context_tokens(tokenizer, context)
+    return build_index(model, np.asarray(ids, np.int32), config or IndexConfig(), progress=progress)
+
+
+def ask(
+    model,
+    tokenizer,
+    index,
+    questions: Sequence[str],
+    *,
+    policy: str = "squeezed",
+    budget: float | Sequence[float] = 0.125,
+    max_new_tokens: int = 24,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    backend: ContextAttention | None = None,
+) -> GenerationResult:
+    """Answer a batch of questions against one context index.
+
+    `budget` is the fraction of the fixed context's keys each question attends (sinks and the recent window
+    included), one value or one per question. `policy="dense"` attends every context key (the exact baseline).
+    """
+    if isinstance(questions, str):
+        raise TypeError("questions must be a list of strings")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+    budgets = [float(budget)] * len(questions) if np.isscalar(budget) else [float(b) for b in budget]
+    if len(budgets) != len(questions):
+        raise ValueError(f"got {len(budgets)} budgets for {len(questions)} questions")
+    for b in budgets:
+        if not 0.0 < b <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {b}")
+    check_index_matches(model, index)
+    prompts = [question_tokens(tokenizer, q) for q in questions]
+    backend = backend or ContextAttention(policy=policy, max_budget=max(budgets))
+    n = len(prompts)
+    B = 1
+    while B < n:
+        B *= 2
+    budget_B = jnp.asarray(budgets + [budgets[0]] * (B - n), jnp.float32)
+    state = ContextState(index=index, budget_B=budget_B)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              stop_tokens=tuple(model.config.eos_token_ids) + _im_end(tokenizer))
+    return generate(model, prompts, tokenizer=tokenizer, sampling=sampling, backend=backend,
+                    backend_state=state, position_offset=index.context_len, seed=seed)
+
+
+def check_index_matches(model, index) -> None:
+    """Raise if `index` was built for another model architecture."""
+    fp = model.config.fingerprint()
+    if index.model_fingerprint.split(":")[0] != fp:
+        raise ValueError(f"this context index was built for another model (index fingerprint "
+                         f"{index.model_fingerprint!r}, model {model.config.name!r} has {fp!r})")
+
+
+def _im_end(tokenizer) -> tuple[int, ...]:
+    try:
+        ids = tokenizer.encode("<|im_end|>")
+    except Exception:  # noqa: BLE001 - tokenizers without that special token
+        return ()
+    return tuple(ids) if len(ids) == 1 else ()

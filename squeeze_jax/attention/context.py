@@ -1,0 +1,281 @@
+"""Attention over a pre-indexed fixed context, sparse by a selection policy, plus dense user/generated tokens.
+
+The fixed context's keys/values live in the context index (cluster-ordered, post-RoPE, shared by the batch).
+The user and generated tokens live in the model's KV cache. For every layer:
+
+    out = merge( attend(q, selected context keys) , attend_causal(q, cache keys) )   (merged by log-sum-exp)
+
+Policies that run on the Pallas kernels select aligned key blocks (see ARCHITECTURE.md):
+  dense      every valid block (exact full attention; the baseline with a prefix KV cache)
+  squeezed   centroid lookup -> block scores -> top-k blocks per KV head (per decode step / per query block)
+  oracle     exact per-block max logit -> top-k blocks (an upper bound for block selection)
+Policies evaluated at key granularity through the masked jnp path (for baselines and fidelity studies):
+  oracle_key  exact top-k keys per KV group;  streaming  sinks + most recent keys;
+  quest       pages of 16 consecutive tokens (original order) scored by per-channel min/max bounds;
+  random      random keys (a lower bound).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from models.attention import write_kv
+from models.kv_cache import LayerKV
+from pallas_kernels import centroid_lookup, selection
+from pallas_kernels.merge import dense_attention_lse, merge_attention
+from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref
+from pallas_kernels.sparse_prefill import sparse_prefill, sparse_prefill_ref
+
+BLOCK_POLICIES = ("dense", "squeezed", "oracle")
+KEY_POLICIES = ("oracle_key", "streaming", "quest", "random")
+POLICIES = BLOCK_POLICIES + KEY_POLICIES
+QUEST_PAGE = 16
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ContextState:
+    """Backend state: the context index (leading layer axis) and a per-request kept fraction `budget_B`."""
+
+    index: Any
+    budget_B: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextAttention:
+    """Attention backend for prompts that continue a pre-indexed fixed context.
+
+    `max_budget` (static) sizes the selection capacity; each request's budget (fraction of context keys kept,
+    always-attended sinks + window included) comes from `ContextState.budget_B` and must be <= max_budget.
+    """
+
+    policy: str = "squeezed"
+    max_budget: float = 0.125
+    block_k: int = 16
+    block_q: int = 64
+    score: str = "mean"
+    radius_weight: float = 1.0
+    agg: str = "max"
+    hierarchical: bool = False
+    coarse_keep_fraction: float = 0.25
+    use_pallas: bool = True
+    interpret: bool | None = None
+    fidelity: bool = False
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
+        if not 0.0 < self.max_budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.max_budget}")
+        if self.score not in ("mean", "radius"):
+            raise ValueError(f"unknown score {self.score!r}; expected 'mean' or 'radius'")
+        if self.agg not in ("max", "mean"):
+            raise ValueError(f"unknown agg {self.agg!r}; expected 'max' or 'mean'")
+
+    # ------------------------------------------------------------------ the interface
+    def __call__(self, q_BTHqD, k_BTHD, v_BTHD, layer_kv: LayerKV, lengths_B, seq_lens_B, positions_BT,
+                 layer_state: ContextState):
+        del positions_BT
+        idx = layer_state.index
+        new_kv = write_kv(layer_kv, k_BTHD, v_BTHD, lengths_B, seq_lens_B)
+        B, T, Hq, D = q_BTHqD.shape
+        H = idx.keys.shape[0]
+        G = Hq // H
+        q_BHTGD = q_BTHqD.reshape(B, T, H, G, D).transpose(0, 2, 1, 3, 4)
+
+        # user / generated tokens: dense causal over the cache
+        S = new_kv.k_BSHD.shape[1]
+        t_T = jnp.arange(T, dtype=jnp.int32)
+        s_S = jnp.arange(S, dtype=jnp.int32)
+        mask_BTS = s_S[None, None, :] <= (lengths_B[:, None, None] + t_T[None, :, None])
+        k_BHSD = new_kv.k_BSHD.transpose(0, 2, 1, 3)
+        v_BHSD = new_kv.v_BSHD.transpose(0, 2, 1, 3)
+        o_user, lse_user = dense_attention_lse(q_BHTGD, k_BHSD, v_BHSD, mask_BTS[:, None])
+
+        # fixed context: sparse
+        o_ctx, lse_ctx, aux = self._context(q_BHTGD, seq_lens_B, idx, layer_state.budget_B)
+        o, _ = merge_attention(o_ctx.astype(jnp.float32), lse_ctx, o_user.astype(jnp.float32), lse_user)
+        out = o.transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D).astype(q_BTHqD.dtype)
+        if self.fidelity:
+            aux.update(_fidelity(q_BHTGD, idx, seq_lens_B, aux.pop("_kept_BHTN")))
+        return out, new_kv, aux
+
+    # ------------------------------------------------------------------ context part
+    def _k_blocks(self, idx, budget_B) -> tuple[jax.Array, int]:
+        n_blocks_valid = math.ceil(idx.context_len / self.block_k)
+        fixed_blocks = -(-idx.n_fixed // self.block_k)
+        capacity = min(max(math.ceil(self.max_budget * idx.context_len / self.block_k), fixed_blocks + 1),
+                       idx.keys.shape[1] // self.block_k)
+        k_B = jnp.ceil(budget_B * idx.context_len / self.block_k).astype(jnp.int32)
+        k_B = jnp.clip(k_B, min(fixed_blocks + 1, capacity), min(capacity, n_blocks_valid + fixed_blocks))
+        return k_B, capacity
+
+    def _context(self, q_BHTGD, seq_lens_B, idx, budget_B):
+        B, H, T, G, D = q_BHTGD.shape
+        if self.policy in KEY_POLICIES:
+            return self._key_policy(q_BHTGD, idx, budget_B)
+        decode = T == 1
+        k_B, capacity = self._k_blocks(idx, budget_B)
+        nb = idx.keys.shape[1] // self.block_k
+        kw = dict(n_fixed=idx.n_fixed, fixed_pad=idx.fixed_pad, n_clustered=idx.n_clustered,
+                  block_k=self.block_k)
+        if decode:
+            rows_BHRD = q_BHTGD[:, :, 0]  # [B, H, G, D]
+        else:
+            # One selection per block of user tokens; padded tail tokens repeat the row's last valid token.
+            nQ = -(-T // self.block_q)
+            Tp = nQ * self.block_q
+            last = jnp.clip(seq_lens_B - 1, 0, T - 1)
+            t_T = jnp.arange(Tp)
+            src_BT = jnp.where(t_T[None] < seq_lens_B[:, None], jnp.minimum(t_T[None], T - 1), last[:, None])
+            q_pad = jnp.take_along_axis(q_BHTGD, src_BT[:, None, :, None, None], axis=2)
+            rows_BHRD = q_pad.reshape(B, H, nQ, self.block_q * G, D).transpose(0, 2, 1, 3, 4)
+            rows_BHRD = rows_BHRD.reshape(B * nQ, H, self.block_q * G, D)
+        bscores = self._block_scores(rows_BHRD, idx, nb)
+        rows = bscores.shape[0]
+        k_rows = jnp.broadcast_to(jnp.repeat(k_B, rows // B)[:, None], (rows, H))
+        if self.policy == "dense":
+            k_rows = jnp.full((rows, H), capacity, jnp.int32)
+        ids, count = selection.select_topk(bscores, k_rows, capacity)
+        attend_decode = sparse_decode if self.use_pallas else sparse_decode_ref
+        attend_prefill = sparse_prefill if self.use_pallas else sparse_prefill_ref
+        if decode:
+            o, lse = attend_decode(rows_BHRD, idx.keys, idx.values, ids, count, interpret=self.interpret, **kw)
+            o, lse = o[:, :, None], lse[:, :, None]
+        else:
+            nQ = rows // B
+            ids = ids.reshape(B, nQ, H, capacity).transpose(0, 2, 1, 3)
+            count = count.reshape(B, nQ, H).transpose(0, 2, 1)
+            o, lse = attend_prefill(q_BHTGD, idx.keys, idx.values, ids, count, block_q=self.block_q,
+                                    interpret=self.interpret, **kw)
+        kept = jnp.minimum(count * self.block_k, idx.keys.shape[1]).astype(jnp.float32)
+        aux = {"kept_fraction": jnp.mean(kept) / idx.context_len}
+        if self.fidelity:
+            aux["_kept_BHTN"] = _blocks_to_key_mask(ids if not decode else ids[:, :, None], count if not decode
+                                                    else count[:, :, None], self.block_k, idx.keys.shape[1],
+                                                    T, self.block_q)
+        return o, lse, aux
+
+    def _block_scores(self, rows_BHRD, idx, nb):
+        fixed_blocks = -(-idx.n_fixed // self.block_k)
+        if self.policy == "squeezed":
+            log_sizes = jnp.log(jnp.maximum(idx.cluster_size, 1).astype(jnp.float32))
+            if self.hierarchical and idx.coarse_centroids is not None:
+                n_coarse = idx.coarse_centroids.shape[1]
+                scores = centroid_lookup.hierarchical_scores(
+                    rows_BHRD, idx.coarse_centroids, jnp.log(jnp.maximum(idx.coarse_size, 1).astype(jnp.float32)),
+                    idx.coarse_first, idx.coarse_count, idx.centroids, log_sizes, idx.radius,
+                    coarse_keep=max(1, int(round(self.coarse_keep_fraction * n_coarse))),
+                    max_fine_per_coarse=idx.max_fine_per_coarse, score=self.score,
+                    radius_weight=self.radius_weight, agg=self.agg, interpret=self.interpret)
+            else:
+                fn = centroid_lookup.centroid_scores if self.use_pallas else centroid_lookup.centroid_scores_ref
+                scores = fn(rows_BHRD, idx.centroids, log_sizes, idx.radius, score=self.score,
+                            radius_weight=self.radius_weight, agg=self.agg, interpret=self.interpret)
+            return selection.block_scores(scores, idx.cluster_start, idx.cluster_size, n_blocks=nb,
+                                          block_k=self.block_k, fixed_blocks=fixed_blocks)
+        # dense / oracle: exact per-key logits, max over the rows sharing the selection, max within a block
+        logits_BHRN = jnp.einsum("bhrd,hnd->bhrn", rows_BHRD.astype(jnp.float32), idx.keys.astype(jnp.float32))
+        key_score = jnp.max(logits_BHRN, axis=2)
+        key_score = jnp.where(_valid_keys(idx)[None], key_score, -jnp.inf)
+        bs = jnp.max(key_score.reshape(key_score.shape[0], key_score.shape[1], nb, self.block_k), axis=-1)
+        return jnp.where(jnp.arange(nb)[None, None] < fixed_blocks, jnp.inf, bs)
+
+    # ------------------------------------------------------------------ key-granular baselines
+    def _key_policy(self, q_BHTGD, idx, budget_B):
+        B, H, T, G, D = q_BHTGD.shape
+        N = idx.keys.shape[1]
+        valid_HN = _valid_keys(idx)
+        fixed_HN = jnp.arange(N)[None, :] < idx.n_fixed
+        pos_HN = idx.positions
+        q = q_BHTGD.astype(jnp.float32)
+        k = idx.keys.astype(jnp.float32)
+        if self.policy == "oracle_key":
+            score_BHTN = jnp.max(jnp.einsum("bhtgd,hnd->bhtgn", q, k), axis=3)
+        elif self.policy == "streaming":
+            score_BHTN = jnp.broadcast_to(pos_HN.astype(jnp.float32)[None, :, None], (B, H, T, N))
+        elif self.policy == "random":
+            score_BHTN = jax.random.uniform(jax.random.key(0), (B, H, T, N))
+        else:  # quest: pages of consecutive original positions, bound = sum_d max(q_d*min_d, q_d*max_d)
+            n_pages = -(-idx.context_len // QUEST_PAGE)
+            page_HN = jnp.where(pos_HN >= 0, pos_HN // QUEST_PAGE, n_pages)
+            seg = jax.vmap(lambda kk, pp: (jax.ops.segment_min(kk, pp, n_pages + 1),
+                                           jax.ops.segment_max(kk, pp, n_pages + 1)))
+            kmin_HPD, kmax_HPD = seg(k, page_HN)
+            bound = jnp.sum(jnp.maximum(q[..., None, :] * kmin_HPD[None, :, None, None],
+                                        q[..., None, :] * kmax_HPD[None, :, None, None]), axis=-1)
+            bound_BHTP = jnp.max(bound, axis=3)
+            score_BHTN = jnp.take_along_axis(bound_BHTP, jnp.broadcast_to(page_HN[None, :, None],
+                                                                           (B, H, T, N)), axis=-1)
+        score_BHTN = jnp.where(fixed_HN[None, :, None], jnp.inf, score_BHTN)
+        score_BHTN = jnp.where(valid_HN[None, :, None], score_BHTN, -jnp.inf)
+        n_keep_B = jnp.clip(jnp.ceil(budget_B * idx.context_len), 1, idx.context_len).astype(jnp.int32)
+        order = jnp.argsort(-score_BHTN, axis=-1)
+        rank = jnp.argsort(order, axis=-1)
+        kept_BHTN = (rank < n_keep_B[:, None, None, None]) & valid_HN[None, :, None]
+        mask_BHTGN = jnp.broadcast_to(kept_BHTN[:, :, :, None], (B, H, T, G, N))
+        kv_BHND = jnp.broadcast_to(idx.keys[None], (B,) + idx.keys.shape)
+        vv_BHND = jnp.broadcast_to(idx.values[None], (B,) + idx.values.shape)
+        o, lse = _masked_grouped_attention(q_BHTGD, kv_BHND, vv_BHND, mask_BHTGN)
+        aux = {"kept_fraction": jnp.mean(jnp.sum(kept_BHTN, -1).astype(jnp.float32)) / idx.context_len}
+        if self.fidelity:
+            aux["_kept_BHTN"] = kept_BHTN
+        return o, lse, aux
+
+
+def _valid_keys(idx) -> jax.Array:
+    N = idx.keys.shape[1]
+    n = jnp.arange(N)
+    ok = (n < idx.n_fixed) | ((n >= idx.fixed_pad) & (n < idx.fixed_pad + idx.n_clustered))
+    return jnp.broadcast_to(ok[None], (idx.keys.shape[0], N))
+
+
+def _masked_grouped_attention(q_BHTGD, k_BHND, v_BHND, mask_BHTGN):
+    D = q_BHTGD.shape[-1]
+    s = jnp.einsum("bhtgd,bhnd->bhtgn", q_BHTGD.astype(jnp.float32), k_BHND.astype(jnp.float32)) / math.sqrt(D)
+    s = jnp.where(mask_BHTGN, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    denom = jnp.sum(p, axis=-1)
+    o = jnp.einsum("bhtgn,bhnd->bhtgd", p, v_BHND.astype(jnp.float32)) / jnp.where(denom > 0, denom, 1)[..., None]
+    lse = jnp.log(denom) + m[..., 0]
+    return o, lse
+
+
+def _blocks_to_key_mask(ids_BHQM, count_BHQ, block_k, N, T, block_q):
+    """Key mask `[B, H, T, N]` of selected blocks (per query block expanded to its tokens)."""
+    M = ids_BHQM.shape[-1]
+    live = jnp.arange(M) < count_BHQ[..., None]
+    nb = N // block_k
+    sel_BHQ_nb = jnp.zeros(ids_BHQM.shape[:-1] + (nb,), bool)
+    sel_BHQ_nb = jax.vmap(jax.vmap(jax.vmap(lambda s, i, l: s.at[i].max(l))))(sel_BHQ_nb, ids_BHQM, live)
+    key_BHQN = jnp.repeat(sel_BHQ_nb, block_k, axis=-1)
+    if ids_BHQM.shape[2] == T:
+        return key_BHQN
+    return jnp.repeat(key_BHQN, block_q, axis=2)[:, :, :T]
+
+
+def _fidelity(q_BHTGD, idx, seq_lens_B, kept_BHTN):
+    """Attention-mass recall over the context keys and relative output error vs full context attention."""
+    B, H, T, G, D = q_BHTGD.shape
+    valid = _valid_keys(idx)
+    kv = jnp.broadcast_to(idx.keys[None], (B,) + idx.keys.shape)
+    vv = jnp.broadcast_to(idx.values[None], (B,) + idx.values.shape)
+    full_mask = jnp.broadcast_to(valid[None, :, None, None, :], (B, H, T, G, valid.shape[-1]))
+    s = jnp.einsum("bhtgd,bhnd->bhtgn", q_BHTGD.astype(jnp.float32), kv.astype(jnp.float32)) / math.sqrt(D)
+    p = jax.nn.softmax(jnp.where(full_mask, s, -jnp.inf), axis=-1)
+    kept = jnp.broadcast_to(kept_BHTN[:, :, :, None, :], p.shape) & full_mask
+    recall_BHTG = jnp.sum(jnp.where(kept, p, 0.0), axis=-1)
+    o_full, _ = _masked_grouped_attention(q_BHTGD, kv, vv, full_mask)
+    o_kept, _ = _masked_grouped_attention(q_BHTGD, kv, vv, kept)
+    err = jnp.linalg.norm(o_kept - o_full, axis=-1) / jnp.maximum(jnp.linalg.norm(o_full, axis=-1), 1e-6)
+    tok_ok = (jnp.arange(T)[None, :] < seq_lens_B[:, None]).astype(jnp.float32)  # [B, T]
+    w = tok_ok[:, None, :, None]
+    denom = jnp.sum(w) * H * G
+    return {"recall": jnp.sum(recall_BHTG * w) / denom, "out_rel_err": jnp.sum(err * w) / denom}

@@ -1,0 +1,239 @@
+"""Seeded, deterministic long-context task generators.
+
+Every task is a fixed context (the part a context index is built for) plus one or more questions with exact
+answers. Lengths are controlled in tokens through a `count_tokens` callable so the generators stay independent of
+any tokenizer implementation. The haystack is public-domain text bundled with the package
+(`squeeze_jax/data/tinyshakespeare.txt`) or neutral filler sentences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable
+from importlib import resources
+
+CountTokens = Callable[[str], int]
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+ADJECTIVES = (
+    "amber", "brave", "calm", "dusty", "eager", "fancy", "gentle", "hollow", "icy", "jolly", "kind", "lively",
+    "mellow", "noble", "odd", "proud", "quiet", "rapid", "silent", "tidy", "upbeat", "vivid", "wild", "young",
+    "zesty", "bold", "crisp", "dim", "faint", "grand",
+)
+NOUNS = (
+    "anchor", "badger", "candle", "dolphin", "engine", "falcon", "garden", "harbor", "island", "jacket", "kettle",
+    "lantern", "meadow", "needle", "orchard", "pebble", "quarry", "river", "saddle", "tunnel", "umbrella", "violin",
+    "walrus", "yacht", "zebra", "bridge", "castle", "desert", "forest", "glacier",
+)
+FIRST_NAMES = (
+    "Alice", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hector", "Ingrid", "Jonas", "Keiko", "Lorenzo",
+    "Mira", "Nikolai", "Olga", "Pablo", "Quentin", "Rosa", "Samir", "Tamsin", "Ulrich", "Vera", "Walter", "Xenia",
+    "Yusuf", "Zora", "Anton", "Beatrix", "Cyrus", "Delia",
+)
+CITIES = (
+    "Lisbon", "Oslo", "Cairo", "Lima", "Hanoi", "Dublin", "Nairobi", "Quito", "Prague", "Seoul", "Tunis", "Vienna",
+    "Zagreb", "Madrid", "Helsinki", "Bogota", "Manila", "Athens", "Warsaw", "Santiago", "Ottawa", "Canberra",
+    "Reykjavik", "Havana", "Tbilisi", "Riga", "Sofia", "Lusaka", "Muscat", "Bern",
+)
+COLORS = (
+    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey", "silver",
+    "golden", "crimson", "violet", "teal", "maroon", "olive", "navy", "ivory",
+)
+ANIMALS = (
+    "cat", "dog", "horse", "rabbit", "parrot", "turtle", "goat", "camel", "tiger", "owl", "fox", "deer", "wolf",
+    "bear", "swan", "frog", "lizard", "otter", "moose", "heron",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """One user question against a fixed context, with its exact answer."""
+
+    text: str
+    answer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A fixed context and the questions asked against it."""
+
+    kind: str
+    context: str
+    questions: tuple[Question, ...]
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+def haystack_text() -> str:
+    """The bundled public-domain natural-text haystack."""
+    return (resources.files("squeeze_jax") / "data" / "tinyshakespeare.txt").read_text()
+
+
+def _digits(rng: random.Random, n: int) -> str:
+    first = str(rng.randint(1, 9))
+    return first + "".join(str(rng.randint(0, 9)) for _ in range(n - 1))
+
+
+def _fill(source: str, n_tokens: int, count_tokens: CountTokens, start: int = 0) -> str:
+    """A prefix of `source` (repeated as needed, from `start`) with about `n_tokens` tokens."""
+    if n_tokens <= 0:
+        return ""
+    probe = source[start:start + 4000] or source[:4000]
+    chars_per_token = max(len(probe) / max(count_tokens(probe), 1), 1.0)
+    n_chars = int(n_tokens * chars_per_token)
+    text = (source * (2 + n_chars // max(len(source), 1)))[start:start + n_chars]
+    # Correct the estimate once with the real count.
+    real = count_tokens(text)
+    if real > 0 and abs(real - n_tokens) > 0.02 * n_tokens:
+        n_chars = int(n_chars * n_tokens / real)
+        text = (source * (2 + n_chars // max(len(source), 1)))[start:start + n_chars]
+    cut = text.rfind("\n")
+    return text[: cut + 1] if cut > len(text) // 2 else text
+
+
+def _insert_at_depth(haystack: str, needle: str, depth: float) -> str:
+    """Insert `needle` at a sentence/line boundary near fraction `depth` of `haystack`."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    pos = int(len(haystack) * depth)
+    boundary = max(haystack.rfind("\n", 0, pos), haystack.rfind(". ", 0, pos) + 1)
+    pos = boundary + 1 if boundary > 0 else 0
+    return haystack[:pos] + needle + " " + haystack[pos:]
+
+
+def _check_len(n_tokens: int) -> None:
+    if n_tokens < 64:
+        raise ValueError(f"n_tokens must be >= 64, got {n_tokens}")
+
+
+def passkey(n_tokens: int, depth: float, seed: int, count_tokens: CountTokens) -> Task:
+    """Filler text with a 5-digit pass key planted at `depth`; one question."""
+    _check_len(n_tokens)
+    rng = random.Random(seed)
+    key = _digits(rng, 5)
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    hay = _fill(FILLER, n_tokens - count_tokens(needle) - 8, count_tokens)
+    context = ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+               + _insert_at_depth(hay, needle, depth))
+    q = Question("What is the pass key? The pass key is", key)
+    return Task("passkey", context, (q,), {"depth": depth, "seed": seed, "n_tokens": n_tokens})
+
+
+def _magic_key(rng: random.Random, used: set[str]) -> str:
+    while True:
+        key = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+        if key not in used:
+            used.add(key)
+            return key
+
+
+def needles(n_tokens: int, seed: int, count_tokens: CountTokens, *, n_keys: int = 1, n_values: int = 1,
+            n_queries: int = 1, depths: tuple[float, ...] | None = None) -> Task:
+    """RULER-style magic-number needles in the natural-text haystack.
+
+    `n_keys` distinct keys are planted (the first `n_queries` are asked about); the first key carries `n_values`
+    values (multi-value). With defaults this is the single-needle task.
+    """
+    _check_len(n_tokens)
+    if not 1 <= n_queries <= n_keys:
+        raise ValueError(f"need 1 <= n_queries <= n_keys, got n_queries={n_queries}, n_keys={n_keys}")
+    rng = random.Random(seed)
+    used: set[str] = set()
+    planted: list[tuple[str, list[str]]] = []
+    for i in range(n_keys):
+        key = _magic_key(rng, used)
+        vals = [_digits(rng, 7) for _ in range(n_values if i == 0 else 1)]
+        planted.append((key, vals))
+    sentences = [f"One of the special magic numbers for {k} is: {v}." for k, vs in planted for v in vs]
+    body = _fill(haystack_text(), n_tokens - sum(count_tokens(s) for s in sentences) - 40, count_tokens,
+                 start=rng.randrange(0, 100000))
+    if depths is None:
+        depths = tuple(sorted(rng.uniform(0.05, 0.95) for _ in sentences))
+    if len(depths) != len(sentences):
+        raise ValueError(f"got {len(depths)} depths for {len(sentences)} needles")
+    for s, d in sorted(zip(sentences, depths), key=lambda p: -p[1]):
+        body = _insert_at_depth(body, s, d)
+    context = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n" + body
+    questions = []
+    for key, vals in planted[:n_queries]:
+        if len(vals) == 1:
+            questions.append(Question(f"What is the special magic number for {key}? The special magic number for "
+                                      f"{key} is:", vals[0]))
+        else:
+            questions.append(Question(f"What are all the special magic numbers for {key}? They are:",
+                                      ", ".join(vals)))
+    kind = "needle" if (n_keys, n_values, n_queries) == (1, 1, 1) else "multi_needle"
+    return Task(kind, context, tuple(questions), {"seed": seed, "n_tokens": n_tokens, "depths": list(depths)})
+
+
+def variable_tracking(n_tokens: int, seed: int, count_tokens: CountTokens, *, n_hops: int = 3) -> Task:
+    """RULER variable tracking: a value assigned then passed along a chain of variables inside filler."""
+    _check_len(n_tokens)
+    rng = random.Random(seed)
+    value = _digits(rng, 5)
+    names = rng.sample([f"{a.upper()}{b.upper()}{c.upper()}" for a in "abcdefghij" for b in "klmnopq"
+                        for c in "rstuvwxyz"], n_hops + 1)
+    stmts = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(n_hops)]
+    body = _fill(FILLER, n_tokens - sum(count_tokens(s) for s in stmts) - 30, count_tokens)
+    depths = sorted(rng.uniform(0.05, 0.95) for _ in stmts)
+    for s, d in sorted(zip(stmts, depths), key=lambda p: -p[1]):
+        body = _insert_at_depth(body, s, d)
+    q = Question(f"Find all variables that are assigned the value {value}. Answer: VAR", " ".join(names))
+    return Task("variable_tracking", "Memorize and track the chain(s) of variable assignment.\n" + body, (q,),
+                {"seed": seed, "n_hops": n_hops})
+
+
+_FACT_TEMPLATES = (
+    ("{name} keeps a {color} {animal} as a pet.", "What animal does {name} keep as a pet?", "{animal}"),
+    ("The locker of {name} has the number {num}.", "What is the number of {name}'s locker?", "{num}"),
+    ("{name} was born in the city of {city}.", "In which city was {name} born?", "{city}"),
+    ("The favourite colour of {name} is {color}.", "What is the favourite colour of {name}?", "{color}"),
+)
+
+
+def many_facts(n_tokens: int, seed: int, count_tokens: CountTokens, *, n_facts: int = 20) -> Task:
+    """One long document with `n_facts` planted facts about distinct people and one question per fact.
+
+    The setting a context index exists for: one fixed context, many questions. Each fact is about a different
+    person, so facts are not look-alike needles that differ only in digits.
+    """
+    _check_len(n_tokens)
+    if not 1 <= n_facts <= len(FIRST_NAMES):
+        raise ValueError(f"n_facts must be in [1, {len(FIRST_NAMES)}], got {n_facts}")
+    rng = random.Random(seed)
+    people = rng.sample(FIRST_NAMES, n_facts)
+    facts, questions = [], []
+    for i, name in enumerate(people):
+        fact_t, q_t, a_t = _FACT_TEMPLATES[i % len(_FACT_TEMPLATES)]
+        slots = {"name": name, "color": rng.choice(COLORS), "animal": rng.choice(ANIMALS),
+                 "city": rng.choice(CITIES), "num": _digits(rng, 4)}
+        facts.append(fact_t.format(**slots))
+        questions.append(Question(q_t.format(**slots) + " Answer with one word.", a_t.format(**slots)))
+    body = _fill(haystack_text(), n_tokens - sum(count_tokens(f) for f in facts) - 30, count_tokens,
+                 start=rng.randrange(0, 100000))
+    depths = [(i + rng.uniform(0.2, 0.8)) / n_facts for i in range(n_facts)]
+    for f, d in sorted(zip(facts, depths), key=lambda p: -p[1]):
+        body = _insert_at_depth(body, f, d)
+    return Task("many_facts", "Read the document. It contains facts about people.\n" + body, tuple(questions),
+                {"seed": seed, "n_facts": n_facts, "depths": depths})
+
+
+def mqar(n_pairs: int, n_queries: int, seed: int) -> Task:
+    """Multi-query associative recall over word-number pairs (no haystack text)."""
+    if not 1 <= n_queries <= n_pairs:
+        raise ValueError(f"need 1 <= n_queries <= n_pairs, got {n_queries}, {n_pairs}")
+    rng = random.Random(seed)
+    used: set[str] = set()
+    pairs = [(_magic_key(rng, used), _digits(rng, 3)) for _ in range(n_pairs)]
+    context = "Remember these pairs.\n" + "\n".join(f"{k}: {v}" for k, v in pairs)
+    asked = rng.sample(pairs, n_queries)
+    qs = tuple(Question(f"What number was paired with {k}? Answer:", v) for k, v in asked)
+    return Task("mqar", context, qs, {"seed": seed, "n_pairs": n_pairs})
+
+
+def score_answer(generated: str, answer: str) -> bool:
+    """Exact match: every comma/space separated part of the answer appears in the generated text."""
+    gen = generated.lower()
+    parts = [p.strip().lower() for p in answer.replace(",", " ").split()]
+    return all(p in gen for p in parts if p)

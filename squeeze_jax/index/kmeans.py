@@ -1,0 +1,405 @@
+"""Batched Lloyd K-means over many (layer, KV head) pairs at once.
+
+All `P` problems (P = layers x KV heads) run in one jit-compiled computation: the distance matmuls are batched
+einsums over `P`, chunked over the `N` points so that an `[P, N, C]` distance matrix never exists at once, and the
+Lloyd iterations run in a `lax.while_loop` that stops when the relative objective decrease of every problem is
+below `tol`.
+
+Metric "cosine" runs Euclidean Lloyd on L2-normalised points (spherical assignment), "l2" on the points centred
+per problem (translation does not change distances, centring keeps the f32 distance arithmetic accurate for keys
+with large norms). Whatever the metric, the returned centroids are the (weighted) means of the RAW member points,
+so that `q . centroid_j` is the mean logit of cluster j.
+
+Initialisation is a k-means++-lite with a doubling schedule: 1, 1, 2, 4, 8, ... new seeds per round, each round
+drawn (Gumbel top-k, without replacement) with probability proportional to weight x squared distance to the seeds
+chosen so far. The first rounds are exact k-means++; the later ones batch it, so there are only ~log2(C) + 1 rounds
+costing about two assignment passes in all. Plain random sampling puts several seeds into dense regions and none
+into small, distant groups, so the result depends on the seed; D^2 weighting places seeds in every region with high
+probability whatever the seed.
+
+Every cluster is non-empty after every iteration: points of empty clusters are re-seeded with the points farthest
+from their centroid, taken only from clusters that keep at least one member (each cluster's closest member is never
+taken). This never increases the objective and never yields NaN or zero centroids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+METRICS = ("cosine", "l2")
+_NORM_EPS = 1e-12
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["centroids_PCD", "assign_PN", "sizes_PC", "objective_P", "n_iters", "history_PI"],
+    meta_fields=[],
+)
+@dataclasses.dataclass
+class KMeansResult:
+    """Result of `kmeans`.
+
+    centroids_PCD: f32 (weighted) mean of the raw member points of each cluster.
+    assign_PN: int32 cluster of each point. sizes_PC: int32 member count (>= 1 for every cluster).
+    objective_P: weighted sum of squared distances in the assignment space (normalised points for "cosine").
+    n_iters: int32 scalar, Lloyd updates run (the largest over the batch and restarts).
+    history_PI: objective after each assignment step; entries past the last step repeat the final value.
+    """
+
+    centroids_PCD: jax.Array
+    assign_PN: jax.Array
+    sizes_PC: jax.Array
+    objective_P: jax.Array
+    n_iters: jax.Array
+    history_PI: jax.Array
+
+
+def auto_chunk(n_problems: int, n_points: int, n_clusters: int, max_chunk_bytes: int = 1 << 30) -> int:
+    """Largest power-of-two point chunk (>= 128) whose f32 distance block `[P, chunk, C]` fits in the budget."""
+    per_point = max(1, n_problems * n_clusters * 4)
+    chunk = max(128, 1 << int(math.floor(math.log2(max(1, max_chunk_bytes // per_point)))))
+    return int(min(chunk, 1 << int(math.ceil(math.log2(max(n_points, 1))))))
+
+
+# ----------------------------------------------------------------------------------------------------- pieces
+
+
+def _to_assignment_space(x_PND: jax.Array, w_PN: jax.Array, metric: str) -> jax.Array:
+    """f32 points in the space where Lloyd runs: L2-normalised ("cosine") or centred per problem ("l2")."""
+    x = x_PND.astype(jnp.float32)
+    if metric == "cosine":
+        norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+        return x / jnp.maximum(norm, _NORM_EPS)
+    wsum = jnp.maximum(jnp.sum(w_PN, axis=1), 1e-30)
+    mean_PD = jnp.einsum("pn,pnd->pd", w_PN, x) / wsum[:, None]
+    return x - mean_PD[:, None, :]
+
+
+def _assign(xa_PND, xsq_PN, c_PCD, c_mask_PC, chunk: int, mm_dtype):
+    """Nearest centroid and its squared distance for every point, chunked over N (N is a multiple of chunk)."""
+    P, N, _ = xa_PND.shape
+    csq_PC = jnp.sum(c_PCD * c_PCD, axis=-1)
+    if c_mask_PC is not None:
+        csq_PC = jnp.where(c_mask_PC, csq_PC, jnp.inf)
+    c_mm = c_PCD.astype(mm_dtype)
+
+    def body(i, carry):
+        a_PN, d_PN = carry
+        start = i * chunk
+        xs = lax.dynamic_slice_in_dim(xa_PND, start, chunk, axis=1).astype(mm_dtype)
+        dot_PnC = jnp.einsum("pnd,pcd->pnc", xs, c_mm, preferred_element_type=jnp.float32)
+        dist_PnC = csq_PC[:, None, :] - 2.0 * dot_PnC
+        a = jnp.argmin(dist_PnC, axis=-1).astype(jnp.int32)
+        d = jnp.min(dist_PnC, axis=-1) + lax.dynamic_slice_in_dim(xsq_PN, start, chunk, axis=1)
+        a_PN = lax.dynamic_update_slice_in_dim(a_PN, a, start, axis=1)
+        d_PN = lax.dynamic_update_slice_in_dim(d_PN, jnp.maximum(d, 0.0), start, axis=1)
+        return a_PN, d_PN
+
+    init = (jnp.zeros((P, N), jnp.int32), jnp.zeros((P, N), jnp.float32))
+    return lax.fori_loop(0, N // chunk, body, init)
+
+
+def _segment_ids(a_PN: jax.Array, n_clusters: int) -> jax.Array:
+    P = a_PN.shape[0]
+    return (a_PN + n_clusters * jnp.arange(P, dtype=jnp.int32)[:, None]).reshape(-1)
+
+
+def _counts(a_PN, valid_PN, n_clusters: int) -> jax.Array:
+    P = a_PN.shape[0]
+    seg = _segment_ids(a_PN, n_clusters)
+    cnt = jax.ops.segment_sum(valid_PN.reshape(-1).astype(jnp.int32), seg, num_segments=P * n_clusters)
+    return cnt.reshape(P, n_clusters)
+
+
+def _weighted_means(x_PND, w_PN, a_PN, n_clusters: int, fallback_PCD):
+    """Weighted mean of the member points per cluster; clusters of zero weight keep `fallback_PCD`."""
+    P, _, D = x_PND.shape
+    seg = _segment_ids(a_PN, n_clusters)
+    wx = (x_PND.astype(jnp.float32) * w_PN[..., None]).reshape(-1, D)
+    sums = jax.ops.segment_sum(wx, seg, num_segments=P * n_clusters).reshape(P, n_clusters, D)
+    wsum = jax.ops.segment_sum(w_PN.reshape(-1), seg, num_segments=P * n_clusters).reshape(P, n_clusters)
+    means = sums / jnp.maximum(wsum, 1e-30)[..., None]
+    return jnp.where((wsum > 0)[..., None], means, fallback_PCD)
+
+
+def _fill_empty(a_PN, d_PN, valid_PN, n_clusters: int):
+    """Give every empty cluster one point: the farthest points from their centroids, never a cluster's last one.
+
+    Each cluster's closest valid member (lowest index on ties) is its keeper and is never moved, so a donor keeps
+    >= 1 member. With at least C valid points there are always enough movable points.
+    """
+    P, N = a_PN.shape
+    C = n_clusters
+    sizes_PC = _counts(a_PN, valid_PN, C)
+    empty_PC = sizes_PC == 0
+
+    def fix(a_PN):
+        seg = _segment_ids(a_PN, C)
+        n_idx = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (P, N))
+        d_valid = jnp.where(valid_PN, d_PN, jnp.inf).reshape(-1)
+        dmin = jax.ops.segment_min(d_valid, seg, num_segments=P * C)
+        is_min = valid_PN.reshape(-1) & (d_valid == dmin[seg])
+        first = jax.ops.segment_min(jnp.where(is_min, n_idx.reshape(-1), N), seg, num_segments=P * C)
+        keeper_PN = (n_idx.reshape(-1) == first[seg]).reshape(P, N)
+        movable_PN = valid_PN & ~keeper_PN
+        score_PN = jnp.where(movable_PN, d_PN, -1.0)
+        order_PN = jnp.argsort(-score_PN, axis=1, stable=True).astype(jnp.int32)
+        rank_PC = jnp.cumsum(empty_PC.astype(jnp.int32), axis=1) - 1
+        pick_PC = jnp.take_along_axis(order_PN, jnp.clip(rank_PC, 0, N - 1), axis=1)
+        target_PC = jnp.where(empty_PC, pick_PC, N)  # out of range -> dropped
+        p_idx = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32)[:, None], (P, C))
+        c_idx = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32)[None, :], (P, C))
+        return a_PN.at[p_idx, target_PC].set(c_idx, mode="drop")
+
+    return lax.cond(jnp.any(empty_PC), fix, lambda a: a, a_PN)
+
+
+# ----------------------------------------------------------------------------------------------- jitted stages
+
+
+def init_schedule(n_clusters: int) -> list[int]:
+    """Seeds drawn per init round: 1, 1, 2, 4, ... (the last round takes the remainder)."""
+    sizes, total = [], 0
+    while total < n_clusters:
+        m = min(max(1, total), n_clusters - total)
+        sizes.append(m)
+        total += m
+    return sizes
+
+
+@functools.partial(jax.jit, static_argnames=("n_clusters", "chunk", "mm_dtype"))
+def _init_centroids(xa_PND, xsq_PN, w_PN, key, *, n_clusters, chunk, mm_dtype):
+    """k-means++-lite: doubling rounds of D^2-weighted Gumbel-top-k sampling without replacement."""
+    P, N, D = xa_PND.shape
+    valid_PN = w_PN > 0
+    sizes = init_schedule(n_clusters)
+    chosen_PN = jnp.zeros((P, N), bool)
+    picks = []
+    logw_PN = jnp.log(jnp.maximum(w_PN, 1e-30))
+    for r, m in enumerate(sizes):
+        key, sub = jax.random.split(key)
+        gumbel = jax.random.gumbel(sub, (P, N), jnp.float32)
+        if r == 0:
+            logit = logw_PN
+        else:
+            cent = jnp.take_along_axis(xa_PND, jnp.concatenate(picks, axis=1)[..., None], axis=1)
+            _, d_PN = _assign(xa_PND, xsq_PN, cent, None, chunk, mm_dtype)
+            logit = logw_PN + jnp.log(jnp.maximum(d_PN, 1e-30))
+        # unchosen valid points always beat chosen or padded ones (duplicates then still give distinct indices)
+        score = jnp.where(valid_PN & ~chosen_PN, logit + gumbel, -1e30)
+        score = jnp.where(chosen_PN | ~valid_PN, -jnp.inf, score)
+        _, idx_PM = lax.top_k(score, m)
+        idx_PM = idx_PM.astype(jnp.int32)
+        picks.append(idx_PM)
+        chosen_PN = chosen_PN.at[jnp.arange(P)[:, None], idx_PM].set(True)
+    idx_PC = jnp.concatenate(picks, axis=1)
+    return jnp.take_along_axis(xa_PND, idx_PC[..., None], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("n_steps", "chunk", "mm_dtype"))
+def _lloyd_steps(xa_PND, xsq_PN, w_PN, c_PCD, prev_obj_P, tol, *, n_steps, chunk, mm_dtype):
+    """Up to `n_steps` Lloyd iterations (assign, fill empty clusters, update) until all problems converge."""
+    P, C, _ = c_PCD.shape
+    valid_PN = w_PN > 0
+
+    def cond(state):
+        _, i, _, _, done = state
+        return (i < n_steps) & ~done
+
+    def body(state):
+        c, i, prev, hist, _ = state
+        a, d = _assign(xa_PND, xsq_PN, c, None, chunk, mm_dtype)
+        obj = jnp.sum(w_PN * d, axis=1)
+        a = _fill_empty(a, d, valid_PN, C)
+        c = _weighted_means(xa_PND, w_PN, a, C, c)
+        hist = hist.at[:, i].set(obj)
+        done = jnp.all(jnp.isfinite(prev) & (prev - obj <= tol * jnp.abs(prev)))
+        return c, i + 1, obj, hist, done
+
+    hist0 = jnp.zeros((P, n_steps), jnp.float32)
+    state = (c_PCD, jnp.int32(0), prev_obj_P, hist0, jnp.bool_(False))
+    c, steps, obj, hist, done = lax.while_loop(cond, body, state)
+    return c, steps, obj, hist, done
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "mm_dtype"))
+def _finalize(x_PND, xa_PND, xsq_PN, w_PN, c_PCD, *, chunk, mm_dtype):
+    """Final assignment (+ empty fill), raw-space means, sizes and the exact objective of that clustering."""
+    P, N, D = xa_PND.shape
+    C = c_PCD.shape[1]
+    valid_PN = w_PN > 0
+    a, d = _assign(xa_PND, xsq_PN, c_PCD, None, chunk, mm_dtype)
+    a = _fill_empty(a, d, valid_PN, C)
+    sizes = _counts(a, valid_PN, C)
+    ca = _weighted_means(xa_PND, w_PN, a, C, c_PCD)
+    raw = _weighted_means(x_PND, w_PN, a, C, jnp.zeros((P, C, D), jnp.float32))
+
+    def body(i, acc):
+        start = i * chunk
+        xs = lax.dynamic_slice_in_dim(xa_PND, start, chunk, axis=1)
+        ai = lax.dynamic_slice_in_dim(a, start, chunk, axis=1)
+        wi = lax.dynamic_slice_in_dim(w_PN, start, chunk, axis=1)
+        diff = xs - jnp.take_along_axis(ca, ai[..., None], axis=1)
+        return acc + jnp.sum(wi * jnp.sum(diff * diff, axis=-1), axis=1)
+
+    obj = lax.fori_loop(0, N // chunk, body, jnp.zeros((P,), jnp.float32))
+    return raw, a, sizes, obj
+
+
+# ------------------------------------------------------------------------------------------------- public API
+
+
+def _validate(x_PND, n_clusters, iters, tol, metric, chunk, n_restarts, weights_PN, init_PCD):
+    if not hasattr(x_PND, "ndim") or x_PND.ndim != 3:
+        raise ValueError(f"kmeans expects points x_PND of rank 3 [P, N, D], got shape {getattr(x_PND, 'shape', None)}")
+    if not jnp.issubdtype(x_PND.dtype, jnp.floating):
+        raise TypeError(f"kmeans points must be floating point, got dtype {x_PND.dtype}")
+    P, N, D = x_PND.shape
+    if min(P, N, D) < 1:
+        raise ValueError(f"kmeans points must be non-empty, got shape {x_PND.shape}")
+    if not isinstance(n_clusters, int | np.integer) or n_clusters < 1:
+        raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
+    if n_clusters > N:
+        raise ValueError(f"n_clusters ({n_clusters}) exceeds the number of points ({N})")
+    if not isinstance(iters, int | np.integer) or iters < 0:
+        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    if chunk is not None and (not isinstance(chunk, int | np.integer) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    if not isinstance(n_restarts, int | np.integer) or n_restarts < 1:
+        raise ValueError(f"n_restarts must be an int >= 1, got {n_restarts!r}")
+    if weights_PN is not None:
+        if tuple(weights_PN.shape) != (P, N):
+            raise ValueError(f"weights_PN must have shape {(P, N)}, got {tuple(weights_PN.shape)}")
+        w = jnp.asarray(weights_PN, jnp.float32)
+        if not bool(jnp.all(jnp.isfinite(w) & (w >= 0))):
+            raise ValueError("weights_PN must be finite and >= 0")
+        n_pos = int(jnp.min(jnp.sum(w > 0, axis=1)))
+        if n_pos < n_clusters:
+            raise ValueError(f"some problem has only {n_pos} points of positive weight, fewer than "
+                             f"n_clusters ({n_clusters})")
+    if init_PCD is not None and tuple(init_PCD.shape) != (P, n_clusters, D):
+        raise ValueError(f"init_PCD must have shape {(P, n_clusters, D)}, got {tuple(init_PCD.shape)}")
+    if not bool(jnp.all(jnp.isfinite(x_PND))):
+        raise ValueError("kmeans points contain NaN or inf")
+
+
+def kmeans(
+    x_PND: jax.Array,
+    n_clusters: int,
+    *,
+    key: jax.Array,
+    iters: int = 20,
+    tol: float = 1e-4,
+    metric: str = "cosine",
+    chunk: int | None = None,
+    n_restarts: int = 1,
+    weights_PN: jax.Array | None = None,
+    init_PCD: jax.Array | None = None,
+    matmul_dtype: str | jnp.dtype = "float32",
+    max_chunk_bytes: int = 1 << 30,
+    progress: bool = False,
+    progress_every: int = 5,
+) -> KMeansResult:
+    """Cluster each of the P point sets `x_PND[p]` into `n_clusters` clusters (batched Lloyd K-means).
+
+    key: PRNG key for the initialisation (restart r uses `fold_in(key, r)`).
+    iters / tol: at most `iters` Lloyd updates; stop once every problem's relative objective decrease is <= tol.
+    chunk: points per distance block (None: the largest power of two keeping `[P, chunk, C]` f32 under
+        `max_chunk_bytes`). matmul_dtype: "bfloat16" for GPU speed (f32 accumulation), "float32" exact.
+    weights_PN: optional point weights (e.g. cluster sizes for a coarse level); weight 0 = ignored point.
+    init_PCD: optional initial centroids (raw space; normalised / centred like the points), skips the init.
+    n_restarts: independent runs; each problem keeps the run of lowest objective.
+    progress: show a tqdm bar, running the loop from Python in blocks of `progress_every` iterations.
+    """
+    _validate(x_PND, n_clusters, iters, tol, metric, chunk, n_restarts, weights_PN, init_PCD)
+    mm_dtype = jnp.dtype(matmul_dtype)
+    if mm_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"matmul_dtype must be float32 or bfloat16, got {matmul_dtype!r}")
+    P, N, D = x_PND.shape
+    C = int(n_clusters)
+    chunk = int(chunk) if chunk is not None else auto_chunk(P, N, C, max_chunk_bytes)
+    chunk = min(chunk, N)
+    n_pad = -(-N // chunk) * chunk
+
+    w = jnp.ones((P, N), jnp.float32) if weights_PN is None else jnp.asarray(weights_PN, jnp.float32)
+    x = jnp.asarray(x_PND)
+    if n_pad != N:  # padded points get weight 0: never counted, never moved, never a centroid
+        x = jnp.pad(x, ((0, 0), (0, n_pad - N), (0, 0)))
+        w = jnp.pad(w, ((0, 0), (0, n_pad - N)))
+    xa = _to_assignment_space(x, w, metric)
+    xsq = jnp.sum(xa * xa, axis=-1)
+
+    best: KMeansResult | None = None
+    for r in range(n_restarts):
+        if init_PCD is not None:
+            c0 = _init_to_space(jnp.asarray(init_PCD), x, w, metric)
+        else:
+            c0 = _init_centroids(xa, xsq, w, jax.random.fold_in(key, r), n_clusters=C, chunk=chunk,
+                                 mm_dtype=mm_dtype)
+        res = _run(x, xa, xsq, w, c0, iters, tol, chunk, mm_dtype, progress, progress_every, N)
+        best = res if best is None else _keep_best(best, res)
+    assert best is not None
+    return best
+
+
+def _init_to_space(init_PCD, x_PND, w_PN, metric: str) -> jax.Array:
+    """Map user-given initial centroids into the assignment space exactly like the points."""
+    c = init_PCD.astype(jnp.float32)
+    if metric == "cosine":
+        return c / jnp.maximum(jnp.sqrt(jnp.sum(c * c, axis=-1, keepdims=True)), _NORM_EPS)
+    x = x_PND.astype(jnp.float32)
+    mean_PD = jnp.einsum("pn,pnd->pd", w_PN, x) / jnp.maximum(jnp.sum(w_PN, axis=1), 1e-30)[:, None]
+    return c - mean_PD[:, None, :]
+
+
+def _run(x, xa, xsq, w, c, iters, tol, chunk, mm_dtype, progress, progress_every, n_real) -> KMeansResult:
+    P = x.shape[0]
+    prev = jnp.full((P,), jnp.inf, jnp.float32)
+    hist_parts, done_steps = [], 0
+    step_block = max(1, int(progress_every)) if progress else max(1, iters)
+    bar = None
+    if progress and iters > 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iters, desc="kmeans", unit="it", leave=False)
+    while done_steps < iters:
+        n = min(step_block, iters - done_steps)
+        c, steps, prev, hist, done = _lloyd_steps(xa, xsq, w, c, prev, jnp.float32(tol), n_steps=n, chunk=chunk,
+                                                  mm_dtype=mm_dtype)
+        steps = int(steps)
+        hist_parts.append(hist[:, :steps])
+        done_steps += steps
+        if bar is not None:
+            bar.update(steps)
+        if bool(done) or steps < n:
+            break
+    if bar is not None:
+        bar.close()
+    raw, a, sizes, obj = _finalize(x, xa, xsq, w, c, chunk=chunk, mm_dtype=mm_dtype)
+    hist = jnp.concatenate(hist_parts, axis=1) if hist_parts else jnp.zeros((P, 0), jnp.float32)
+    if hist.shape[1] < iters:  # repeat the final objective after convergence
+        hist = jnp.concatenate([hist, jnp.broadcast_to(obj[:, None], (P, iters - hist.shape[1]))], axis=1)
+    return KMeansResult(centroids_PCD=raw, assign_PN=a[:, :n_real], sizes_PC=sizes, objective_P=obj,
+                        n_iters=jnp.int32(done_steps), history_PI=hist)
+
+
+def _keep_best(a: KMeansResult, b: KMeansResult) -> KMeansResult:
+    take_b = b.objective_P < a.objective_P
+
+    def pick(x, y):
+        if x.ndim == 0:
+            return jnp.maximum(x, y)
+        return jnp.where(take_b.reshape((-1,) + (1,) * (x.ndim - 1)), y, x)
+
+    return jax.tree.map(pick, a, b)

@@ -1,0 +1,513 @@
+"""Online sparse-index builders for MInference prefill (jit-able, static budgets) and numpy references.
+
+Three per-head patterns, each turned into the compact index its kernel walks:
+- **vertical-slash** (`vertical_slash_index`): the last `last_q` queries estimate which key columns
+  ("verticals") and which query-key offsets ("slashes") carry attention mass; per block of `block_q`
+  queries the slashes become disjoint contiguous key ranges and the verticals not already inside a range
+  become gathered columns (`VerticalSlashIndex`, for `pallas_kernels.vertical_slash`).
+- **block-sparse** (`block_sparse_index`): mean-pooled blocks score each other; the top key blocks per
+  query block, diagonal always kept (`BlockSparseIndex`, for `pallas_kernels.block_sparse`).
+- **A-shape** (`a_shape_index`): sinks plus a local window, as a block-sparse index.
+
+Granularity: **one index per KV head**. The estimates sum softmax probabilities over the G query heads of
+the group (each head's row sums to one, so every head weighs the same), so a key any head of the group
+needs scores high; the kernels then process the whole group in one tile and read each K/V tile once.
+For per-query-head indexes, call the builders on `q.reshape(B, H*G, T, 1, D)` with K/V repeated G times.
+
+Budgets (`n_vertical`, `n_slash`, `top_k_blocks`) are static, so index capacities are static and every
+builder jits without host syncs; `*_count` arrays say how many entries are valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+INT_MAX = np.iinfo(np.int32).max
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _round_up(a: int, b: int) -> int:
+    return _cdiv(a, b) * b
+
+
+def _scale(head_dim: int, scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def _check_pos(name: str, value: int, minimum: int = 1) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_pow2_block(name: str, value: int) -> None:
+    _check_pos(name, value)
+    if value & (value - 1):
+        raise ValueError(f"{name} must be a power of two, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Index containers
+# ----------------------------------------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["block_ids", "block_count"],
+    meta_fields=["block_q", "block_k", "seq_len"],
+)
+@dataclasses.dataclass(frozen=True)
+class BlockSparseIndex:
+    """Key blocks per query block: `block_ids[..., nQ, M]` ascending, padded with the last valid id;
+    `block_count[..., nQ]` (>= 1) valid entries. Leading dims are `[B, H]` or absent (shared by all)."""
+
+    block_ids: jax.Array
+    block_count: jax.Array
+    block_q: int
+    block_k: int
+    seq_len: int
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["range_start", "range_end", "range_count", "column_index", "column_count"],
+    meta_fields=["block_q", "block_k", "seq_len"],
+)
+@dataclasses.dataclass(frozen=True)
+class VerticalSlashIndex:
+    """Per query block: disjoint key ranges `[range_start, range_end)` (`[..., nQ, Mr]`, ascending,
+    `range_count[..., nQ]` valid) and key columns `column_index[..., nQ, Mc]` outside every range
+    (ascending, `column_count[..., nQ]` valid; `Mc` is a multiple of `block_k`). Padding entries are 0."""
+
+    range_start: jax.Array
+    range_end: jax.Array
+    range_count: jax.Array
+    column_index: jax.Array
+    column_count: jax.Array
+    block_q: int
+    block_k: int
+    seq_len: int
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vertical-slash
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_q_k(q: jax.Array, k: jax.Array, q_name: str) -> None:
+    if q.ndim != 5:
+        raise ValueError(f"{q_name} must be [B, H, T, G, D], got shape {q.shape}")
+    if k.ndim != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[4]:
+        raise ValueError(f"k must be [B, H, T, D] matching {q_name} {q.shape} in B, H, D; got {k.shape}")
+    if k.shape[2] < 1 or q.shape[2] < 1:
+        raise ValueError(f"need at least one query and one key, got {q_name} {q.shape}, k {k.shape}")
+
+
+def _diagonal_sums(a_NRT: jax.Array) -> jax.Array:
+    """`out[n, o] = sum_r a[n, r, T - R + r - o]` (row r is query position T - R + r), o in [0, T).
+
+    A shear without gathers: flip the key axis, pad R zeros, and re-read the flat rows with stride
+    `T + R - 1` so that row r moves left by `R - 1 - r`.
+    """
+    N, R, T = a_NRT.shape
+    w = T + R
+    f = jnp.pad(jnp.flip(a_NRT, axis=-1), ((0, 0), (0, 0), (0, R)))
+    flat = f.reshape(N, R * w)[:, R - 1 : R - 1 + R * (w - 1)]
+    return jnp.sum(flat.reshape(N, R, w - 1)[:, :, :T], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("last_q", "scale"))
+def vertical_slash_scores(q_last: jax.Array, k: jax.Array, *, last_q: int = 64,
+                          scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """Estimated attention mass per key column and per query-key offset, from the last queries.
+
+    `q_last[B, H, Lq, G, D]` are the queries of the *last* Lq prompt positions (the full q is fine);
+    the last `min(last_q, Lq)` are used. `softmax(Q_last K^T * scale)` with the causal corner masked is
+    summed over the G heads of each KV group. Returns `vertical[B, H, T]` (column sums) and
+    `slash[B, H, T]` (sums along each offset o = query - key), float32.
+    """
+    _check_q_k(q_last, k, "q_last")
+    _check_pos("last_q", last_q)
+    B, H, Lq, G, D = q_last.shape
+    T = k.shape[2]
+    R = min(last_q, Lq, T)
+    q = q_last[:, :, Lq - R :]
+    s = jnp.einsum("bhrgd,bhtd->bhgrt", q, k, preferred_element_type=jnp.float32) * _scale(D, scale)
+    visible = jnp.arange(T)[None, :] <= (T - R + jnp.arange(R))[:, None]
+    p = jax.nn.softmax(jnp.where(visible, s, -jnp.inf), axis=-1)
+    a = jnp.sum(p, axis=2)  # [B, H, R, T]
+    vertical = jnp.sum(a, axis=2)
+    slash = _diagonal_sums(a.reshape(B * H, R, T)).reshape(B, H, T)
+    return vertical, slash
+
+
+def _check_vs_budgets(n_vertical: int, n_slash: int, n_sink_cols: int, n_local_diags: int) -> None:
+    _check_pos("n_vertical", n_vertical)
+    _check_pos("n_slash", n_slash)
+    _check_pos("n_sink_cols", n_sink_cols, 0)
+    _check_pos("n_local_diags", n_local_diags, 1)  # the main diagonal is always kept
+    if n_sink_cols > n_vertical:
+        raise ValueError(f"n_vertical ({n_vertical}) must be >= n_sink_cols ({n_sink_cols})")
+    if n_local_diags > n_slash:
+        raise ValueError(f"n_slash ({n_slash}) must be >= n_local_diags ({n_local_diags})")
+
+
+@functools.partial(jax.jit, static_argnames=("n_vertical", "n_slash", "n_sink_cols", "n_local_diags"))
+def select_vertical_slash(vertical: jax.Array, slash: jax.Array, *, n_vertical: int, n_slash: int,
+                          n_sink_cols: int = 30, n_local_diags: int = 100) -> tuple[jax.Array, jax.Array]:
+    """Top columns and offsets with the first `n_sink_cols` columns and offsets `[0, n_local_diags)`
+    forced in. Returns `columns[..., min(n_vertical, T)]` ascending and `offsets[..., min(n_slash, T)]`
+    descending (int32), the order `vertical_slash_index_from_selection` expects."""
+    _check_vs_budgets(n_vertical, n_slash, n_sink_cols, n_local_diags)
+    if vertical.shape != slash.shape:
+        raise ValueError(f"vertical and slash scores must share a shape, got {vertical.shape}, {slash.shape}")
+    T = vertical.shape[-1]
+    v = vertical.astype(jnp.float32).at[..., : min(n_sink_cols, T)].set(jnp.inf)
+    s = slash.astype(jnp.float32).at[..., : min(n_local_diags, T)].set(jnp.inf)
+    _, cols = lax.top_k(v, min(n_vertical, T))
+    _, offs = lax.top_k(s, min(n_slash, T))
+    return jnp.sort(cols.astype(jnp.int32), axis=-1), -jnp.sort(-offs.astype(jnp.int32), axis=-1)
+
+
+def vs_capacities(n_columns: int, n_offsets: int, seq_len: int, block_k: int) -> tuple[int, int]:
+    """Static (range capacity, column capacity) of a vertical-slash index.
+
+    Merged ranges are disjoint and non-adjacent inside [0, T), so there are at most ceil(T / 2) of them
+    and at most one per offset; columns are at most the selected ones, rounded up to `block_k`.
+    """
+    return max(1, min(n_offsets, (seq_len + 1) // 2)), _round_up(max(1, min(n_columns, seq_len)), block_k)
+
+
+def _compact(values: jax.Array, slot: jax.Array, capacity: int, op: str = "set") -> jax.Array:
+    """Scatter `values[N, Q, K]` to `out[N, Q, capacity]` at `slot` (slots >= capacity are dropped)."""
+    N, Q, _ = values.shape
+    n = jnp.arange(N)[:, None, None]
+    q = jnp.arange(Q)[None, :, None]
+    out = jnp.zeros((N, Q, capacity), jnp.int32).at[n, q, slot]
+    return out.set(values, mode="drop") if op == "set" else out.max(values, mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("seq_len", "block_q", "block_k"))
+def vertical_slash_index_from_selection(columns: jax.Array, offsets: jax.Array, seq_len: int, *,
+                                        block_q: int = 64, block_k: int = 64) -> VerticalSlashIndex:
+    """Compact per-query-block index from selected columns (ascending) and offsets (descending).
+
+    For query block [q0, q1) an offset o covers keys [max(q0 - o, 0), q1 - o); these ranges come in
+    ascending start order for every block, so merging is a running max of their ends (one pass, no sort).
+    A column is kept for a block if some row can see it (< q1) and no merged range holds it.
+    """
+    _check_pow2_block("block_q", block_q)
+    _check_pow2_block("block_k", block_k)
+    _check_pos("seq_len", seq_len)
+    if columns.shape[:-1] != offsets.shape[:-1]:
+        raise ValueError(f"columns and offsets need the same leading dims, got {columns.shape}, {offsets.shape}")
+    lead = columns.shape[:-1]
+    cols = columns.astype(jnp.int32).reshape(-1, columns.shape[-1])
+    offs = offsets.astype(jnp.int32).reshape(-1, offsets.shape[-1])
+    N = cols.shape[0]
+    nq = _cdiv(seq_len, block_q)
+    cap_r, cap_c = vs_capacities(cols.shape[-1], offs.shape[-1], seq_len, block_k)
+
+    q0 = (jnp.arange(nq, dtype=jnp.int32) * block_q)[None, :, None]
+    q1 = jnp.minimum(q0 + block_q, seq_len)
+    o = offs[:, None, :]
+    start = jnp.maximum(q0 - o, 0)
+    end = q1 - o
+    valid = end > 0
+    end_m = jnp.where(valid, end, -1)
+    run = lax.cummax(end_m, axis=2)
+    prev = jnp.concatenate([jnp.full((N, nq, 1), -1, jnp.int32), run[:, :, :-1]], axis=2)
+    new = valid & (start > prev)
+    seg = jnp.cumsum(new, axis=2, dtype=jnp.int32) - 1
+    range_count = jnp.sum(new, axis=2, dtype=jnp.int32)
+    range_start = _compact(start, jnp.where(new, seg, cap_r), cap_r)
+    range_end = _compact(end_m, jnp.where(valid, seg, cap_r), cap_r, op="max")
+
+    c = jnp.broadcast_to(cols[:, None, :], (N, nq, cols.shape[-1]))
+    slots = jnp.arange(cap_r, dtype=jnp.int32)
+    starts_sorted = jnp.where(slots < range_count[..., None], range_start, INT_MAX)
+    search = jax.vmap(jax.vmap(functools.partial(jnp.searchsorted, side="right")))
+    r = search(starts_sorted, c) - 1
+    end_at = jnp.take_along_axis(range_end, jnp.maximum(r, 0), axis=2)
+    covered = (r >= 0) & (c < end_at)
+    keep = (c < q1) & ~covered
+    column_count = jnp.sum(keep, axis=2, dtype=jnp.int32)
+    slot_c = jnp.where(keep, jnp.cumsum(keep, axis=2, dtype=jnp.int32) - 1, cap_c)
+    column_index = _compact(c, slot_c, cap_c)
+
+    shape = lambda x: x.reshape(*lead, nq, *x.shape[2:])
+    return VerticalSlashIndex(
+        range_start=shape(range_start), range_end=shape(range_end), range_count=shape(range_count),
+        column_index=shape(column_index), column_count=shape(column_count),
+        block_q=block_q, block_k=block_k, seq_len=seq_len,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("n_vertical", "n_slash", "last_q", "n_sink_cols", "n_local_diags", "block_q", "block_k",
+                     "scale"),
+)
+def vertical_slash_index(q_last: jax.Array, k: jax.Array, *, n_vertical: int, n_slash: int, last_q: int = 64,
+                         n_sink_cols: int = 30, n_local_diags: int = 100, block_q: int = 64, block_k: int = 64,
+                         scale: float | None = None) -> VerticalSlashIndex:
+    """Vertical-slash index of a prompt from its last queries (`q_last[B, H, Lq, G, D]`, last positions)
+    and all keys `k[B, H, T, D]`: estimate, select with forced sinks/local diagonals, compact."""
+    _check_vs_budgets(n_vertical, n_slash, n_sink_cols, n_local_diags)
+    vertical, slash = vertical_slash_scores(q_last, k, last_q=last_q, scale=scale)
+    cols, offs = select_vertical_slash(vertical, slash, n_vertical=n_vertical, n_slash=n_slash,
+                                       n_sink_cols=n_sink_cols, n_local_diags=n_local_diags)
+    return vertical_slash_index_from_selection(cols, offs, k.shape[2], block_q=block_q, block_k=block_k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Block-sparse and A-shape
+# ----------------------------------------------------------------------------------------------------
+
+
+def _pool_blocks(x: jax.Array, block: int, axis: int) -> jax.Array:
+    """Mean over aligned blocks of `block` tokens along `axis` (the last block averages its real tokens)."""
+    T = x.shape[axis]
+    nb = _cdiv(T, block)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, nb * block - T)
+    xs = jnp.pad(x.astype(jnp.float32), pad)
+    xs = xs.reshape(*x.shape[:axis], nb, block, *x.shape[axis + 1 :])
+    n_valid = jnp.minimum(block, T - jnp.arange(nb) * block).astype(jnp.float32)
+    bshape = [1] * xs.ndim
+    bshape[axis] = nb
+    return jnp.sum(xs, axis=axis + 1) / n_valid.reshape(bshape[: axis + 1] + bshape[axis + 2 :])
+
+
+@functools.partial(jax.jit, static_argnames=("top_k_blocks", "block", "scale"))
+def block_sparse_index(q: jax.Array, k: jax.Array, *, top_k_blocks: int, block: int = 64,
+                       scale: float | None = None) -> BlockSparseIndex:
+    """Top `top_k_blocks` causal key blocks per query block from mean-pooled q/k blocks (diagonal forced).
+
+    `q[B, H, T, G, D]`, `k[B, H, T, D]`; the pooled scores are softmaxed over the causal key blocks per
+    query head and summed over the G heads of the group. Capacity `min(top_k_blocks, nB)`; counts are
+    `min(top_k_blocks, i + 1)` for query block i.
+    """
+    _check_q_k(q, k, "q")
+    _check_pos("top_k_blocks", top_k_blocks)
+    _check_pow2_block("block", block)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same length T, got {q.shape[2]} and {k.shape[2]}")
+    T, D = k.shape[2], k.shape[3]
+    nb = _cdiv(T, block)
+    qp = _pool_blocks(q, block, 2)  # [B, H, nB, G, D]
+    kp = _pool_blocks(k, block, 2)  # [B, H, nB, D]
+    s = jnp.einsum("bhigd,bhjd->bhgij", qp, kp, precision=lax.Precision.HIGHEST) * _scale(D, scale)
+    causal = jnp.arange(nb)[None, :] <= jnp.arange(nb)[:, None]
+    p = jnp.sum(jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1), axis=2)
+    p = jnp.where(causal, p, -jnp.inf)
+    p = jnp.where(jnp.eye(nb, dtype=bool), jnp.inf, p)
+    kk = min(top_k_blocks, nb)
+    vals, idx = lax.top_k(p, kk)
+    valid = vals > -jnp.inf
+    ids = jnp.sort(jnp.where(valid, idx.astype(jnp.int32), nb), axis=-1)
+    count = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+    last = jnp.take_along_axis(ids, count[..., None] - 1, axis=-1)
+    ids = jnp.where(jnp.arange(kk) < count[..., None], ids, last)
+    return BlockSparseIndex(block_ids=ids, block_count=count, block_q=block, block_k=block, seq_len=T)
+
+
+def a_shape_index(seq_len: int, *, n_sink: int, n_local: int, block: int = 64) -> BlockSparseIndex:
+    """Sinks + local window as a block-sparse index shared by all heads (`block_ids[nB, M]`).
+
+    Query q needs keys `k < n_sink` and `q - n_local < k <= q`; the index lists every key block holding
+    such a key for some query of the block (block granularity: a superset of the token pattern).
+    """
+    _check_pos("seq_len", seq_len)
+    _check_pos("n_sink", n_sink, 0)
+    _check_pos("n_local", n_local, 1)
+    _check_pow2_block("block", block)
+    nb = _cdiv(seq_len, block)
+    i = np.arange(nb)
+    lo = np.maximum(i * block - n_local + 1, 0) // block
+    n_sink_b = np.minimum(_cdiv(n_sink, block), lo)
+    count = n_sink_b + (i - lo + 1)
+    cap = int(count.max())
+    c = np.arange(cap)[None, :]
+    ids = np.where(c < n_sink_b[:, None], c, lo[:, None] + c - n_sink_b[:, None])
+    ids = np.minimum(ids, i[:, None])  # pads with the last valid id (the diagonal block)
+    return BlockSparseIndex(block_ids=jnp.asarray(ids, jnp.int32), block_count=jnp.asarray(count, jnp.int32),
+                            block_q=block, block_k=block, seq_len=seq_len)
+
+
+def full_causal_index(seq_len: int, *, block: int = 64) -> BlockSparseIndex:
+    """Every causal key block (dense causal attention through the block-sparse kernel)."""
+    return a_shape_index(seq_len, n_sink=0, n_local=seq_len, block=block)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversions and kernel cost
+# ----------------------------------------------------------------------------------------------------
+
+
+def block_sparse_to_vertical_slash(index: BlockSparseIndex) -> VerticalSlashIndex:
+    """The same key set as ranges (runs of consecutive blocks merged) and no columns, so heads with
+    different patterns can share one `vertical_slash_prefill` call. Block ids must be ascending."""
+    bk, T = index.block_k, index.seq_len
+    ids = index.block_ids.astype(jnp.int32)
+    M = ids.shape[-1]
+    valid = jnp.arange(M) < index.block_count[..., None]
+    prev = jnp.concatenate([jnp.full(ids.shape[:-1] + (1,), -2, jnp.int32), ids[..., :-1]], axis=-1)
+    new = valid & (ids != prev + 1) & (ids != prev)
+    seg = jnp.cumsum(new, axis=-1, dtype=jnp.int32) - 1
+    flat = lambda x: x.reshape(-1, 1, M)
+    start = flat(ids * bk)
+    end = flat(jnp.minimum((ids + 1) * bk, T))
+    range_start = _compact(start, flat(jnp.where(new, seg, M)), M)
+    range_end = _compact(end, flat(jnp.where(valid, seg, M)), M, op="max")
+    lead = ids.shape[:-1]
+    return VerticalSlashIndex(
+        range_start=range_start.reshape(*lead, M), range_end=range_end.reshape(*lead, M),
+        range_count=jnp.sum(new, axis=-1, dtype=jnp.int32),
+        column_index=jnp.zeros(lead + (bk,), jnp.int32), column_count=jnp.zeros(lead, jnp.int32),
+        block_q=index.block_q, block_k=bk, seq_len=T,
+    )
+
+
+def index_cost(index: BlockSparseIndex | VerticalSlashIndex) -> jax.Array:
+    """Key tiles of `block_k` keys the kernel visits per query block, int32 `[..., nQ]`."""
+    if isinstance(index, BlockSparseIndex):
+        return index.block_count.astype(jnp.int32)
+    if not isinstance(index, VerticalSlashIndex):
+        raise TypeError(f"expected a BlockSparseIndex or VerticalSlashIndex, got {type(index).__name__}")
+    bk = index.block_k
+    ok = jnp.arange(index.range_start.shape[-1]) < index.range_count[..., None]
+    tiles = jnp.where(ok, (jnp.maximum(index.range_end - index.range_start, 0) + bk - 1) // bk, 0)
+    return (jnp.sum(tiles, axis=-1) + (index.column_count + bk - 1) // bk).astype(jnp.int32)
+
+
+def dense_causal_tiles(seq_len: int, *, block_q: int = 64, block_k: int = 64) -> int:
+    """Key tiles a dense causal flash kernel visits over all query blocks (one head)."""
+    q1 = np.minimum(np.arange(_cdiv(seq_len, block_q)) * block_q + block_q, seq_len)
+    return int(np.sum(-(-q1 // block_k)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Numpy references (loops; independent of the vectorised builders above)
+# ----------------------------------------------------------------------------------------------------
+
+
+def vertical_slash_scores_np(q_last: np.ndarray, k: np.ndarray, *, last_q: int = 64,
+                             scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Reference of `vertical_slash_scores` (float64)."""
+    q_last, k = np.asarray(q_last, np.float64), np.asarray(k, np.float64)
+    B, H, Lq, G, D = q_last.shape
+    T = k.shape[2]
+    R = min(last_q, Lq, T)
+    vertical = np.zeros((B, H, T))
+    slash = np.zeros((B, H, T))
+    for b, h, g, r in np.ndindex(B, H, G, R):
+        pos = T - R + r
+        s = k[b, h, : pos + 1] @ q_last[b, h, Lq - R + r, g] * _scale(D, scale)
+        p = np.exp(s - s.max())
+        p /= p.sum()
+        vertical[b, h, : pos + 1] += p
+        slash[b, h, : pos + 1] += p[::-1]  # key pos - o has offset o
+    return vertical, slash
+
+
+def select_vertical_slash_np(vertical: np.ndarray, slash: np.ndarray, *, n_vertical: int, n_slash: int,
+                             n_sink_cols: int = 30, n_local_diags: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Reference of `select_vertical_slash`."""
+    T = vertical.shape[-1]
+    cols = np.zeros(vertical.shape[:-1] + (min(n_vertical, T),), np.int32)
+    offs = np.zeros(slash.shape[:-1] + (min(n_slash, T),), np.int32)
+    for idx in np.ndindex(*vertical.shape[:-1]):
+        v = np.array(vertical[idx], np.float64)
+        v[: min(n_sink_cols, T)] = np.inf
+        s = np.array(slash[idx], np.float64)
+        s[: min(n_local_diags, T)] = np.inf
+        cols[idx] = np.sort(np.argsort(-v, kind="stable")[: cols.shape[-1]])
+        offs[idx] = np.sort(np.argsort(-s, kind="stable")[: offs.shape[-1]])[::-1]
+    return cols, offs
+
+
+def vertical_slash_index_from_selection_np(columns: np.ndarray, offsets: np.ndarray, seq_len: int, *,
+                                           block_q: int = 64, block_k: int = 64) -> dict[str, np.ndarray]:
+    """Reference of `vertical_slash_index_from_selection` (two-pointer merge per query block)."""
+    columns, offsets = np.asarray(columns), np.asarray(offsets)
+    lead = columns.shape[:-1]
+    nq = _cdiv(seq_len, block_q)
+    cap_r, cap_c = vs_capacities(columns.shape[-1], offsets.shape[-1], seq_len, block_k)
+    out = {
+        "range_start": np.zeros(lead + (nq, cap_r), np.int32),
+        "range_end": np.zeros(lead + (nq, cap_r), np.int32),
+        "range_count": np.zeros(lead + (nq,), np.int32),
+        "column_index": np.zeros(lead + (nq, cap_c), np.int32),
+        "column_count": np.zeros(lead + (nq,), np.int32),
+    }
+    for idx in np.ndindex(*lead):
+        for i in range(nq):
+            q0, q1 = i * block_q, min(i * block_q + block_q, seq_len)
+            ranges: list[list[int]] = []
+            for o in sorted(offsets[idx].tolist(), reverse=True):
+                s, e = max(q0 - o, 0), q1 - o
+                if e <= 0:
+                    continue
+                if ranges and s <= ranges[-1][1]:
+                    ranges[-1][1] = max(ranges[-1][1], e)
+                else:
+                    ranges.append([s, e])
+            cols = [c for c in sorted(columns[idx].tolist())
+                    if c < q1 and not any(s <= c < e for s, e in ranges)]
+            n_r, n_c = len(ranges), len(cols)
+            key = idx + (i,)
+            out["range_count"][key], out["column_count"][key] = n_r, n_c
+            if n_r:
+                out["range_start"][key][:n_r] = [s for s, _ in ranges]
+                out["range_end"][key][:n_r] = [e for _, e in ranges]
+            out["column_index"][key][:n_c] = cols
+    return out
+
+
+def block_sparse_index_np(q: np.ndarray, k: np.ndarray, *, top_k_blocks: int, block: int = 64,
+                          scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Reference of `block_sparse_index`: `(block_ids, block_count)`."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    B, H, T, G, D = q.shape
+    nb = _cdiv(T, block)
+    kk = min(top_k_blocks, nb)
+    ids = np.zeros((B, H, nb, kk), np.int32)
+    counts = np.zeros((B, H, nb), np.int32)
+    for b, h in np.ndindex(B, H):
+        qp = np.stack([q[b, h, j * block : (j + 1) * block].mean(0) for j in range(nb)])  # [nB, G, D]
+        kp = np.stack([k[b, h, j * block : (j + 1) * block].mean(0) for j in range(nb)])  # [nB, D]
+        for i in range(nb):
+            score = np.zeros(i + 1)
+            for g in range(G):
+                s = kp[: i + 1] @ qp[i, g] * _scale(D, scale)
+                p = np.exp(s - s.max())
+                score += p / p.sum()
+            score[i] = np.inf
+            chosen = np.sort(np.argsort(-score, kind="stable")[:kk])
+            counts[b, h, i] = len(chosen)
+            ids[b, h, i] = np.concatenate([chosen, np.full(kk - len(chosen), chosen[-1])])
+    return ids, counts
+
+
+def a_shape_index_np(seq_len: int, *, n_sink: int, n_local: int, block: int = 64) -> list[list[int]]:
+    """Reference of `a_shape_index`: per query block, the sorted key blocks holding a needed key
+    (brute force over token pairs)."""
+    out = []
+    for i in range(_cdiv(seq_len, block)):
+        need = set()
+        for qpos in range(i * block, min(i * block + block, seq_len)):
+            for kpos in range(qpos + 1):
+                if kpos < n_sink or kpos > qpos - n_local:
+                    need.add(kpos // block)
+        out.append(sorted(need))
+    return out
