@@ -11,6 +11,7 @@ inside one jit (device-side: no per-call dispatch), median of `--repeats`. Print
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -86,15 +87,16 @@ def _reduce(out) -> jax.Array:
     return tot
 
 
-def device_time_us(fn: Callable, q: jax.Array, iters: int, repeats: int) -> float:
-    """Median microseconds per call of `fn(q)`, `iters` data-dependent calls inside one jit."""
+def device_time_us(fn: Callable, q: jax.Array, iters: int, repeats: int, unroll: int) -> float:
+    """Median microseconds per call of `fn(q)`: `iters` data-dependent calls inside one jit, the loop body
+    unrolled `unroll` times so the per-iteration cost of the device loop is amortised."""
 
     @jax.jit
     def loop(q0):
         def body(_, acc):
             qi = q0 + (acc * 1e-30).astype(q0.dtype)  # depends on the previous call: no hoisting
             return acc + _reduce(fn(qi)) * 0.0
-        return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
+        return jax.lax.fori_loop(0, iters, body, jnp.float32(0), unroll=unroll)
 
     loop(q).block_until_ready()
     ts = []
@@ -105,54 +107,89 @@ def device_time_us(fn: Callable, q: jax.Array, iters: int, repeats: int) -> floa
     return float(np.median(ts))
 
 
-def variants(idx: dict, coarse_keep: int, budget: int, capacity: int, log_thr: float) -> dict[str, Callable]:
+def variants(idx: dict, coarse_keep: int, budget: int, capacity: int, log_thr: float,
+             tune: bool) -> dict[str, Callable]:
     """The functions timed, each q -> outputs."""
     fine = (idx["centroids"], idx["log_sizes"], idx["radius"])
+    coarse = (idx["coarse_centroids"], idx["coarse_log_sizes"], jnp.zeros_like(idx["coarse_log_sizes"]))
     hier_args = (idx["coarse_centroids"], idx["coarse_log_sizes"], idx["coarse_first"], idx["coarse_count"],
                  *fine)
     hier_kw = dict(coarse_keep=coarse_keep, max_fine_per_coarse=idx["max_fine"])
     sel_kw = dict(n_blocks=idx["n_blocks"], block_k=BLOCK_K, fixed_blocks=FIXED_PAD // BLOCK_K)
     starts, sizes = idx["cluster_start"], idx["cluster_size"]
 
+    def bscores(scores):
+        return block_scores(scores, starts, sizes, **sel_kw)
+
     def topk(scores):
-        return select_topk(block_scores(scores, starts, sizes, **sel_kw), budget, capacity)
+        return select_topk(bscores(scores), budget, capacity)
 
     def thresh(scores):
-        return select_threshold(block_scores(scores, starts, sizes, **sel_kw), log_thr, capacity)
+        return select_threshold(bscores(scores), log_thr, capacity)
 
-    return {
+    def fake_scores(q):  # cheap q-dependent scores: times the selection alone
+        return jnp.zeros((q.shape[0], H, idx["C"]), jnp.float32) + q[:, :, :1, 0].astype(jnp.float32)
+
+    v = {
         "flat": lambda q: centroid_scores(q, *fine),
         "flat_logits": lambda q: centroid_scores(q, *fine, method="logits"),
         "flat_recompute": lambda q: centroid_scores(q, *fine, method="recompute"),
+        "flat_bf16dot": lambda q: centroid_scores(q, *fine, dot_dtype="bfloat16"),
         "flat_radius": lambda q: centroid_scores(q, *fine, score="radius"),
         "flat_xla_ref": lambda q: centroid_scores_ref(q, *fine),
+        "coarse_only": lambda q: centroid_scores(q, *coarse),
         "hier": lambda q: hierarchical_scores(q, *hier_args, **hier_kw),
+        "hier_bf16dot": lambda q: hierarchical_scores(q, *hier_args, **hier_kw, dot_dtype="bfloat16"),
         "hier_xla_ref": lambda q: hierarchical_scores_ref(q, *hier_args, **hier_kw),
-        "select_only": lambda q: topk(jnp.zeros((q.shape[0], H, idx["C"]), jnp.float32)
-                                      + q[:, :, :1, 0].astype(jnp.float32)),
+        "block_scores": lambda q: bscores(fake_scores(q)),
+        "select_topk": lambda q: topk(fake_scores(q)),
+        "select_threshold": lambda q: thresh(fake_scores(q)),
         "flat+topk": lambda q: topk(centroid_scores(q, *fine)),
-        "flat+threshold": lambda q: thresh(centroid_scores(q, *fine)),
         "hier+topk": lambda q: topk(hierarchical_scores(q, *hier_args, **hier_kw)),
         "overhead": lambda q: q[:, :, 0, :].astype(jnp.float32),
     }
+    if tune:
+        for bc in (32, 64, 128):
+            for cpp in (1, 2, 4, 8):
+                v[f"flat_bc{bc}_cpp{cpp}"] = functools.partial(
+                    lambda q, bc, cpp: centroid_scores(q, *fine, block_c=bc, chunks_per_program=cpp,
+                                                       dot_dtype="bfloat16"), bc=bc, cpp=cpp)
+    return v
 
 
-def check_accuracy(idx: dict, q: jax.Array, coarse_keep: int) -> dict:
-    """Kernel vs jnp reference on the device: max |diff| of finite scores, agreement of -inf patterns."""
+def check_accuracy(idx: dict, q: jax.Array, coarse_keep: int, budget: int, capacity: int) -> dict:
+    """Kernels vs the jnp references on the device: max |diff| of finite scores, agreement of the -inf
+    (unreached) pattern, and the overlap of the top-k block selections they lead to."""
     fine = (idx["centroids"], idx["log_sizes"], idx["radius"])
-    res = {}
-    a = centroid_scores(q, *fine)
-    b = centroid_scores_ref(q, *fine)
-    res["flat_max_abs_err"] = float(jnp.max(jnp.abs(a - b)))
     hier_args = (idx["coarse_centroids"], idx["coarse_log_sizes"], idx["coarse_first"], idx["coarse_count"],
                  *fine)
     kw = dict(coarse_keep=coarse_keep, max_fine_per_coarse=idx["max_fine"])
-    a = hierarchical_scores(q, *hier_args, **kw)
-    b = hierarchical_scores_ref(q, *hier_args, **kw)
-    fin = jnp.isfinite(b)
-    res["hier_same_reached"] = float(jnp.mean((jnp.isfinite(a) == fin).astype(jnp.float32)))
-    res["hier_max_abs_err"] = float(jnp.max(jnp.where(fin & jnp.isfinite(a), jnp.abs(a - b), 0.0)))
+    sel_kw = dict(n_blocks=idx["n_blocks"], block_k=BLOCK_K, fixed_blocks=FIXED_PAD // BLOCK_K)
+
+    def blocks(scores):
+        ids, count = select_topk(block_scores(scores, idx["cluster_start"], idx["cluster_size"], **sel_kw),
+                                 budget, capacity)
+        return np.asarray(ids), np.asarray(count)
+
+    def overlap(a, b):
+        (ia, ca), (ib, cb) = blocks(a), blocks(b)
+        hits = [len(set(x[:m]) & set(y[:n])) / n for x, m, y, n in
+                zip(ia.reshape(-1, capacity), ca.reshape(-1), ib.reshape(-1, capacity), cb.reshape(-1))]
+        return float(np.mean(hits))
+
+    res = {}
+    ref = centroid_scores_ref(q, *fine)
+    for name, dot in (("flat", None), ("flat_bf16dot", "bfloat16")):
+        got = centroid_scores(q, *fine, dot_dtype=dot)
+        res[f"{name}_max_abs_err"] = float(jnp.max(jnp.abs(got - ref)))
+        res[f"{name}_topk_overlap"] = overlap(got, ref)
+    got = hierarchical_scores(q, *hier_args, **kw)
+    want = hierarchical_scores_ref(q, *hier_args, **kw)
+    fin = jnp.isfinite(want)
+    res["hier_same_reached"] = float(jnp.mean((jnp.isfinite(got) == fin).astype(jnp.float32)))
+    res["hier_max_abs_err"] = float(jnp.max(jnp.where(fin & jnp.isfinite(got), jnp.abs(got - want), 0.0)))
     res["hier_reached_frac"] = float(jnp.mean(fin.astype(jnp.float32)))
+    res["hier_vs_flat_topk_overlap"] = overlap(got, ref)
     return res
 
 
@@ -160,7 +197,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default results/lookup_<gpu>.json)")
     ap.add_argument("--keys", default="32768,131072,524288", help="keys per head, comma-separated")
-    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--iters", type=int, default=64)
+    ap.add_argument("--unroll", type=int, default=16, help="loop body copies per device-loop iteration")
+    ap.add_argument("--tune", action="store_true", help="also sweep block_c x chunks_per_program (flat)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--coarse-keep-frac", type=float, default=0.1)
     ap.add_argument("--budget-frac", type=float, default=0.1, help="top-k blocks as a fraction of blocks")
@@ -188,14 +227,15 @@ def main() -> None:
         for mode in [m for m in args.modes.split(",") if m]:
             n_sel, rows = modes[mode]
             q = make_queries(n_sel, rows, seed=1)
-            acc = check_accuracy(idx, q, coarse_keep)
+            acc = check_accuracy(idx, q, coarse_keep, budget, capacity)
+            print(f"{n_keys:>7} {mode:<8} accuracy {acc}", flush=True)
             log_thr = float(jnp.quantile(centroid_scores(q, idx["centroids"], idx["log_sizes"],
                                                          idx["radius"]), 0.9))
-            for name, fn in variants(idx, coarse_keep, budget, capacity, log_thr).items():
+            for name, fn in variants(idx, coarse_keep, budget, capacity, log_thr, args.tune).items():
                 if wanted and name not in wanted:
                     continue
                 try:
-                    us = device_time_us(fn, q, args.iters, args.repeats)
+                    us = device_time_us(fn, q, args.iters, args.repeats, args.unroll)
                     err = None
                 except Exception as e:  # noqa: BLE001 (e.g. the XLA reference running out of memory)
                     us, err = float("nan"), f"{type(e).__name__}: {str(e)[:200]}"
@@ -209,7 +249,7 @@ def main() -> None:
                       + (f"  [{err}]" if err else ""), flush=True)
     out = dict(device=gpu, jax=jax.__version__, python=platform.python_version(),
                centroid_dtype=args.centroid_dtype, heads=H, group=G, head_dim=D, block_k=BLOCK_K,
-               iters=args.iters, repeats=args.repeats, results=results)
+               iters=args.iters, unroll=args.unroll, repeats=args.repeats, results=results)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=1))
     # Summary table: rows = (keys, mode), columns = variants.

@@ -50,8 +50,9 @@ Carry = tuple[jax.Array, jax.Array, jax.Array]
 # ----------------------------------------------------------------------------------------------------
 
 
-def flash_update(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, carry: Carry,
-                 qk_scale: float) -> Carry:
+def flash_update(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, carry: Carry, qk_scale: float
+) -> Carry:
     """One online-softmax step (base-2 logits) of a `[R, D]` query tile over a `[K, D]` key tile.
 
     `mask[R, K]` (or None: every key visible) hides keys with `-inf`; a row that has seen only hidden
@@ -73,8 +74,11 @@ def flash_update(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Non
 
 def flash_init(rows: int, head_dim: int) -> Carry:
     """Empty accumulator, running max and denominator for `rows` query rows."""
-    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
+    return (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
 
 
 def flash_finish(carry: Carry) -> tuple[jax.Array, jax.Array]:
@@ -116,8 +120,9 @@ def pack_queries(q_BHTGD: jax.Array, t_pad: int, gp: int) -> jax.Array:
     return q.reshape(B, H, t_pad * gp, D)
 
 
-def unpack_outputs(o: jax.Array, lse: jax.Array, shape: tuple[int, ...], t_pad: int,
-                   gp: int) -> tuple[jax.Array, jax.Array]:
+def unpack_outputs(
+    o: jax.Array, lse: jax.Array, shape: tuple[int, ...], t_pad: int, gp: int
+) -> tuple[jax.Array, jax.Array]:
     """Inverse of `pack_queries` for the output rows and their LSE."""
     B, H, T, G, D = shape
     o = o.reshape(B, H, t_pad, gp, o.shape[-1])[:, :, :T, :G, :D]
@@ -157,8 +162,9 @@ def check_index_array(name: str, x: jax.Array, lead: tuple[int, ...], trailing: 
         raise TypeError(f"{name} must be an integer array, got {x.dtype}")
     core = x.shape[: x.ndim - trailing] if trailing else x.shape
     if x.ndim < 1 + trailing or x.ndim > len(lead) + trailing or core[-1:] != lead[-1:]:
-        raise ValueError(f"{name} must be [B, H, nQ{', M' if trailing else ''}] with nQ = {lead[-1]}, "
-                         f"got shape {x.shape}")
+        raise ValueError(
+            f"{name} must be [B, H, nQ{', M' if trailing else ''}] with nQ = {lead[-1]}, got shape {x.shape}"
+        )
     try:
         jnp.broadcast_shapes(core, lead)
     except ValueError:
@@ -167,7 +173,7 @@ def check_index_array(name: str, x: jax.Array, lead: tuple[int, ...], trailing: 
 
 def broadcast_index(x: jax.Array, lead: tuple[int, ...], trailing: int) -> jax.Array:
     """Broadcasts an index array to `lead + its trailing axes`, as int32."""
-    shape = lead + x.shape[x.ndim - trailing:] if trailing else lead
+    shape = lead + x.shape[x.ndim - trailing :] if trailing else lead
     return jnp.broadcast_to(x.astype(jnp.int32), shape)
 
 
@@ -176,9 +182,23 @@ def broadcast_index(x: jax.Array, lead: tuple[int, ...], trailing: int) -> jax.A
 # ----------------------------------------------------------------------------------------------------
 
 
-def _block_sparse_kernel(meta_ref, ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_q: int,
-                         block_k: int, heads: int, n_programs: int, qk_scale: float, causal: bool,
-                         seq_len: int):
+def _block_sparse_kernel(
+    meta_ref,
+    ids_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    lse_ref,
+    *,
+    block_q: int,
+    block_k: int,
+    heads: int,
+    n_programs: int,
+    qk_scale: float,
+    causal: bool,
+    seq_len: int,
+):
     """One (KV head, batch row, query tile) program: flash accumulation over the block's key list."""
     rows, D = q_ref.shape
     program = n_programs - 1 - pl.program_id(2)  # heaviest (latest) query tiles first
@@ -217,8 +237,9 @@ def _check_block_index(q_BHTGD, block_ids, block_count, block_q):
     return lead
 
 
-def unmasked_prefix(ids: jax.Array, count: jax.Array, *, block_q: int, block_k: int, causal: bool,
-                    seq_len: int) -> jax.Array:
+def unmasked_prefix(
+    ids: jax.Array, count: jax.Array, *, block_q: int, block_k: int, causal: bool, seq_len: int
+) -> jax.Array:
     """Number of leading listed blocks that every row of the query block sees completely (no mask)."""
     nq = ids.shape[-2]
     q_first = (jnp.arange(nq, dtype=jnp.int32) * block_q)[:, None]
@@ -275,8 +296,14 @@ def block_sparse_prefill(
     k = pad_axis(k_BHTD, 2, t_keys)
     v = pad_axis(v_BHTD, 2, t_keys)
     kernel = functools.partial(
-        _block_sparse_kernel, block_q=block_q, block_k=block_k, heads=gp, n_programs=n_programs,
-        qk_scale=default_scale(D, scale) * LOG2E, causal=causal, seq_len=T,
+        _block_sparse_kernel,
+        block_q=block_q,
+        block_k=block_k,
+        heads=gp,
+        n_programs=n_programs,
+        qk_scale=default_scale(D, scale) * LOG2E,
+        causal=causal,
+        seq_len=T,
     )
     last = n_programs - 1
     o, lse = pl.pallas_call(
@@ -309,9 +336,16 @@ def block_sparse_prefill(
 # ----------------------------------------------------------------------------------------------------
 
 
-def masked_attention_ref(q_BHTGD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Array, key_mult_BHTS: jax.Array,
-                         q_pos_T: jax.Array, *, causal: bool = True,
-                         scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+def masked_attention_ref(
+    q_BHTGD: jax.Array,
+    k_BHSD: jax.Array,
+    v_BHSD: jax.Array,
+    key_mult_BHTS: jax.Array,
+    q_pos_T: jax.Array,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Dense float32 attention where key s counts `key_mult[b, h, t, s]` times for query row t.
 
     `q_pos_T` gives each query row's token position (causal: keys with position > it are hidden).
@@ -319,31 +353,48 @@ def masked_attention_ref(q_BHTGD: jax.Array, k_BHSD: jax.Array, v_BHSD: jax.Arra
     """
     D = q_BHTGD.shape[-1]
     hp = lax.Precision.HIGHEST
-    s = jnp.einsum("bhtgd,bhsd->bhtgs", q_BHTGD.astype(jnp.float32), k_BHSD.astype(jnp.float32),
-                   precision=hp) * default_scale(D, scale)
+    s = jnp.einsum(
+        "bhtgd,bhsd->bhtgs", q_BHTGD.astype(jnp.float32), k_BHSD.astype(jnp.float32), precision=hp
+    ) * default_scale(D, scale)
     mult = key_mult_BHTS.astype(jnp.float32)
     if causal:
         visible = jnp.arange(k_BHSD.shape[2])[None, :] <= q_pos_T[:, None]
         mult = jnp.where(visible, mult, 0.0)
-    s = jnp.where(mult[:, :, :, None, :] > 0, s + jnp.log(jnp.maximum(mult, 1e-30))[:, :, :, None, :], -jnp.inf)
+    s = jnp.where(
+        mult[:, :, :, None, :] > 0, s + jnp.log(jnp.maximum(mult, 1e-30))[:, :, :, None, :], -jnp.inf
+    )
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bhtgs,bhsd->bhtgd", p / jnp.where(denom > 0, denom, 1.0), v_BHSD.astype(jnp.float32),
-                     precision=hp)
-    lse = jnp.where(denom[..., 0] > 0, jnp.log(jnp.where(denom[..., 0] > 0, denom[..., 0], 1.0)) + m[..., 0],
-                    -jnp.inf)
+    out = jnp.einsum(
+        "bhtgs,bhsd->bhtgd", p / jnp.where(denom > 0, denom, 1.0), v_BHSD.astype(jnp.float32), precision=hp
+    )
+    lse = jnp.where(
+        denom[..., 0] > 0, jnp.log(jnp.where(denom[..., 0] > 0, denom[..., 0], 1.0)) + m[..., 0], -jnp.inf
+    )
     return out.astype(q_BHTGD.dtype), lse
 
 
-def block_key_counts(block_ids: jax.Array, block_count: jax.Array, seq_len: int, *,
-                     block_k: int) -> jax.Array:
+def scatter_counts(pos: jax.Array, weight: jax.Array, size: int) -> jax.Array:
+    """`out[..., j] = sum of weight[..., m] where pos[..., m] == j` (positions outside [0, size) dropped)."""
+    lead = pos.shape[:-1]
+    pos2 = pos.reshape(-1, pos.shape[-1])
+    rows = jnp.arange(pos2.shape[0])[:, None]
+    out = jnp.zeros((pos2.shape[0], size), jnp.int32)
+    out = out.at[rows, pos2].add(weight.reshape(pos2.shape).astype(jnp.int32), mode="drop")
+    return out.reshape(*lead, size)
+
+
+@functools.partial(jax.jit, static_argnames=("seq_len", "block_k"))
+def block_key_counts(
+    block_ids: jax.Array, block_count: jax.Array, seq_len: int, *, block_k: int
+) -> jax.Array:
     """How many times each key position is listed for each query block: int32 `[..., nQ, seq_len]`."""
     n_kb = cdiv(seq_len, block_k)
     ids = jnp.clip(block_ids.astype(jnp.int32), 0, n_kb - 1)
     valid = jnp.arange(ids.shape[-1]) < block_count.astype(jnp.int32)[..., None]
-    per_block = jnp.sum(jax.nn.one_hot(ids, n_kb, dtype=jnp.int32) * valid[..., None], axis=-2)
+    per_block = scatter_counts(ids, valid, n_kb)
     return jnp.repeat(per_block, block_k, axis=-1)[..., :seq_len]
 
 
@@ -369,8 +420,10 @@ def block_sparse_prefill_ref(
     check_qkv(q_BHTGD, k_BHTD, v_BHTD, block_q, block_k)
     lead = _check_block_index(q_BHTGD, block_ids, block_count, block_q)
     T = q_BHTGD.shape[2]
-    mult = block_key_counts(broadcast_index(block_ids, lead, 1), broadcast_index(block_count, lead, 0), T,
-                            block_k=block_k)
+    mult = block_key_counts(
+        broadcast_index(block_ids, lead, 1), broadcast_index(block_count, lead, 0), T, block_k=block_k
+    )
     rows_to_block = jnp.arange(T) // block_q
-    return masked_attention_ref(q_BHTGD, k_BHTD, v_BHTD, mult[:, :, rows_to_block], jnp.arange(T),
-                                causal=causal, scale=scale)
+    return masked_attention_ref(
+        q_BHTGD, k_BHTD, v_BHTD, mult[:, :, rows_to_block], jnp.arange(T), causal=causal, scale=scale
+    )

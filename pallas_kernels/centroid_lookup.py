@@ -59,6 +59,7 @@ _NEG_INF = float("-inf")
 _SCORES = ("mean", "radius")
 _AGGS = ("max", "mean")
 _METHODS = ("auto", "logits", "recompute")
+_DOT_DTYPES = (None, "bfloat16", "float16", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,7 @@ class _ScoreCfg:
     use_radius: bool
     agg: str
     n_rows: int  # real rows R (the tile holds padded_rows(R))
+    dot_dtype: str | None  # operand dtype of the dot; None = promoted dtype of q and the centroids
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ class _ScoreCfg:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _check_options(score: str, agg: str, method: str, radius_weight: float) -> None:
+def _check_options(score: str, agg: str, method: str, radius_weight: float, dot_dtype: str | None) -> None:
     if score not in _SCORES:
         raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
     if agg not in _AGGS:
@@ -86,6 +88,8 @@ def _check_options(score: str, agg: str, method: str, radius_weight: float) -> N
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if not math.isfinite(float(radius_weight)):
         raise ValueError(f"radius_weight must be finite, got {radius_weight}")
+    if dot_dtype not in _DOT_DTYPES:
+        raise ValueError(f"dot_dtype must be one of {_DOT_DTYPES}, got {dot_dtype!r}")
 
 
 def _check_float(name: str, x: jax.Array) -> None:
@@ -129,7 +133,7 @@ def _resolve_method(method: str, n_rows: int, head_dim: int, c_dtype: jnp.dtype)
 
 
 def _default_block_c(rows_p: int) -> int:
-    """Centroids per program: keeps the [rows_p, block_c] logit tile at <= 8K elements, 32..128."""
+    """Centroids per loop step: keeps the [rows_p, block_c] logit tile at <= 8K elements, 32..128."""
     return int(min(128, max(32, 8192 // rows_p)))
 
 
@@ -137,9 +141,24 @@ def _num_warps(rows_p: int, cols: int) -> int:
     return 8 if rows_p * cols >= 16384 else 4
 
 
+def _default_chunks_per_program(n_chunks: int, n_bh: int, rows_p: int) -> int:
+    """Chunks one program walks: 1 for few rows (parallelism wins), else enough to load q rarely while
+    keeping ~4 programs per (B, H) group of 132 SMs busy."""
+    if rows_p <= 32:
+        return 1
+    programs_per_bh = max(1, -(-1024 // n_bh))
+    return max(1, -(-n_chunks // programs_per_bh))
+
+
 def _prepare_q(q_BHRD: jax.Array) -> jax.Array:
     """Pads the row axis to a power of two >= 16 (the dot needs >= 16 rows); padded rows are masked."""
     return pad_axis(q_BHRD, 2, padded_rows(q_BHRD.shape[2]))
+
+
+def _q_norms(q_BHRpD: jax.Array) -> jax.Array:
+    """||q|| per row [B, H, Rp] in f32 (for the radius score)."""
+    qf = q_BHRpD.astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(qf * qf, axis=-1))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -147,14 +166,22 @@ def _prepare_q(q_BHRD: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _tile_logits(q_RD: jax.Array, c_CD: jax.Array, rad_C: jax.Array | None, cfg: _ScoreCfg) -> jax.Array:
+def _scaled_dot(q_RD, c_CD, cfg: _ScoreCfg) -> jax.Array:
+    """scale * q @ c.T in f32. dot_dtype None: promoted operands (an f32 dot runs as tf32 on the GPU);
+    "float32": full f32 precision; "bfloat16"/"float16": operands cast down."""
+    if cfg.dot_dtype is None:
+        dt, prec = jnp.promote_types(q_RD.dtype, c_CD.dtype), None
+    else:
+        dt = jnp.dtype(cfg.dot_dtype)
+        prec = lax.Precision.HIGHEST if dt == jnp.float32 else None
+    return plgpu.dot(q_RD.astype(dt), c_CD.astype(dt), trans_b=True, precision=prec) * cfg.scale
+
+
+def _tile_logits(q_RD, c_CD, qn_R, rad_C, cfg: _ScoreCfg) -> jax.Array:
     """Scaled (and optionally radius-boosted) logits [R, C] in f32 for one tile."""
-    dt = jnp.promote_types(q_RD.dtype, c_CD.dtype)
-    logits = plgpu.dot(q_RD.astype(dt), c_CD.astype(dt), trans_b=True) * cfg.scale
+    logits = _scaled_dot(q_RD, c_CD, cfg)
     if cfg.use_radius:
-        qf = q_RD.astype(jnp.float32)
-        qnorm = jnp.sqrt(jnp.sum(qf * qf, axis=1))
-        logits = logits + cfg.radius_coef * qnorm[:, None] * rad_C.astype(jnp.float32)[None, :]
+        logits = logits + cfg.radius_coef * qn_R[:, None] * rad_C.astype(jnp.float32)[None, :]
     return logits
 
 
@@ -163,6 +190,13 @@ def _partial_lse(w_RC: jax.Array) -> tuple[jax.Array, jax.Array]:
     m = jnp.max(w_RC, axis=1)
     m_safe = jnp.where(m > _NEG_INF, m, 0.0)
     return m, jnp.sum(jnp.exp(w_RC - m_safe[:, None]), axis=1)
+
+
+def _merge_two(m1, l1, m2, l2):
+    """Merges two (max, sum) partials (either may be empty: max -inf, sum 0)."""
+    m = jnp.maximum(m1, m2)
+    m_safe = jnp.where(m > _NEG_INF, m, 0.0)
+    return m, l1 * jnp.exp(m1 - m_safe) + l2 * jnp.exp(m2 - m_safe)
 
 
 def _aggregate_rows(s_RC: jax.Array, row_ok: jax.Array, agg: str, n_rows: int) -> jax.Array:
@@ -176,86 +210,121 @@ def _aggregate_rows(s_RC: jax.Array, row_ok: jax.Array, agg: str, n_rows: int) -
 
 
 # --------------------------------------------------------------------------------------------------------
-# Flat kernels: grid (B, H, C-chunks)
+# Flat kernels: grid (B, H, programs); each program walks `cpp` chunks of `block_c` centroids
 # --------------------------------------------------------------------------------------------------------
 
 
-def _flat_lse_kernel(q_ref, c_ref, logn_ref, rad_ref, m_ref, l_ref, *logits_ref, cfg, n_clusters, block_c):
-    """Partial LSE per row over one chunk of centroids; optionally the chunk's logits."""
-    j = pl.program_id(2)
-    col_ok = j * block_c + jnp.arange(block_c) < n_clusters
-    rad = rad_ref[...] if cfg.use_radius else None
-    logits = _tile_logits(q_ref[...], c_ref[...], rad, cfg)
-    w = jnp.where(col_ok[None, :], logits + logn_ref[...].astype(jnp.float32)[None, :], _NEG_INF)
-    m, s = _partial_lse(w)
-    m_ref[...] = m
-    l_ref[...] = s
-    if logits_ref:
-        logits_ref[0][...] = logits
+def _flat_chunk(q, qn, c_ref, logn_ref, rad_ref, start, cfg: _ScoreCfg, n_clusters: int, block_c: int):
+    """Logits [Rp, block_c] of the chunk at `start`, its log sizes (-inf outside [0, C)) and column mask."""
+    col_ok = start + jnp.arange(block_c) < n_clusters
+    sl = pl.ds(start, block_c)
+    c = plgpu.load(c_ref.at[sl, :], mask=col_ok[:, None], other=0.0)
+    rad = plgpu.load(rad_ref.at[sl], mask=col_ok, other=0.0) if cfg.use_radius else None
+    logn = plgpu.load(logn_ref.at[sl], mask=col_ok, other=_NEG_INF).astype(jnp.float32)
+    logn = jnp.where(col_ok, logn, _NEG_INF)
+    return _tile_logits(q, c, qn, rad, cfg), logn, col_ok
 
 
-def _flat_score_kernel(q_ref, c_ref, logn_ref, rad_ref, lse_ref, out_ref, *, cfg, n_clusters, block_c):
-    j = pl.program_id(2)
-    logn = logn_ref[...].astype(jnp.float32)
-    col_ok = (j * block_c + jnp.arange(block_c) < n_clusters) & (logn > _NEG_INF)
+def _chunk_range(n_clusters: int, block_c: int, cpp: int):
+    """(first chunk, number of chunks) of this program."""
+    n_chunks = pl.cdiv(n_clusters, block_c)
+    first = pl.program_id(2) * cpp
+    return first, jnp.minimum(cpp, n_chunks - first)
+
+
+def _flat_lse_kernel(q_ref, qn_ref, c_ref, logn_ref, rad_ref, m_ref, l_ref, *logits_ref, cfg, n_clusters,
+                     block_c, cpp):
+    """Per-row partial LSE over this program's chunks; optionally writes the logits of real rows."""
     q = q_ref[...]
-    rad = rad_ref[...] if cfg.use_radius else None
-    logits = _tile_logits(q, c_ref[...], rad, cfg)
+    qn = qn_ref[...] if cfg.use_radius else None
     row_ok = jnp.arange(q.shape[0]) < cfg.n_rows
-    out = _aggregate_rows(logits - lse_ref[...][:, None], row_ok, cfg.agg, cfg.n_rows)
-    out_ref[...] = jnp.where(col_ok, out, _NEG_INF)
+    first, n = _chunk_range(n_clusters, block_c, cpp)
+
+    def body(i, carry):
+        start = (first + i) * block_c
+        logits, logn, col_ok = _flat_chunk(q, qn, c_ref, logn_ref, rad_ref, start, cfg, n_clusters, block_c)
+        if logits_ref:
+            plgpu.store(logits_ref[0].at[:, pl.ds(start, block_c)], logits,
+                        mask=row_ok[:, None] & col_ok[None, :])
+        return _merge_two(*carry, *_partial_lse(logits + logn[None, :]))
+
+    init = (jnp.full(q.shape[:1], _NEG_INF, jnp.float32), jnp.zeros(q.shape[:1], jnp.float32))
+    m, l_sum = lax.fori_loop(0, n, body, init)
+    m_ref[...] = m
+    l_ref[...] = l_sum
 
 
-def _flat_specs(Rp: int, D: int, block_c: int):
-    q_spec = pl.BlockSpec((None, None, Rp, D), lambda b, h, j: (b, h, 0, 0))
-    c_spec = pl.BlockSpec((None, block_c, D), lambda b, h, j: (h, j, 0))
-    t_spec = pl.BlockSpec((None, block_c), lambda b, h, j: (h, j))
-    return q_spec, c_spec, t_spec
+def _flat_score_kernel(q_ref, qn_ref, c_ref, logn_ref, rad_ref, lse_ref, out_ref, *, cfg, n_clusters,
+                       block_c, cpp):
+    """Aggregated scores of this program's chunks, given each row's log-normaliser."""
+    q = q_ref[...]
+    qn = qn_ref[...] if cfg.use_radius else None
+    lse = lse_ref[...]
+    row_ok = jnp.arange(q.shape[0]) < cfg.n_rows
+    first, n = _chunk_range(n_clusters, block_c, cpp)
+
+    def body(i, carry):
+        start = (first + i) * block_c
+        logits, logn, col_ok = _flat_chunk(q, qn, c_ref, logn_ref, rad_ref, start, cfg, n_clusters, block_c)
+        out = _aggregate_rows(logits - lse[:, None], row_ok, cfg.agg, cfg.n_rows)
+        plgpu.store(out_ref.at[pl.ds(start, block_c)], jnp.where(logn > _NEG_INF, out, _NEG_INF), mask=col_ok)
+        return carry
+
+    lax.fori_loop(0, n, body, 0)
 
 
-def _flat_partials(q_BHRpD, centroids_HCD, log_sizes_HC, radius_HC, cfg: _ScoreCfg, *, block_c: int,
-                   want_logits: bool, interpret: bool):
-    """Phase 1: per-chunk partial LSE per row ([B, H, nC, Rp] max and sum); optionally logits [B,H,R,C]."""
+def _flat_in_specs(Rp: int, D: int, C: int):
+    return [
+        pl.BlockSpec((None, None, Rp, D), lambda b, h, p: (b, h, 0, 0)),  # q
+        pl.BlockSpec((None, None, Rp), lambda b, h, p: (b, h, 0)),  # ||q||
+        pl.BlockSpec((None, C, D), lambda b, h, p: (h, 0, 0)),  # centroids of head h
+        pl.BlockSpec((None, C), lambda b, h, p: (h, 0)),  # log sizes
+        pl.BlockSpec((None, C), lambda b, h, p: (h, 0)),  # radius
+    ]
+
+
+def _flat_partials(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, cfg: _ScoreCfg, *,
+                   block_c: int, cpp: int, want_logits: bool, interpret: bool):
+    """Phase 1: per-program partial LSE per row ([B, H, nP, Rp] max and sum); optionally logits [B,H,R,C]."""
     B, H, Rp, D = q_BHRpD.shape
     C = centroids_HCD.shape[1]
-    nC = pl.cdiv(C, block_c)
-    q_spec, c_spec, t_spec = _flat_specs(Rp, D, block_c)
-    part_spec = pl.BlockSpec((None, None, None, Rp), lambda b, h, j: (b, h, j, 0))
+    nP = pl.cdiv(pl.cdiv(C, block_c), cpp)
+    part_spec = pl.BlockSpec((None, None, None, Rp), lambda b, h, p: (b, h, p, 0))
     out_specs = [part_spec, part_spec]
-    out_shape = [jax.ShapeDtypeStruct((B, H, nC, Rp), jnp.float32)] * 2
+    out_shape = [jax.ShapeDtypeStruct((B, H, nP, Rp), jnp.float32)] * 2
     if want_logits:
-        out_specs.append(pl.BlockSpec((None, None, Rp, block_c), lambda b, h, j: (b, h, 0, j)))
+        out_specs.append(pl.BlockSpec((None, None, Rp, C), lambda b, h, p: (b, h, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((B, H, cfg.n_rows, C), jnp.float32))
-    kernel = functools.partial(_flat_lse_kernel, cfg=cfg, n_clusters=C, block_c=block_c)
+    kernel = functools.partial(_flat_lse_kernel, cfg=cfg, n_clusters=C, block_c=block_c, cpp=cpp)
     return pl.pallas_call(
         kernel,
-        grid=(B, H, nC),
-        in_specs=[q_spec, c_spec, t_spec, t_spec],
+        grid=(B, H, nP),
+        in_specs=_flat_in_specs(Rp, D, C),
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=compiler_params(_num_warps(Rp, block_c), 2),
         interpret=interpret,
-        name="centroid_lse",
-    )(q_BHRpD, centroids_HCD, log_sizes_HC, radius_HC)
+        name="lookup_flat_lse",
+    )(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC)
 
 
-def _flat_recompute(q_BHRpD, centroids_HCD, log_sizes_HC, radius_HC, lse_BHRp, cfg: _ScoreCfg, *,
-                    block_c: int, interpret: bool) -> jax.Array:
+def _flat_recompute(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, lse_BHRp, cfg: _ScoreCfg, *,
+                    block_c: int, cpp: int, interpret: bool) -> jax.Array:
     """Phase 2 (recompute): aggregated scores [B, H, C] given each row's log-normaliser."""
     B, H, Rp, D = q_BHRpD.shape
     C = centroids_HCD.shape[1]
-    q_spec, c_spec, t_spec = _flat_specs(Rp, D, block_c)
-    kernel = functools.partial(_flat_score_kernel, cfg=cfg, n_clusters=C, block_c=block_c)
+    nP = pl.cdiv(pl.cdiv(C, block_c), cpp)
+    kernel = functools.partial(_flat_score_kernel, cfg=cfg, n_clusters=C, block_c=block_c, cpp=cpp)
     return pl.pallas_call(
         kernel,
-        grid=(B, H, pl.cdiv(C, block_c)),
-        in_specs=[q_spec, c_spec, t_spec, t_spec, pl.BlockSpec((None, None, Rp), lambda b, h, j: (b, h, 0))],
-        out_specs=pl.BlockSpec((None, None, block_c), lambda b, h, j: (b, h, j)),
+        grid=(B, H, nP),
+        in_specs=_flat_in_specs(Rp, D, C) + [pl.BlockSpec((None, None, Rp), lambda b, h, p: (b, h, 0))],
+        out_specs=pl.BlockSpec((None, None, C), lambda b, h, p: (b, h, 0)),
         out_shape=jax.ShapeDtypeStruct((B, H, C), jnp.float32),
         compiler_params=compiler_params(_num_warps(Rp, block_c), 2),
         interpret=interpret,
-        name="centroid_scores",
-    )(q_BHRpD, centroids_HCD, log_sizes_HC, radius_HC, lse_BHRp)
+        name="lookup_flat_scores",
+    )(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, lse_BHRp)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -281,27 +350,44 @@ def _aggregate_logits(logits_BHRX: jax.Array, lse_BHR: jax.Array, ok_BHX: jax.Ar
     return jnp.where(ok_BHX, out, _NEG_INF)
 
 
-def _make_cfg(q_BHRD, score, radius_weight, agg, scale) -> _ScoreCfg:
+def _make_cfg(q_BHRD, score, radius_weight, agg, scale, dot_dtype) -> _ScoreCfg:
     sc = default_scale(q_BHRD.shape[-1], scale)
     return _ScoreCfg(scale=sc, radius_coef=sc * float(radius_weight), use_radius=score == "radius",
-                     agg=agg, n_rows=q_BHRD.shape[2])
+                     agg=agg, n_rows=q_BHRD.shape[2], dot_dtype=dot_dtype)
+
+
+def _resolve_block_c(block_c: int | None, n_rows: int) -> int:
+    block_c = _default_block_c(padded_rows(n_rows)) if block_c is None else block_c
+    if not isinstance(block_c, int) or not is_pow2(block_c) or block_c < 16:
+        raise ValueError(f"block_c must be a power of two >= 16, got {block_c!r}")
+    return block_c
+
+
+def _check_cpp(cpp: int | None) -> None:
+    if cpp is not None and (not isinstance(cpp, int) or cpp < 1):
+        raise ValueError(f"chunks_per_program must be a positive int, got {cpp!r}")
 
 
 def _flat_scores_and_lse(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg: _ScoreCfg, *, block_c: int,
-                         method: str, interpret: bool) -> tuple[jax.Array, jax.Array]:
+                         method: str, cpp: int | None, interpret: bool) -> tuple[jax.Array, jax.Array]:
     """Flat lookup: (scores [B, H, C], per-row log-normaliser [B, H, R])."""
-    R = q_BHRD.shape[2]
+    B, H, R, D = q_BHRD.shape
+    C = centroids_HCD.shape[1]
     q_p = _prepare_q(q_BHRD)
-    method = _resolve_method(method, R, q_BHRD.shape[3], centroids_HCD.dtype)
-    outs = _flat_partials(q_p, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c,
+    Rp = q_p.shape[2]
+    qn = _q_norms(q_p) if cfg.use_radius else jnp.zeros((B, H, Rp), jnp.float32)
+    if cpp is None:
+        cpp = _default_chunks_per_program(pl.cdiv(C, block_c), B * H, Rp)
+    method = _resolve_method(method, R, D, centroids_HCD.dtype)
+    outs = _flat_partials(q_p, qn, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c, cpp=cpp,
                           want_logits=method == "logits", interpret=interpret)
     lse_BHRp = _merge_partials(outs[0], outs[1])
     if method == "logits":
-        ok = jnp.broadcast_to(log_sizes_HC > _NEG_INF, (q_BHRD.shape[0],) + log_sizes_HC.shape)
+        ok = jnp.broadcast_to(log_sizes_HC > _NEG_INF, (B,) + log_sizes_HC.shape)
         scores = _aggregate_logits(outs[2], lse_BHRp[:, :, :R], ok, cfg.agg)
     else:
-        scores = _flat_recompute(q_p, centroids_HCD, log_sizes_HC, radius_HC, lse_BHRp, cfg,
-                                 block_c=block_c, interpret=interpret)
+        scores = _flat_recompute(q_p, qn, centroids_HCD, log_sizes_HC, radius_HC, lse_BHRp, cfg,
+                                 block_c=block_c, cpp=cpp, interpret=interpret)
     return scores, lse_BHRp[:, :, :R]
 
 
@@ -310,8 +396,11 @@ def _flat_scores_and_lse(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg: _S
 # --------------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("score", "radius_weight", "agg", "scale", "block_c",
-                                             "interpret", "method"))
+_FLAT_STATIC = ("score", "radius_weight", "agg", "scale", "block_c", "interpret", "method", "dot_dtype",
+                "chunks_per_program")
+
+
+@functools.partial(jax.jit, static_argnames=_FLAT_STATIC)
 def centroid_scores(
     q_BHRD: jax.Array,
     centroids_HCD: jax.Array,
@@ -325,22 +414,26 @@ def centroid_scores(
     block_c: int | None = None,
     interpret: bool | None = None,
     method: Method = "auto",
+    dot_dtype: str | None = None,
+    chunks_per_program: int | None = None,
 ) -> jax.Array:
     """Aggregated log-probability estimate of every fine cluster, [B, H, C] float32.
 
     `q_BHRD`: R query rows sharing one selection per (batch, KV head); `log_sizes_HC` = log N_j (-inf for an
-    empty cluster, which then scores -inf); `radius_HC` is read only for score="radius". `block_c` (a power
-    of two >= 16) is the number of centroids per program; `method` picks the phase-2 strategy (module doc).
+    empty cluster, which then scores -inf); `radius_HC` is read only for score="radius". Tuning knobs (all
+    static): `block_c` (power of two >= 16) centroids per loop step, `chunks_per_program` steps per program,
+    `method` the phase-2 strategy (module doc), `dot_dtype` the dot operands: None = promoted dtype of q and
+    the centroids (an f32 dot runs as tf32 on the GPU), "float32" = full f32 precision, "bfloat16" = f32
+    centroids on the bf16 tensor cores.
     """
-    _check_options(score, agg, method, radius_weight)
+    _check_options(score, agg, method, radius_weight, dot_dtype)
     _check_level(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, "fine")
-    Rp = padded_rows(q_BHRD.shape[2])
-    block_c = _default_block_c(Rp) if block_c is None else block_c
-    if not is_pow2(block_c) or block_c < 16:
-        raise ValueError(f"block_c must be a power of two >= 16, got {block_c}")
-    cfg = _make_cfg(q_BHRD, score, radius_weight, agg, scale)
+    _check_cpp(chunks_per_program)
+    block_c = _resolve_block_c(block_c, q_BHRD.shape[2])
+    cfg = _make_cfg(q_BHRD, score, radius_weight, agg, scale, dot_dtype)
     scores, _ = _flat_scores_and_lse(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c,
-                                     method=method, interpret=resolve_interpret(interpret))
+                                     method=method, cpp=chunks_per_program,
+                                     interpret=resolve_interpret(interpret))
     return scores
 
 
@@ -355,8 +448,7 @@ def _ref_logits(q_BHRD, centroids_HCD, radius_HC, cfg: _ScoreCfg) -> jax.Array:
     return logits
 
 
-@functools.partial(jax.jit, static_argnames=("score", "radius_weight", "agg", "scale", "block_c",
-                                             "interpret", "method"))
+@functools.partial(jax.jit, static_argnames=_FLAT_STATIC)
 def centroid_scores_ref(
     q_BHRD: jax.Array,
     centroids_HCD: jax.Array,
@@ -370,12 +462,14 @@ def centroid_scores_ref(
     block_c: int | None = None,
     interpret: bool | None = None,
     method: Method = "auto",
+    dot_dtype: str | None = None,
+    chunks_per_program: int | None = None,
 ) -> jax.Array:
-    """Pure-jnp reference of `centroid_scores` (block_c, interpret and method are accepted and ignored)."""
-    del block_c, interpret
-    _check_options(score, agg, method, radius_weight)
+    """Pure-jnp reference of `centroid_scores` in f32 (the tuning knobs are accepted and ignored)."""
+    del block_c, interpret, chunks_per_program
+    _check_options(score, agg, method, radius_weight, dot_dtype)
     _check_level(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, "fine")
-    cfg = _make_cfg(q_BHRD, score, radius_weight, agg, scale)
+    cfg = _make_cfg(q_BHRD, score, radius_weight, agg, scale, None)
     logits = _ref_logits(q_BHRD, centroids_HCD, radius_HC, cfg)
     logn = log_sizes_HC.astype(jnp.float32)[None, :, None, :]
     lse = jax.nn.logsumexp(logits + logn, axis=-1)
@@ -390,140 +484,166 @@ def centroid_scores_ref(
 
 @dataclasses.dataclass(frozen=True)
 class _GatherCfg:
-    """Static layout of a gather program: `kb` kept coarse clusters x `fp` fine slots each."""
+    """Static layout of the gather kernels: a group = `kb` kept coarse clusters x `fp` fine slots each."""
 
-    kb: int  # kept coarse clusters per program (power of two)
+    kb: int  # kept coarse clusters per group (power of two)
     fp: int  # fine slots per coarse cluster: next_pow2(max_fine_per_coarse)
     max_fine: int  # fine clusters past this under one coarse cluster are not reached
     kc: int  # coarse rows of the kept-coarse dot: max(16, kb)
+    n_groups: int  # groups per (B, H)
+    gpp: int  # groups walked by one program
     with_coarse: bool  # also compute the kept coarse clusters' partial LSE
 
+    @property
+    def tile(self) -> int:
+        return self.kb * self.fp
 
-def _gather_tile(first_ref, count_ref, gcfg: _GatherCfg):
-    """Fine-cluster rows of this program's tile [kb*fp] (clamped in-bounds) and their validity."""
-    t = jnp.arange(gcfg.kb * gcfg.fp)
-    slot = t // gcfg.fp
+
+def _group_range(gcfg: _GatherCfg):
+    first = pl.program_id(2) * gcfg.gpp
+    return first, jnp.minimum(gcfg.gpp, gcfg.n_groups - first)
+
+
+def _gather_fine(q, qn, g, first_ref, count_ref, c_ref, logn_ref, rad_ref, cfg: _ScoreCfg, gcfg: _GatherCfg):
+    """Logits [Rp, tile] of group g's fine clusters (rows gathered in-bounds) and their log sizes (-inf
+    for slots past a run's end)."""
+    t = jnp.arange(gcfg.tile)
+    slot = g * gcfg.kb + t // gcfg.fp
     f = t % gcfg.fp
-    first = first_ref[slot]
-    count = jnp.minimum(count_ref[slot], gcfg.max_fine)
-    ok = f < count
-    return jnp.where(ok, first + f, 0), ok
-
-
-def _gather_fine(q, rows, ok, c_ref, logn_ref, rad_ref, cfg: _ScoreCfg):
-    """Logits [Rp, kb*fp] of the gathered fine clusters and their log sizes (-inf where not reached)."""
-    D = q.shape[1]
-    c = c_ref[rows[:, None], jnp.arange(D)[None, :]]
+    ok = f < jnp.minimum(count_ref[slot], gcfg.max_fine)
+    rows = jnp.where(ok, first_ref[slot] + f, 0)
+    c = c_ref[rows[:, None], jnp.arange(q.shape[1])[None, :]]
     rad = rad_ref[rows] if cfg.use_radius else None
-    logits = _tile_logits(q, c, rad, cfg)
     logn = jnp.where(ok, logn_ref[rows].astype(jnp.float32), _NEG_INF)
-    return logits, logn
+    return _tile_logits(q, c, qn, rad, cfg), logn
 
 
-def _gather_lse_kernel(q_ref, first_ref, count_ref, c_ref, logn_ref, rad_ref, *refs, cfg, gcfg, want_logits):
-    """Partial LSE per row of the reached fine clusters (and, with_coarse, of the kept coarse clusters)."""
+def _gather_lse_kernel(q_ref, qn_ref, first_ref, count_ref, c_ref, logn_ref, rad_ref, *refs, cfg, gcfg,
+                       want_logits):
+    """Per-row partial LSE of the reached fine clusters of this program's groups (and, with_coarse, of
+    the kept coarse clusters); optionally writes the logits of real rows."""
     if gcfg.with_coarse:
         kid_ref, cc_ref, cln_ref, mf_ref, lf_ref, mc_ref, lc_ref, *logits_ref = refs
     else:
         mf_ref, lf_ref, *logits_ref = refs
     q = q_ref[...]
-    rows, ok = _gather_tile(first_ref, count_ref, gcfg)
-    logits, logn = _gather_fine(q, rows, ok, c_ref, logn_ref, rad_ref, cfg)
-    m, s = _partial_lse(logits + logn[None, :])
-    mf_ref[...] = m
-    lf_ref[...] = s
-    if gcfg.with_coarse:
-        kid = kid_ref[...]
+    qn = qn_ref[...] if cfg.use_radius else None
+    row_ok = jnp.arange(q.shape[0]) < cfg.n_rows
+    g0, n = _group_range(gcfg)
+    empty = (jnp.full(q.shape[:1], _NEG_INF, jnp.float32), jnp.zeros(q.shape[:1], jnp.float32))
+
+    def body(i, carry):
+        g = g0 + i
+        logits, logn = _gather_fine(q, qn, g, first_ref, count_ref, c_ref, logn_ref, rad_ref, cfg, gcfg)
+        if want_logits:
+            plgpu.store(logits_ref[0].at[:, pl.ds(g * gcfg.tile, gcfg.tile)], logits, mask=row_ok[:, None])
+        fine = _merge_two(*carry[:2], *_partial_lse(logits + logn[None, :]))
+        if not gcfg.with_coarse:
+            return fine
+        kid = kid_ref[g * gcfg.kc + jnp.arange(gcfg.kc)]
         kok = kid >= 0
         kid = jnp.where(kok, kid, 0)
         cc = cc_ref[kid[:, None], jnp.arange(q.shape[1])[None, :]]
-        dt = jnp.promote_types(q.dtype, cc.dtype)
-        lc = plgpu.dot(q.astype(dt), cc.astype(dt), trans_b=True) * cfg.scale
+        lc = _scaled_dot(q, cc, cfg)
         cln = jnp.where(kok, cln_ref[kid].astype(jnp.float32), _NEG_INF)
-        m, s = _partial_lse(lc + cln[None, :])
-        mc_ref[...] = m
-        lc_ref[...] = s
-    if want_logits:
-        logits_ref[0][...] = logits
+        return fine + _merge_two(*carry[2:], *_partial_lse(lc + cln[None, :]))
+
+    parts = lax.fori_loop(0, n, body, empty * (2 if gcfg.with_coarse else 1))
+    mf_ref[...] = parts[0]
+    lf_ref[...] = parts[1]
+    if gcfg.with_coarse:
+        mc_ref[...] = parts[2]
+        lc_ref[...] = parts[3]
 
 
-def _gather_score_kernel(q_ref, first_ref, count_ref, c_ref, logn_ref, rad_ref, lse_ref, out_ref, *,
+def _gather_score_kernel(q_ref, qn_ref, first_ref, count_ref, c_ref, logn_ref, rad_ref, lse_ref, out_ref, *,
                          cfg, gcfg):
+    """Aggregated scores of the gathered fine clusters of this program's groups (compact layout)."""
     q = q_ref[...]
-    rows, ok = _gather_tile(first_ref, count_ref, gcfg)
-    logits, logn = _gather_fine(q, rows, ok, c_ref, logn_ref, rad_ref, cfg)
+    qn = qn_ref[...] if cfg.use_radius else None
+    lse = lse_ref[...]
     row_ok = jnp.arange(q.shape[0]) < cfg.n_rows
-    out = _aggregate_rows(logits - lse_ref[...][:, None], row_ok, cfg.agg, cfg.n_rows)
-    out_ref[...] = jnp.where(logn > _NEG_INF, out, _NEG_INF)
+    g0, n = _group_range(gcfg)
+
+    def body(i, carry):
+        g = g0 + i
+        logits, logn = _gather_fine(q, qn, g, first_ref, count_ref, c_ref, logn_ref, rad_ref, cfg, gcfg)
+        out = _aggregate_rows(logits - lse[:, None], row_ok, cfg.agg, cfg.n_rows)
+        out_ref[pl.ds(g * gcfg.tile, gcfg.tile)] = jnp.where(logn > _NEG_INF, out, _NEG_INF)
+        return carry
+
+    lax.fori_loop(0, n, body, 0)
 
 
-def _gather_specs(Rp, D, C, kb):
-    q_spec = pl.BlockSpec((None, None, Rp, D), lambda b, h, g: (b, h, 0, 0))
-    run_spec = pl.BlockSpec((None, None, None, kb), lambda b, h, g: (b, h, g, 0))
-    c_spec = pl.BlockSpec((None, C, D), lambda b, h, g: (h, 0, 0))
-    t_spec = pl.BlockSpec((None, C), lambda b, h, g: (h, 0))
-    return q_spec, run_spec, c_spec, t_spec
+def _gather_in_specs(Rp, D, C, Kp):
+    return [
+        pl.BlockSpec((None, None, Rp, D), lambda b, h, p: (b, h, 0, 0)),  # q
+        pl.BlockSpec((None, None, Rp), lambda b, h, p: (b, h, 0)),  # ||q||
+        pl.BlockSpec((None, None, Kp), lambda b, h, p: (b, h, 0)),  # first fine cluster per kept slot
+        pl.BlockSpec((None, None, Kp), lambda b, h, p: (b, h, 0)),  # run length per kept slot
+        pl.BlockSpec((None, C, D), lambda b, h, p: (h, 0, 0)),  # fine centroids of head h
+        pl.BlockSpec((None, C), lambda b, h, p: (h, 0)),  # log sizes
+        pl.BlockSpec((None, C), lambda b, h, p: (h, 0)),  # radius
+    ]
 
 
-def _gather_partials(q_BHRpD, first_BHGk, count_BHGk, kid_BHGk, centroids_HCD, log_sizes_HC, radius_HC,
+def _gather_partials(q_BHRpD, qn_BHRp, first_BHK, count_BHK, kid_BHX, centroids_HCD, log_sizes_HC, radius_HC,
                      coarse_HCcD, coarse_logn_HCc, cfg, gcfg: _GatherCfg, *, want_logits, interpret):
-    """Gather phase 1: per-program partial LSE of the reached fine clusters [B, H, nG, Rp] (max, sum), then
-    (with_coarse) of the kept coarse clusters, then (want_logits) the logits [B, H, R, nG * kb * fp]."""
+    """Gather phase 1: per-program partial LSE of the reached fine clusters [B, H, nP, Rp] (max, sum), then
+    (with_coarse) of the kept coarse clusters, then (want_logits) the logits [B, H, R, n_groups * tile]."""
     B, H, Rp, D = q_BHRpD.shape
     C = centroids_HCD.shape[1]
-    nG = first_BHGk.shape[2]
-    tile = gcfg.kb * gcfg.fp
-    q_spec, run_spec, c_spec, t_spec = _gather_specs(Rp, D, C, gcfg.kb)
-    in_specs = [q_spec, run_spec, run_spec, c_spec, t_spec, t_spec]
-    args = [q_BHRpD, first_BHGk, count_BHGk, centroids_HCD, log_sizes_HC, radius_HC]
+    nP = pl.cdiv(gcfg.n_groups, gcfg.gpp)
+    in_specs = _gather_in_specs(Rp, D, C, first_BHK.shape[2])
+    args = [q_BHRpD, qn_BHRp, first_BHK, count_BHK, centroids_HCD, log_sizes_HC, radius_HC]
     n_parts = 2
     if gcfg.with_coarse:
         Cc = coarse_HCcD.shape[1]
         in_specs += [
-            pl.BlockSpec((None, None, None, gcfg.kc), lambda b, h, g: (b, h, g, 0)),
-            pl.BlockSpec((None, Cc, D), lambda b, h, g: (h, 0, 0)),
-            pl.BlockSpec((None, Cc), lambda b, h, g: (h, 0)),
+            pl.BlockSpec((None, None, kid_BHX.shape[2]), lambda b, h, p: (b, h, 0)),
+            pl.BlockSpec((None, Cc, D), lambda b, h, p: (h, 0, 0)),
+            pl.BlockSpec((None, Cc), lambda b, h, p: (h, 0)),
         ]
-        args += [kid_BHGk, coarse_HCcD, coarse_logn_HCc]
+        args += [kid_BHX, coarse_HCcD, coarse_logn_HCc]
         n_parts = 4
-    part_spec = pl.BlockSpec((None, None, None, Rp), lambda b, h, g: (b, h, g, 0))
+    part_spec = pl.BlockSpec((None, None, None, Rp), lambda b, h, p: (b, h, p, 0))
     out_specs = [part_spec] * n_parts
-    out_shape = [jax.ShapeDtypeStruct((B, H, nG, Rp), jnp.float32)] * n_parts
+    out_shape = [jax.ShapeDtypeStruct((B, H, nP, Rp), jnp.float32)] * n_parts
     if want_logits:
-        out_specs.append(pl.BlockSpec((None, None, Rp, tile), lambda b, h, g: (b, h, 0, g)))
-        out_shape.append(jax.ShapeDtypeStruct((B, H, cfg.n_rows, nG * tile), jnp.float32))
+        X = gcfg.n_groups * gcfg.tile
+        out_specs.append(pl.BlockSpec((None, None, Rp, X), lambda b, h, p: (b, h, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((B, H, cfg.n_rows, X), jnp.float32))
     kernel = functools.partial(_gather_lse_kernel, cfg=cfg, gcfg=gcfg, want_logits=want_logits)
     return pl.pallas_call(
         kernel,
-        grid=(B, H, nG),
+        grid=(B, H, nP),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=compiler_params(_num_warps(Rp, tile), 2),
+        compiler_params=compiler_params(_num_warps(Rp, gcfg.tile), 2),
         interpret=interpret,
-        name="centroid_gather_lse",
+        name="lookup_gather_lse",
     )(*args)
 
 
-def _gather_recompute(q_BHRpD, first_BHGk, count_BHGk, centroids_HCD, log_sizes_HC, radius_HC, lse_BHRp,
-                      cfg, gcfg: _GatherCfg, *, interpret) -> jax.Array:
+def _gather_recompute(q_BHRpD, qn_BHRp, first_BHK, count_BHK, centroids_HCD, log_sizes_HC, radius_HC,
+                      lse_BHRp, cfg, gcfg: _GatherCfg, *, interpret) -> jax.Array:
+    """Gather phase 2: compact aggregated scores [B, H, n_groups * tile]."""
     B, H, Rp, D = q_BHRpD.shape
     C = centroids_HCD.shape[1]
-    nG = first_BHGk.shape[2]
-    tile = gcfg.kb * gcfg.fp
-    q_spec, run_spec, c_spec, t_spec = _gather_specs(Rp, D, C, gcfg.kb)
+    X = gcfg.n_groups * gcfg.tile
     kernel = functools.partial(_gather_score_kernel, cfg=cfg, gcfg=gcfg)
     return pl.pallas_call(
         kernel,
-        grid=(B, H, nG),
-        in_specs=[q_spec, run_spec, run_spec, c_spec, t_spec, t_spec,
-                  pl.BlockSpec((None, None, Rp), lambda b, h, g: (b, h, 0))],
-        out_specs=pl.BlockSpec((None, None, tile), lambda b, h, g: (b, h, g)),
-        out_shape=jax.ShapeDtypeStruct((B, H, nG * tile), jnp.float32),
-        compiler_params=compiler_params(_num_warps(Rp, tile), 2),
+        grid=(B, H, pl.cdiv(gcfg.n_groups, gcfg.gpp)),
+        in_specs=_gather_in_specs(Rp, D, C, first_BHK.shape[2])
+        + [pl.BlockSpec((None, None, Rp), lambda b, h, p: (b, h, 0))],
+        out_specs=pl.BlockSpec((None, None, X), lambda b, h, p: (b, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, H, X), jnp.float32),
+        compiler_params=compiler_params(_num_warps(Rp, gcfg.tile), 2),
         interpret=interpret,
-        name="centroid_gather_scores",
-    )(q_BHRpD, first_BHGk, count_BHGk, centroids_HCD, log_sizes_HC, radius_HC, lse_BHRp)
+        name="lookup_gather_scores",
+    )(q_BHRpD, qn_BHRp, first_BHK, count_BHK, centroids_HCD, log_sizes_HC, radius_HC, lse_BHRp)
 
 
 def _check_hier(q_BHRD, coarse_centroids_HCcD, coarse_log_sizes_HCc, coarse_first_HCc, coarse_count_HCc,
@@ -561,9 +681,25 @@ def _unreached_lse(total_BHR: jax.Array, kept_BHR: jax.Array) -> jax.Array:
     return jnp.where((frac > 0) & (total_BHR > _NEG_INF), total_BHR + jnp.log(frac), _NEG_INF)
 
 
-@functools.partial(jax.jit, static_argnames=("coarse_keep", "max_fine_per_coarse", "score", "radius_weight",
-                                             "agg", "scale", "block_c", "interpret", "method",
-                                             "coarse_per_program"))
+_HIER_STATIC = _FLAT_STATIC + ("coarse_keep", "max_fine_per_coarse", "coarse_per_group")
+
+
+def _gather_layout(B: int, H: int, Rp: int, coarse_keep: int, max_fine: int, block_c: int, Cc: int,
+                   kb: int | None, gpp: int | None) -> _GatherCfg:
+    """Static tiling of the fine gather: ~block_c fine slots per group, dot width >= 16."""
+    fp = next_pow2(max_fine)
+    kb = max(1, block_c // fp) if kb is None else kb
+    if not isinstance(kb, int) or not is_pow2(kb):
+        raise ValueError(f"coarse_per_group must be a power of two, got {kb!r}")
+    kb = max(min(kb, next_pow2(coarse_keep)), -(-16 // fp))  # the dot needs >= 16 columns
+    n_groups = -(-coarse_keep // kb)
+    if gpp is None:
+        gpp = _default_chunks_per_program(n_groups, B * H, Rp)
+    return _GatherCfg(kb=kb, fp=fp, max_fine=max_fine, kc=max(16, kb), n_groups=n_groups, gpp=gpp,
+                      with_coarse=coarse_keep < Cc)
+
+
+@functools.partial(jax.jit, static_argnames=_HIER_STATIC)
 def hierarchical_scores(
     q_BHRD: jax.Array,
     coarse_centroids_HCcD: jax.Array,
@@ -583,7 +719,9 @@ def hierarchical_scores(
     block_c: int | None = None,
     interpret: bool | None = None,
     method: Method = "auto",
-    coarse_per_program: int | None = None,
+    dot_dtype: str | None = None,
+    chunks_per_program: int | None = None,
+    coarse_per_group: int | None = None,
 ) -> jax.Array:
     """Two-level lookup: fine-cluster scores [B, H, C] float32, -inf for fine clusters not reached.
 
@@ -591,83 +729,67 @@ def hierarchical_scores(
     level; the top `coarse_keep` per (B, H) are kept and only their fine runs [first, first + count) are
     scored (at most `max_fine_per_coarse` fine clusters per coarse cluster are reached). The fine estimates
     are normalised by the reached fine mass plus the unreached coarse mass, so with every coarse cluster
-    kept they equal `centroid_scores`. `coarse_per_program` (power of two) sets the gather tile width.
+    kept they equal `centroid_scores`. Tuning knobs as in `centroid_scores`; `coarse_per_group` (power of
+    two) kept coarse clusters are gathered per loop step of the fine kernels.
     """
-    _check_options(score, agg, method, radius_weight)
+    _check_options(score, agg, method, radius_weight, dot_dtype)
     _check_hier(q_BHRD, coarse_centroids_HCcD, coarse_log_sizes_HCc, coarse_first_HCc, coarse_count_HCc,
                 centroids_HCD, log_sizes_HC, radius_HC, coarse_keep, max_fine_per_coarse)
+    _check_cpp(chunks_per_program)
     interpret = resolve_interpret(interpret)
     B, H, R, D = q_BHRD.shape
     C = centroids_HCD.shape[1]
     Cc = coarse_centroids_HCcD.shape[1]
-    Rp = padded_rows(R)
-    block_c = _default_block_c(Rp) if block_c is None else block_c
-    if not is_pow2(block_c) or block_c < 16:
-        raise ValueError(f"block_c must be a power of two >= 16, got {block_c}")
-    fp = next_pow2(max_fine_per_coarse)
-    kb = max(1, block_c // fp) if coarse_per_program is None else coarse_per_program
-    if not is_pow2(kb):
-        raise ValueError(f"coarse_per_program must be a power of two, got {kb}")
-    kb = min(kb, next_pow2(coarse_keep))
-    if kb * fp < 16:  # the dot needs >= 16 columns
-        kb = 16 // fp
-    cfg = _make_cfg(q_BHRD, score, radius_weight, agg, scale)
-    coarse_cfg = dataclasses.replace(cfg, use_radius=False)
-    dummy_rad = jnp.zeros((H, Cc), jnp.float32)
+    block_c = _resolve_block_c(block_c, R)
+    q_p = _prepare_q(q_BHRD)
+    Rp = q_p.shape[2]
+    gcfg = _gather_layout(B, H, Rp, coarse_keep, max_fine_per_coarse, block_c, Cc, coarse_per_group,
+                          chunks_per_program)
+    cfg = _make_cfg(q_BHRD, score, radius_weight, agg, scale, dot_dtype)
 
     # Coarse level: scores for the top-k, and the per-row total coarse mass for the normaliser.
+    coarse_cfg = dataclasses.replace(cfg, use_radius=False)
     coarse_scores, coarse_lse = _flat_scores_and_lse(
-        q_BHRD, coarse_centroids_HCcD, coarse_log_sizes_HCc, dummy_rad, coarse_cfg, block_c=block_c,
-        method=method, interpret=interpret)
+        q_BHRD, coarse_centroids_HCcD, coarse_log_sizes_HCc, jnp.zeros((H, Cc), jnp.float32), coarse_cfg,
+        block_c=block_c, method=method, cpp=chunks_per_program, interpret=interpret)
     kept_BHK = _kept_coarse(coarse_scores, coarse_keep)
 
-    # Fine runs of the kept coarse clusters, grouped kb per program.
-    K = coarse_keep
-    Kp = -(-K // kb) * kb
-    nG = Kp // kb
+    # Fine runs of the kept coarse clusters, padded to whole groups (padded slots: count 0).
+    Kp = gcfg.n_groups * gcfg.kb
     hidx = jnp.arange(H)[None, :, None]
-    first = coarse_first_HCc.astype(jnp.int32)[hidx, kept_BHK]
-    count = coarse_count_HCc.astype(jnp.int32)[hidx, kept_BHK]
-    first = pad_axis(first, 2, Kp).reshape(B, H, nG, kb)
-    count = pad_axis(count, 2, Kp).reshape(B, H, nG, kb)  # padded slots: count 0
-    with_coarse = K < Cc
-    gcfg = _GatherCfg(kb=kb, fp=fp, max_fine=max_fine_per_coarse, kc=max(16, kb), with_coarse=with_coarse)
-    kid = jnp.pad(kept_BHK, ((0, 0), (0, 0), (0, Kp - K)), constant_values=-1).reshape(B, H, nG, kb)
-    kid = jnp.pad(kid, ((0, 0), (0, 0), (0, 0), (0, gcfg.kc - kb)), constant_values=-1)
+    first = pad_axis(coarse_first_HCc.astype(jnp.int32)[hidx, kept_BHK], 2, Kp)
+    count = pad_axis(coarse_count_HCc.astype(jnp.int32)[hidx, kept_BHK], 2, Kp)
+    kid = jnp.pad(kept_BHK, ((0, 0), (0, 0), (0, Kp - coarse_keep)), constant_values=-1)
+    kid = jnp.pad(kid.reshape(B, H, gcfg.n_groups, gcfg.kb), ((0, 0),) * 3 + ((0, gcfg.kc - gcfg.kb),),
+                  constant_values=-1).reshape(B, H, gcfg.n_groups * gcfg.kc)
 
-    q_p = _prepare_q(q_BHRD)
+    qn = _q_norms(q_p) if cfg.use_radius else jnp.zeros((B, H, Rp), jnp.float32)
     method = _resolve_method(method, R, D, centroids_HCD.dtype)
-    outs = _gather_partials(q_p, first, count, kid, centroids_HCD, log_sizes_HC, radius_HC,
+    outs = _gather_partials(q_p, qn, first, count, kid, centroids_HCD, log_sizes_HC, radius_HC,
                             coarse_centroids_HCcD, coarse_log_sizes_HCc, cfg, gcfg,
                             want_logits=method == "logits", interpret=interpret)
-    reached_lse = _merge_partials(outs[0], outs[1])[:, :, :R]
-    if with_coarse:
+    lse_BHR = _merge_partials(outs[0], outs[1])[:, :, :R]
+    if gcfg.with_coarse:
         kept_lse = _merge_partials(outs[2], outs[3])[:, :, :R]
-        lse_BHR = jnp.logaddexp(reached_lse, _unreached_lse(coarse_lse, kept_lse))
-    else:
-        lse_BHR = reached_lse
+        lse_BHR = jnp.logaddexp(lse_BHR, _unreached_lse(coarse_lse, kept_lse))
 
     # Compact scores over the gathered slots, then scattered into [B, H, C].
-    f = jnp.arange(Kp * fp) % fp
-    slot_first = jnp.repeat(first.reshape(B, H, Kp), fp, axis=-1)
-    slot_count = jnp.minimum(jnp.repeat(count.reshape(B, H, Kp), fp, axis=-1), max_fine_per_coarse)
-    slot_ok = f < slot_count
+    f = jnp.arange(Kp * gcfg.fp) % gcfg.fp
+    slot_first = jnp.repeat(first, gcfg.fp, axis=-1)
+    slot_ok = f < jnp.minimum(jnp.repeat(count, gcfg.fp, axis=-1), max_fine_per_coarse)
+    fine_idx = jnp.where(slot_ok, slot_first + f, 0)
     if method == "logits":
-        logn_slot = log_sizes_HC[hidx, jnp.where(slot_ok, slot_first + f, 0)]
-        compact = _aggregate_logits(outs[-1], lse_BHR, slot_ok & (logn_slot > _NEG_INF), agg)
+        ok = slot_ok & (log_sizes_HC[hidx, fine_idx] > _NEG_INF)
+        compact = _aggregate_logits(outs[-1], lse_BHR, ok, agg)
     else:
-        lse_p = pad_axis(lse_BHR, 2, Rp)
-        compact = _gather_recompute(q_p, first, count, centroids_HCD, log_sizes_HC, radius_HC, lse_p, cfg,
-                                    gcfg, interpret=interpret)
-    dest = jnp.where(slot_ok, slot_first + f, C)  # C = dropped
-    bidx = jnp.arange(B)[:, None, None]
+        compact = _gather_recompute(q_p, qn, first, count, centroids_HCD, log_sizes_HC, radius_HC,
+                                    pad_axis(lse_BHR, 2, Rp), cfg, gcfg, interpret=interpret)
+    dest = jnp.where(slot_ok, fine_idx, C)  # C = dropped
     out = jnp.full((B, H, C), _NEG_INF, jnp.float32)
-    return out.at[bidx, hidx, dest].set(compact, mode="drop")
+    return out.at[jnp.arange(B)[:, None, None], hidx, dest].set(compact, mode="drop")
 
 
-@functools.partial(jax.jit, static_argnames=("coarse_keep", "max_fine_per_coarse", "score", "radius_weight",
-                                             "agg", "scale", "block_c", "interpret", "method",
-                                             "coarse_per_program"))
+@functools.partial(jax.jit, static_argnames=_HIER_STATIC)
 def hierarchical_scores_ref(
     q_BHRD: jax.Array,
     coarse_centroids_HCcD: jax.Array,
@@ -687,18 +809,20 @@ def hierarchical_scores_ref(
     block_c: int | None = None,
     interpret: bool | None = None,
     method: Method = "auto",
-    coarse_per_program: int | None = None,
+    dot_dtype: str | None = None,
+    chunks_per_program: int | None = None,
+    coarse_per_group: int | None = None,
 ) -> jax.Array:
-    """Pure-jnp reference of `hierarchical_scores`: scores every fine cluster, masks the unreached ones, and
-    sums the unreached coarse mass directly (not by subtraction)."""
-    del block_c, interpret, coarse_per_program
-    _check_options(score, agg, method, radius_weight)
+    """Pure-jnp reference of `hierarchical_scores` in f32: scores every fine cluster, masks the unreached
+    ones, and sums the unreached coarse mass directly (not by subtraction). Tuning knobs are ignored."""
+    del block_c, interpret, chunks_per_program, coarse_per_group
+    _check_options(score, agg, method, radius_weight, dot_dtype)
     _check_hier(q_BHRD, coarse_centroids_HCcD, coarse_log_sizes_HCc, coarse_first_HCc, coarse_count_HCc,
                 centroids_HCD, log_sizes_HC, radius_HC, coarse_keep, max_fine_per_coarse)
     B, H, R, _ = q_BHRD.shape
     C = centroids_HCD.shape[1]
     Cc = coarse_centroids_HCcD.shape[1]
-    cfg = _make_cfg(q_BHRD, score, radius_weight, agg, scale)
+    cfg = _make_cfg(q_BHRD, score, radius_weight, agg, scale, None)
     coarse_cfg = dataclasses.replace(cfg, use_radius=False)
     ok_c = jnp.broadcast_to(coarse_log_sizes_HCc > _NEG_INF, (B, H, Cc))
     lc = _ref_logits(q_BHRD, coarse_centroids_HCcD, None, coarse_cfg)

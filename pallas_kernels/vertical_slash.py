@@ -34,6 +34,7 @@ from pallas_kernels.block_sparse import (
     masked_attention_ref,
     pack_queries,
     query_tile_positions,
+    scatter_counts,
     tile_layout,
     unpack_outputs,
 )
@@ -42,9 +43,24 @@ from pallas_kernels.common import cdiv, compiler_params, default_scale, pad_axis
 _STATIC = ("block_q", "block_k", "scale", "block_rows", "interpret", "num_warps", "num_stages")
 
 
-def _vertical_slash_kernel(meta_ref, rs_ref, re_ref, col_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                           block_q: int, block_k: int, heads: int, n_programs: int, qk_scale: float,
-                           t_keys: int):
+def _vertical_slash_kernel(
+    meta_ref,
+    rs_ref,
+    re_ref,
+    col_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    lse_ref,
+    *,
+    block_q: int,
+    block_k: int,
+    heads: int,
+    n_programs: int,
+    qk_scale: float,
+    t_keys: int,
+):
     """One (KV head, batch row, query tile) program: ranges tile by tile, then columns by row gather."""
     rows, D = q_ref.shape
     program = n_programs - 1 - pl.program_id(2)  # heaviest (latest) query tiles first
@@ -97,11 +113,13 @@ def _check_vs_index(q_BHTGD, range_start, range_end, range_count, column_index, 
     check_index_array("column_index", column_index, lead, 1)
     check_index_array("column_count", column_count, lead, 0)
     if range_start.shape != range_end.shape:
-        raise ValueError(f"range_start and range_end must share a shape, got {range_start.shape}, "
-                         f"{range_end.shape}")
+        raise ValueError(
+            f"range_start and range_end must share a shape, got {range_start.shape}, {range_end.shape}"
+        )
     if range_start.shape[-1] < 1 or column_index.shape[-1] < 1:
-        raise ValueError(f"range and column capacities must be >= 1, got {range_start.shape[-1]}, "
-                         f"{column_index.shape[-1]}")
+        raise ValueError(
+            f"range and column capacities must be >= 1, got {range_start.shape[-1]}, {column_index.shape[-1]}"
+        )
     return lead
 
 
@@ -155,8 +173,13 @@ def vertical_slash_prefill(
     k = pad_axis(k_BHTD, 2, t_keys)
     v = pad_axis(v_BHTD, 2, t_keys)
     kernel = functools.partial(
-        _vertical_slash_kernel, block_q=block_q, block_k=block_k, heads=gp, n_programs=n_programs,
-        qk_scale=default_scale(D, scale) * LOG2E, t_keys=t_keys,
+        _vertical_slash_kernel,
+        block_q=block_q,
+        block_k=block_k,
+        heads=gp,
+        n_programs=n_programs,
+        qk_scale=default_scale(D, scale) * LOG2E,
+        t_keys=t_keys,
     )
     last = n_programs - 1
     index_map = lambda h, b, p: (b, h, (last - p) // tiles, 0)
@@ -187,15 +210,27 @@ def vertical_slash_prefill(
     return unpack_outputs(o, lse, q_BHTGD.shape, t_pad, gp)
 
 
-def vertical_slash_key_counts(range_start: jax.Array, range_end: jax.Array, range_count: jax.Array,
-                              column_index: jax.Array, column_count: jax.Array, seq_len: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("seq_len",))
+def vertical_slash_key_counts(
+    range_start: jax.Array,
+    range_end: jax.Array,
+    range_count: jax.Array,
+    column_index: jax.Array,
+    column_count: jax.Array,
+    seq_len: int,
+) -> jax.Array:
     """How many times each key position is covered for each query block: int32 `[..., nQ, seq_len]`."""
-    pos = jnp.arange(seq_len, dtype=jnp.int32)
-    r_ok = jnp.arange(range_start.shape[-1]) < range_count[..., None]
-    in_range = ((pos >= range_start[..., None]) & (pos < range_end[..., None]) & r_ok[..., None])
+    r_ok = (jnp.arange(range_start.shape[-1]) < range_count[..., None]) & (range_end > range_start)
+    starts = jnp.clip(range_start, 0, seq_len)
+    ends = jnp.clip(range_end, 0, seq_len)
+    # +1 at each range start, -1 at its end, running sum = ranges covering a position (O(T) memory)
+    diff = scatter_counts(
+        jnp.concatenate([starts, ends], axis=-1),
+        jnp.concatenate([r_ok, -r_ok.astype(jnp.int32)], axis=-1),
+        seq_len + 1,
+    )
     c_ok = jnp.arange(column_index.shape[-1]) < column_count[..., None]
-    is_col = (column_index[..., None] == pos) & c_ok[..., None]
-    return (jnp.sum(in_range, axis=-2) + jnp.sum(is_col, axis=-2)).astype(jnp.int32)
+    return jnp.cumsum(diff, axis=-1)[..., :seq_len] + scatter_counts(column_index, c_ok, seq_len)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -223,9 +258,13 @@ def vertical_slash_prefill_ref(
     lead = _check_vs_index(q_BHTGD, range_start, range_end, range_count, column_index, column_count, block_q)
     T = q_BHTGD.shape[2]
     mult = vertical_slash_key_counts(
-        broadcast_index(range_start, lead, 1), broadcast_index(range_end, lead, 1),
-        broadcast_index(range_count, lead, 0), broadcast_index(column_index, lead, 1),
-        broadcast_index(column_count, lead, 0), T,
+        broadcast_index(range_start, lead, 1),
+        broadcast_index(range_end, lead, 1),
+        broadcast_index(range_count, lead, 0),
+        broadcast_index(column_index, lead, 1),
+        broadcast_index(column_count, lead, 0),
+        T,
     )
-    return masked_attention_ref(q_BHTGD, k_BHTD, v_BHTD, mult[:, :, jnp.arange(T) // block_q], jnp.arange(T),
-                                causal=True, scale=scale)
+    return masked_attention_ref(
+        q_BHTGD, k_BHTD, v_BHTD, mult[:, :, jnp.arange(T) // block_q], jnp.arange(T), causal=True, scale=scale
+    )

@@ -16,37 +16,27 @@ from squeeze_jax.attention.context import POLICIES, ContextAttention, ContextSta
 from squeeze_jax.generate import GenerationResult, SamplingConfig, generate
 from squeeze_jax.index import IndexConfig, build_index
 
-SYSTEM_PROMPT = "You are a helpful AI assistant."
+def prompt_parts(context: str, question: str) -> tuple[str, str]:
+    """Split one prompt into its fixed part (the context) and its user part (the question).
 
-
-def chat_parts(tokenizer, context: str, question: str) -> tuple[str, str]:
-    """Split one chat prompt into its fixed part (system + start of the user turn + context) and the user part.
-
-    The two parts concatenate to the chat template's rendering of a single user turn holding
-    `context + "\\n\\n" + question`, followed by the assistant prompt.
+    Plain completion format: `context + "\n\n" + question`; questions end with an answer cue
+    ("... The pass key is"), which small instruction-tuned models follow more reliably than a chat turn.
     """
-    marker = "\x00QUESTION\x00"
-    messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": context + "\n\n" + marker}]
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    head, tail = rendered.split(marker)
-    return head, question + tail
+    return context + "\n\n", question
 
 
 def context_tokens(tokenizer, context: str) -> list[int]:
     """Token ids of the fixed part of the prompt for `context`."""
     if not context.strip():
         raise ValueError("the fixed context is empty")
-    head, _ = chat_parts(tokenizer, context, "")
-    return tokenizer.encode(head)
+    return tokenizer.encode(prompt_parts(context, "")[0])
 
 
 def question_tokens(tokenizer, question: str) -> list[int]:
     """Token ids of the user part of the prompt for `question` (after the fixed context)."""
     if not question.strip():
         raise ValueError("the question is empty")
-    _, tail = chat_parts(tokenizer, "x", question)
-    return tokenizer.encode(tail)
+    return tokenizer.encode(prompt_parts("", question)[1])
 
 
 def index_context(model, tokenizer, context: str, config: IndexConfig | None = None, *, progress: bool = True):

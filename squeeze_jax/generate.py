@@ -115,7 +115,7 @@ def _decode(graphdef, state, first_logits_BV, cache, position_offset, backend_st
     n_gen0 = jnp.ones((B,), jnp.int32)
 
     def step(tokens_B1, cache):
-        positions = position_offset + cache.lengths[:, None]
+        positions = position_offset + cache.lengths_B[:, None]
         return apply(graphdef, state, tokens_B1, positions, jnp.ones((B,), jnp.int32), cache, backend,
                      backend_state, logits_mode="last")
 

@@ -515,6 +515,7 @@ def _nll(logits, ids) -> float:
     return float((lse - lg[np.arange(len(ids) - 1), ids[1:]]).mean())
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_weights_predict_text(smollm2):
     """Un-permuted weights + rotate-half RoPE predict English well, and equal raw rows + interleaved RoPE."""
@@ -537,3 +538,73 @@ def test_smollm2_weights_predict_text(smollm2):
     nll_wrong = _nll(numpy_logits(raw, config, ids, rope_rotate_half), ids)
     print(f"\nSmolLM2 mean NLL {nll:.3f} nats/token (rows left permuted: {nll_wrong:.3f})")
     assert nll < 1.5 and nll_wrong > nll + 0.5
+
+
+def test_expected_shapes_agree_with_model_loader():
+    from models.llama import hf_param_shapes
+
+    for tied, bias in [(True, False), (False, True)]:
+        config = load_preset("smollm2-135m").replace(tie_embeddings=tied, qkv_bias=bias, n_layers=3)
+        assert G.expected_hf_shapes(config) == hf_param_shapes(config)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_load_pretrained_smollm2_matches_numpy_reference(smollm2):
+    import jax.numpy as jnp
+
+    from models.attention import DenseAttention
+    from models.kv_cache import KVCache
+
+    _, ref_config, state = smollm2
+    t0 = time.perf_counter()
+    config, model, tok = pretrained.load_pretrained("smollm2-135m")
+    print(f"\nload_pretrained('smollm2-135m'): {time.perf_counter() - t0:.2f} s")
+    assert config == ref_config and tok.vocab_size == config.vocab_size
+    ids = np.array(tok.encode("The pass key is 12345. Remember it. 12345 is the pass key."))
+    n = len(ids)
+    cache = KVCache.init(config, 1, n)
+    logits, _, _ = model(jnp.asarray(ids)[None], jnp.arange(n)[None], jnp.array([n]), cache, DenseAttention(),
+                         logits_mode="all")
+    ref = numpy_logits(state, config, ids, rope_rotate_half)
+    np.testing.assert_allclose(np.asarray(logits[0]), ref, atol=2e-3, rtol=2e-3)
+
+
+def _hf_dir(tmp_path: Path, config: ModelConfig, state: dict[str, np.ndarray], n_tokens: int) -> Path:
+    import tokenizers
+
+    from models.hf_checkpoint import save_hf_checkpoint
+
+    out = tmp_path / "hf"
+    save_hf_checkpoint(out, config, state)
+    vocab = {f"t{i}": i for i in range(n_tokens)}
+    tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[])).save(str(out / "tokenizer.json"))
+    return out
+
+
+def test_load_pretrained_hf_dir_and_gguf_agree(tmp_path):
+    from models.llama import to_state_dict
+
+    hf = tiny_hf_weights(tied=False)
+    config, state, _ = G.load_gguf(tiny_llama_gguf(tmp_path, hf))
+    out = _hf_dir(tmp_path, config, state, config.vocab_size)
+    hf_config, model, tok = pretrained.load_pretrained(out, dtype=np.float32)
+    assert hf_config.replace(name=config.name) == config and tok.vocab_size == config.vocab_size
+    loaded = to_state_dict(model)
+    for k, w in hf.items():
+        np.testing.assert_array_equal(np.asarray(loaded[k]), w, err_msg=k)
+
+
+def test_load_pretrained_hf_dir_vocab_mismatch(tmp_path, monkeypatch):
+    import models.hf_checkpoint as hfc
+
+    hf = tiny_hf_weights(tied=True)
+    config, state, _ = G.load_gguf(tiny_llama_gguf(tmp_path, hf))
+    out = _hf_dir(tmp_path, config, state, config.vocab_size + 5)
+
+    def boom(*a, **k):
+        raise AssertionError("weights loaded before the vocabulary check")
+
+    monkeypatch.setattr(hfc, "load_hf_checkpoint", boom)
+    with pytest.raises(ValueError, match=r"tokenizer vocabulary \(45 tokens\)"):
+        pretrained.load_pretrained(out)

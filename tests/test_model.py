@@ -14,7 +14,7 @@ from flax import nnx
 from models.attention import DenseAttention, LayerKV, causal_cache_mask, reference_attention, write_kv
 from models.config import ModelConfig, RopeScaling, load_preset
 from models.kv_cache import KVCache
-from models.llama import apply, hf_param_shapes, init_model, load_state_dict, to_state_dict
+from models.llama import apply, check_inputs, hf_param_shapes, init_model, load_state_dict, to_state_dict
 from models.rope import apply_rope, inverse_frequencies
 
 DENSE = DenseAttention()
@@ -121,15 +121,22 @@ def np_forward(config: ModelConfig, sd: dict[str, np.ndarray], tokens_T: np.ndar
 # helpers
 
 
-def run(model, tokens_BT, cache, positions_BT=None, seq_lens_B=None, logits_mode="all", backend=DENSE, state=None):
+_APPLY = jax.jit(apply, static_argnames=("graphdef", "backend", "logits_mode"))
+
+
+def run(model, tokens_BT, cache, positions_BT=None, seq_lens_B=None, logits_mode="all", backend=DENSE,
+        state=None):
+    """Checked on the host, then the jitted functional forward (as generation does it)."""
     tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
     B, T = tokens_BT.shape
     if positions_BT is None:
         positions_BT = cache.lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    if seq_lens_B is None:
-        seq_lens_B = jnp.full((B,), T, jnp.int32)
-    return model(tokens_BT, jnp.asarray(positions_BT, jnp.int32), jnp.asarray(seq_lens_B, jnp.int32), cache,
-                 backend, state, logits_mode)
+    positions_BT = jnp.asarray(positions_BT, jnp.int32)
+    seq_lens_B = jnp.full((B,), T, jnp.int32) if seq_lens_B is None else jnp.asarray(seq_lens_B, jnp.int32)
+    check_inputs(model.config, tokens_BT, positions_BT, seq_lens_B, cache, logits_mode)
+    graphdef, params = nnx.split(model)
+    return _APPLY(graphdef, params, tokens_BT, positions_BT, seq_lens_B, cache, backend, state,
+                  logits_mode=logits_mode)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -213,8 +220,7 @@ def test_write_kv_rows_padding_and_overflow():
     np.testing.assert_array_equal(np.asarray(out.v_BSHD), -k)
 
 
-@pytest.mark.parametrize("T", [1, 4])
-@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize(("T", "G"), [(1, 3), (4, 1), (4, 3)])
 def test_dense_attention_matches_reference(T, G):
     rng = np.random.default_rng(3)
     B, S, H, D = 2, 12, 2, 8
@@ -222,18 +228,19 @@ def test_dense_attention_matches_reference(T, G):
     q = jnp.asarray(rng.standard_normal((B, T, H * G, D)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32) for _ in range(2))
     lengths, seq_lens = jnp.array([0, 5]), jnp.array([T, T])
-    out, new_kv, aux = DENSE(q, k, v, cache, lengths, seq_lens, None, None)
+    dense = jax.jit(DENSE)
+    out, new_kv, aux = dense(q, k, v, cache, lengths, seq_lens, None, None)
     assert aux is None
-    written = write_kv(cache, k, v, lengths, seq_lens)
+    written = jax.jit(write_kv)(cache, k, v, lengths, seq_lens)
     mask = causal_cache_mask(lengths, T, S)
-    want = reference_attention(q, written.k_BSHD, written.v_BSHD, mask)
+    want = jax.jit(reference_attention)(q, written.k_BSHD, written.v_BSHD, mask)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(new_kv.k_BSHD), np.asarray(written.k_BSHD))
     # Query t of row 1 sees exactly 5 + t + 1 keys: changing a later cache entry must not matter.
     poisoned = LayerKV(cache.k_BSHD.at[1, 5 + T :].set(100.0), cache.v_BSHD.at[1, 5 + T :].set(100.0))
-    out2, _, _ = DENSE(q, k, v, poisoned, lengths, seq_lens, None, None)
+    out2, _, _ = dense(q, k, v, poisoned, lengths, seq_lens, None, None)
     np.testing.assert_allclose(np.asarray(out2), np.asarray(out), atol=1e-5)
-    _, _, aux = DenseAttention(capture_queries=True)(q, k, v, cache, lengths, seq_lens, None, None)
+    _, _, aux = jax.jit(DenseAttention(capture_queries=True))(q, k, v, cache, lengths, seq_lens, None, None)
     np.testing.assert_array_equal(np.asarray(aux["q"]), np.asarray(q))
 
 
@@ -246,7 +253,8 @@ def test_reference_attention_against_loops():
     got = np.asarray(reference_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask)))
     for t in range(3):
         for h in range(4):
-            s = np.array([q[0, t, h] @ k[0, j, h // 2] / np.sqrt(5) if mask[0, t, j] else -np.inf for j in range(6)])
+            s = np.array([q[0, t, h] @ k[0, j, h // 2] / np.sqrt(5) for j in range(6)])
+            s[~mask[0, t]] = -np.inf
             p = np.exp(s - s.max())
             p /= p.sum()
             np.testing.assert_allclose(got[0, t, h], p @ v[0, :, h // 2], atol=1e-5)
@@ -284,14 +292,24 @@ def test_forward_matches_numpy_reference(changes):
     assert np.asarray(cache.lengths_B).tolist() == [11]
 
 
-def test_prefill_then_decode_equals_full_sequence():
-    config = tiny_config(n_heads=6, n_kv_heads=2)
-    model = load_state_dict(config, random_state_dict(config, seed=7))
-    tokens = np.random.default_rng(8).integers(0, config.vocab_size, (2, 12))
-    full, _, _ = run(model, tokens, KVCache.init(config, 2, 16), logits_mode="all")
+# The tests below share one config and (B=2, S=16) shapes so that jit compilations are reused.
+BASE = tiny_config(n_heads=6, n_kv_heads=2)
+B2, S16 = 2, 16
 
-    # prefill 5, then a chunk of 3 (cache offset > 0, T > 1), then 4 single-token decode steps
-    cache = KVCache.init(config, 2, 16)
+
+@pytest.fixture(scope="module")
+def base():
+    sd = random_state_dict(BASE, seed=7)
+    tokens = np.random.default_rng(8).integers(0, BASE.vocab_size, (B2, 12))
+    model = load_state_dict(BASE, sd, jnp.float32)
+    full, _, _ = run(model, tokens, KVCache.init(BASE, B2, S16), logits_mode="all")
+    return sd, model, tokens, full
+
+
+def test_prefill_then_decode_equals_full_sequence(base):
+    _, model, tokens, full = base
+    # prefill 5, then a chunk of 3 (cache offset > 0 and T > 1), then 4 single-token decode steps
+    cache = KVCache.init(BASE, B2, S16)
     last, cache, _ = run(model, tokens[:, :5], cache, logits_mode="last")
     np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, 4]), atol=1e-5)
     chunk, cache, _ = run(model, tokens[:, 5:8], cache, logits_mode="all")
@@ -302,47 +320,45 @@ def test_prefill_then_decode_equals_full_sequence():
     assert np.asarray(cache.lengths_B).tolist() == [12, 12]
 
 
-def test_batched_right_padded_equals_one_by_one():
-    config = tiny_config(qkv_bias=True)
-    model = load_state_dict(config, random_state_dict(config, seed=9))
+def test_batched_right_padded_equals_one_by_one(base):
+    sd, model, _, _ = base
     rng = np.random.default_rng(10)
-    lens = [7, 3, 5]
-    prompts = [rng.integers(0, config.vocab_size, n) for n in lens]
-    tokens = np.zeros((3, 7), np.int64)
+    lens = [5, 3]
+    prompts = [rng.integers(0, BASE.vocab_size, n) for n in lens]
+    next_tok = rng.integers(0, BASE.vocab_size, (B2, 1))
+    tokens = np.full((B2, 5), 7)  # padding id is arbitrary
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = p
-    positions = np.tile(np.arange(7), (3, 1))
-    cache = KVCache.init(config, 3, 12)
-    last, cache, _ = run(model, tokens, cache, positions, np.array(lens), logits_mode="last")
+    positions = np.tile(np.arange(5), (B2, 1))
+    last, cache, _ = run(model, tokens, KVCache.init(BASE, B2, S16), positions, lens, logits_mode="last")
     assert np.asarray(cache.lengths_B).tolist() == lens
-    next_tok = rng.integers(0, config.vocab_size, (3, 1))
-    step, _, _ = run(model, next_tok, cache, np.array(lens)[:, None], np.ones(3), logits_mode="last")
+    step, _, _ = run(model, next_tok, cache, np.array(lens)[:, None], [1, 1], logits_mode="last")
     for b, p in enumerate(prompts):
-        one_cache = KVCache.init(config, 1, 12)
-        want_last, one_cache, _ = run(model, p[None], one_cache, logits_mode="last")
-        want_step, _, _ = run(model, next_tok[b : b + 1], one_cache, logits_mode="last")
-        np.testing.assert_allclose(np.asarray(last[b]), np.asarray(want_last[0]), atol=1e-5)
-        np.testing.assert_allclose(np.asarray(step[b]), np.asarray(want_step[0]), atol=1e-5)
+        want = np_forward(BASE, sd, np.concatenate([p, next_tok[b]]))
+        np.testing.assert_allclose(np.asarray(last[b]), want[len(p) - 1], atol=2e-4, rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(step[b]), want[len(p)], atol=2e-4, rtol=1e-4)
+    # the short row alone through the model, unpadded
+    one_last, one_cache, _ = run(model, prompts[1][None], KVCache.init(BASE, 1, S16), logits_mode="last")
+    one_step, _, _ = run(model, next_tok[1:], one_cache, logits_mode="last")
+    np.testing.assert_allclose(np.asarray(last[1]), np.asarray(one_last[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(step[1]), np.asarray(one_step[0]), atol=1e-5)
 
 
-def test_logits_modes_jit_and_positions_offset():
-    """`apply` under jit equals the eager call; "none" returns no logits; positions are only RoPE offsets."""
-    config = tiny_config()
-    model = load_state_dict(config, random_state_dict(config, seed=11))
-    tokens = jnp.asarray(np.random.default_rng(12).integers(0, config.vocab_size, (1, 6)), jnp.int32)
-    cache = KVCache.init(config, 1, 8)
-    pos = jnp.arange(6, dtype=jnp.int32)[None] + 20
-    eager, eager_cache, _ = run(model, tokens, cache, pos, logits_mode="all")
-    graphdef, state = nnx.split(model)
-    jitted = jax.jit(apply, static_argnames=("graphdef", "backend", "logits_mode"))
-    got, got_cache, _ = jitted(graphdef, state, tokens, pos, jnp.array([6]), cache, DENSE, logits_mode="all")
-    np.testing.assert_allclose(np.asarray(got), np.asarray(eager), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(got_cache.k_LBSHD), np.asarray(eager_cache.k_LBSHD), atol=1e-6)
-    none, _, _ = run(model, tokens, cache, pos, logits_mode="none")
+def test_eager_call_logits_modes_and_positions_offset(base):
+    """The un-jitted call equals the jitted `apply`; "none" returns no logits; positions only offset RoPE."""
+    _, model, tokens, full = base
+    cache = KVCache.init(BASE, B2, S16)
+    pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (B2, 12))
+    seq = jnp.array([12, 12], jnp.int32)
+    eager, eager_cache, _ = model(jnp.asarray(tokens, jnp.int32), pos, seq, cache, DENSE, logits_mode="all")
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(full), atol=1e-5)
+    assert np.asarray(eager_cache.lengths_B).tolist() == [12, 12]
+    none, none_cache, _ = run(model, tokens, cache, pos, logits_mode="none")
     assert none is None
+    np.testing.assert_allclose(np.asarray(none_cache.k_LBSHD), np.asarray(eager_cache.k_LBSHD), atol=1e-6)
     # A uniform shift of positions leaves attention scores (and so logits) unchanged.
     shifted, _, _ = run(model, tokens, cache, pos + 17, logits_mode="all")
-    np.testing.assert_allclose(np.asarray(shifted), np.asarray(eager), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(shifted), np.asarray(full), atol=1e-4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,22 +370,28 @@ class ScaledDense:
         return out * layer_state["scale"], layer_kv, {"scale": layer_state["scale"], "q_sum": jnp.sum(q)}
 
 
-def test_backend_state_is_sliced_per_layer_and_aux_stacked():
-    config = tiny_config(n_layers=3)
-    model = load_state_dict(config, random_state_dict(config, seed=13))
-    tokens = np.random.default_rng(14).integers(0, config.vocab_size, (1, 4))
-    scales = jnp.array([1.0, 0.0, 2.0])
-    logits, _, aux = run(model, tokens, KVCache.init(config, 1, 4), backend=ScaledDense(),
-                         state={"scale": scales})
+def test_backend_state_is_sliced_per_layer_and_aux_stacked(base):
+    _, model, tokens, full = base
+    cache = KVCache.init(BASE, B2, S16)
+    scales = jnp.array([0.0, 2.0])
+    logits, _, aux = run(model, tokens, cache, backend=ScaledDense(), state={"scale": scales})
     np.testing.assert_array_equal(np.asarray(aux["scale"]), np.asarray(scales))
-    assert aux["q_sum"].shape == (3,)
-    plain, _, _ = run(model, tokens, KVCache.init(config, 1, 4))
-    assert not np.allclose(np.asarray(logits), np.asarray(plain), atol=1e-3)
-    same, _, _ = run(model, tokens, KVCache.init(config, 1, 4), backend=ScaledDense(),
-                     state={"scale": jnp.ones(3)})
-    np.testing.assert_allclose(np.asarray(same), np.asarray(plain), atol=1e-6)
-    _, _, captured = run(model, tokens, KVCache.init(config, 1, 4), backend=DenseAttention(capture_queries=True))
-    assert captured["q"].shape == (3, 1, 4, config.n_heads, config.head_dim)
+    assert aux["q_sum"].shape == (BASE.n_layers,)
+    assert not np.allclose(np.asarray(logits), np.asarray(full), atol=1e-3)
+    same, _, _ = run(model, tokens, cache, backend=ScaledDense(), state={"scale": jnp.ones(2)})
+    np.testing.assert_allclose(np.asarray(same), np.asarray(full), atol=1e-6)
+    _, _, captured = run(model, tokens, cache, backend=DenseAttention(capture_queries=True))
+    assert captured["q"].shape == (BASE.n_layers, B2, 12, BASE.n_heads, BASE.head_dim)
+
+
+def test_bf16_model_close_to_f32(base):
+    sd, _, tokens, full = base
+    model16 = load_state_dict(BASE, sd, jnp.bfloat16)
+    assert model16.layers.mlp.up_FM[...].dtype == jnp.bfloat16
+    b16, cache, _ = run(model16, tokens, KVCache.init(BASE, B2, S16, jnp.bfloat16))
+    assert b16.dtype == jnp.float32 and cache.k_LBSHD.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(b16) - np.asarray(full)).max()
+    assert err < 0.05 * np.abs(np.asarray(full)).max()
 
 
 def test_scan_compiles_one_layer_body():
@@ -383,19 +405,6 @@ def test_scan_compiles_one_layer_body():
         return str(jaxpr).count("dot_general")
 
     assert n_dots(2) == n_dots(7)
-
-
-def test_bf16_model_close_to_f32():
-    config = tiny_config(tie_embeddings=True)
-    sd = random_state_dict(config, seed=15, std=0.05)
-    tokens = np.random.default_rng(16).integers(0, config.vocab_size, (1, 9))
-    f32, _, _ = run(load_state_dict(config, sd, jnp.float32), tokens, KVCache.init(config, 1, 9))
-    model16 = load_state_dict(config, sd, jnp.bfloat16)
-    assert model16.layers.mlp.up_FM[...].dtype == jnp.bfloat16
-    b16, cache, _ = run(model16, tokens, KVCache.init(config, 1, 9, jnp.bfloat16))
-    assert b16.dtype == jnp.float32 and cache.k_LBSHD.dtype == jnp.bfloat16
-    err = np.abs(np.asarray(b16) - np.asarray(f32)).max()
-    assert err < 0.05 * np.abs(np.asarray(f32)).max()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -467,10 +476,10 @@ def test_input_errors():
     with pytest.raises(ValueError, match="beyond the model's max_context 64"):
         model(tokens, pos.at[1, 2].set(64), lens, cache, DENSE)
     # a padded slot may carry any position
-    model(tokens, pos.at[1, 2].set(64), jnp.array([3, 2]), cache, DENSE)
+    check_inputs(config, tokens, pos.at[1, 2].set(64), jnp.array([3, 2]), cache)
     with pytest.raises(ValueError, match="positions must be >= 0"):
         model(tokens, pos.at[0, 0].set(-1), lens, cache, DENSE)
-    with pytest.raises(ValueError, match=r"cache.k_LBSHD shape .* batch of tokens is 2"):
+    with pytest.raises(ValueError, match=r"cache batch 3 != tokens batch 2"):
         model(tokens, pos, lens, KVCache.init(config, 3, 8), DENSE)
     with pytest.raises(ValueError, match="positions_BT shape"):
         model(tokens, pos[:, :2], lens, cache, DENSE)

@@ -185,10 +185,14 @@ def variable_tracking(n_tokens: int, seed: int, count_tokens: CountTokens, *, n_
 
 
 _FACT_TEMPLATES = (
-    ("{name} keeps a {color} {animal} as a pet.", "What animal does {name} keep as a pet?", "{animal}"),
-    ("The locker of {name} has the number {num}.", "What is the number of {name}'s locker?", "{num}"),
-    ("{name} was born in the city of {city}.", "In which city was {name} born?", "{city}"),
-    ("The favourite colour of {name} is {color}.", "What is the favourite colour of {name}?", "{color}"),
+    ("{name} keeps a {color} {animal} as a pet.", "What animal does {name} keep as a pet?",
+     "{name} keeps a {color}", "{animal}"),
+    ("The locker of {name} has the number {num}.", "What is the number of {name}'s locker?",
+     "The locker of {name} has the number", "{num}"),
+    ("{name} was born in the city of {city}.", "In which city was {name} born?",
+     "{name} was born in the city of", "{city}"),
+    ("The favourite colour of {name} is {color}.", "What is the favourite colour of {name}?",
+     "The favourite colour of {name} is", "{color}"),
 )
 
 
@@ -205,11 +209,12 @@ def many_facts(n_tokens: int, seed: int, count_tokens: CountTokens, *, n_facts: 
     people = rng.sample(FIRST_NAMES, n_facts)
     facts, questions = [], []
     for i, name in enumerate(people):
-        fact_t, q_t, a_t = _FACT_TEMPLATES[i % len(_FACT_TEMPLATES)]
+        fact_t, q_t, cue_t, a_t = _FACT_TEMPLATES[i % len(_FACT_TEMPLATES)]
         slots = {"name": name, "color": rng.choice(COLORS), "animal": rng.choice(ANIMALS),
                  "city": rng.choice(CITIES), "num": _digits(rng, 4)}
         facts.append(fact_t.format(**slots))
-        questions.append(Question(q_t.format(**slots) + " Answer with one word.", a_t.format(**slots)))
+        questions.append(Question(f"Question: {q_t.format(**slots)}\nAnswer: {cue_t.format(**slots)}",
+                                  a_t.format(**slots)))
     body = _fill(haystack_text(), n_tokens - sum(count_tokens(f) for f in facts) - 30, count_tokens,
                  start=rng.randrange(0, 100000))
     depths = [(i + rng.uniform(0.2, 0.8)) / n_facts for i in range(n_facts)]

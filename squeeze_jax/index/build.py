@@ -29,7 +29,7 @@ from squeeze_jax.index.calibrate import (
 )
 from squeeze_jax.index.context_index import ContextIndex, IndexInfo, library_version
 from squeeze_jax.index.hierarchy import build_hierarchy, max_fine_per_coarse
-from squeeze_jax.index.kmeans import auto_chunk, kmeans
+from squeeze_jax.index.kmeans import ASSIGN_IMPLS, auto_chunk, kmeans
 from squeeze_jax.index.layout import LayoutSizes, build_layout
 
 
@@ -58,7 +58,8 @@ class IndexConfig:
     prefill_chunk: int = 2048
     layer_group: int | None = None
     group_bytes: int = 16 << 30
-    matmul_dtype: str = "float32"
+    matmul_dtype: str = "auto"
+    assign_impl: str = "auto"
     kmeans_chunk_bytes: int = 1 << 30
     calib_q_chunk: int = 32
     progress: bool = True
@@ -91,8 +92,16 @@ class IndexConfig:
             raise ValueError("prefill_chunk, calib_q_chunk, group_bytes and kmeans_chunk_bytes must be >= 1")
         if self.layer_group is not None and self.layer_group < 1:
             raise ValueError(f"layer_group must be >= 1 or None, got {self.layer_group}")
-        if self.matmul_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"matmul_dtype must be 'float32' or 'bfloat16', got {self.matmul_dtype!r}")
+        if self.matmul_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"matmul_dtype must be 'auto', 'float32' or 'bfloat16', got {self.matmul_dtype!r}")
+        if self.assign_impl not in ASSIGN_IMPLS:
+            raise ValueError(f"assign_impl must be one of {ASSIGN_IMPLS}, got {self.assign_impl!r}")
+
+    def resolved_matmul_dtype(self) -> str:
+        """"auto": bfloat16 inputs (f32 accumulation) on GPU, float32 elsewhere."""
+        if self.matmul_dtype != "auto":
+            return self.matmul_dtype
+        return "bfloat16" if jax.default_backend() == "gpu" else "float32"
 
     # ------------------------------------------------------------------ derived sizes
     def n_clusters(self, n_clustered: int) -> int:
@@ -239,6 +248,7 @@ def build_index_from_kv_report(
     group = min(group, L)
     chunk = auto_chunk(group * H, M, C, config.kmeans_chunk_bytes)
     calibrate = q_window_LTHqD is not None
+    mm_dtype = config.resolved_matmul_dtype()
     key = jax.random.PRNGKey(config.seed)
     stage = {"kmeans": 0.0, "hierarchy": 0.0, "layout": 0.0, "calibration": 0.0, "finalize": 0.0}
     group_seconds: list[float] = []
@@ -264,7 +274,8 @@ def build_index_from_kv_report(
         t = time.perf_counter()
         km = kmeans(k_P[:, lo:hi], C, key=jax.random.fold_in(key, l0), iters=config.iters, tol=config.tol,
                     metric=config.metric, chunk=chunk, n_restarts=config.n_restarts,
-                    matmul_dtype=config.matmul_dtype, progress=config.progress and len(starts) == 1)
+                    matmul_dtype=mm_dtype, assign_impl=config.assign_impl,
+                    progress=config.progress and len(starts) == 1)
         jax.block_until_ready(km)
         stage["kmeans"] += time.perf_counter() - t
         iters_log.append(int(km.n_iters))
@@ -275,7 +286,8 @@ def build_index_from_kv_report(
         if config.hierarchical:
             hier = build_hierarchy(km.centroids_PCD, km.sizes_PC, Cc, key=jax.random.fold_in(key, 10_000 + l0),
                                    iters=config.iters, tol=config.tol, metric=config.metric,
-                                   cap_factor=config.coarse_cap_factor, matmul_dtype=config.matmul_dtype)
+                                   cap_factor=config.coarse_cap_factor, matmul_dtype=mm_dtype,
+                                   assign_impl=config.assign_impl)
             jax.block_until_ready(hier)
         stage["hierarchy"] += time.perf_counter() - t
 

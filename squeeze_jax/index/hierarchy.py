@@ -119,6 +119,7 @@ def build_hierarchy(
     metric: str = "cosine",
     cap_factor: float = 4.0,
     matmul_dtype: str = "float32",
+    assign_impl: str = "auto",
 ) -> Hierarchy:
     """Weighted K-means over the fine centroids, capped coarse clusters, fine clusters ordered by coarse parent."""
     if centroids_PCD.ndim != 3 or sizes_PC.shape != centroids_PCD.shape[:2]:
@@ -127,7 +128,7 @@ def build_hierarchy(
     P, C, _ = centroids_PCD.shape
     cap = max_fine_per_coarse(C, n_coarse, cap_factor)
     res = kmeans(centroids_PCD, n_coarse, key=key, iters=iters, tol=tol, metric=metric,
-                 weights_PN=sizes_PC.astype(jnp.float32), matmul_dtype=matmul_dtype)
+                 weights_PN=sizes_PC.astype(jnp.float32), matmul_dtype=matmul_dtype, assign_impl=assign_impl)
     assign = res.assign_PN
     if int(jnp.max(jax.vmap(lambda a: jnp.bincount(a, length=n_coarse))(assign))) > cap:
         a_np = np.asarray(assign).copy()

@@ -10,12 +10,12 @@ per problem (translation does not change distances, centring keeps the f32 dista
 with large norms). Whatever the metric, the returned centroids are the (weighted) means of the RAW member points,
 so that `q . centroid_j` is the mean logit of cluster j.
 
-Initialisation is a k-means++-lite with a doubling schedule: 1, 1, 2, 4, 8, ... new seeds per round, each round
-drawn (Gumbel top-k, without replacement) with probability proportional to weight x squared distance to the seeds
-chosen so far. The first rounds are exact k-means++; the later ones batch it, so there are only ~log2(C) + 1 rounds
-costing about two assignment passes in all. Plain random sampling puts several seeds into dense regions and none
-into small, distant groups, so the result depends on the seed; D^2 weighting places seeds in every region with high
-probability whatever the seed.
+Initialisation is a k-means++-lite: the first 32 seeds are greedy k-means++ (each step draws 2 + ln C
+candidates with probability ~ weight x squared distance to the seeds so far and keeps the one that lowers the
+objective most), the remaining seeds come in doubling batches (32, 64, 128, ...) drawn the same way without
+replacement (Gumbel top-k), k-means|| style, so a large C costs ~log2(C / 32) rounds, not C. Plain random sampling
+puts several seeds into dense regions and none into small, distant groups, so the result depends on the seed; D^2
+weighting with greedy trials places a seed in every well-separated group whatever the seed.
 
 Every cluster is non-empty after every iteration: points of empty clusters are re-seeded with the points farthest
 from their centroid, taken only from clusters that keep at least one member (each cluster's closest member is never
@@ -34,6 +34,7 @@ import numpy as np
 from jax import lax
 
 METRICS = ("cosine", "l2")
+ASSIGN_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 _NORM_EPS = 1e-12
 
 
@@ -82,18 +83,102 @@ def _to_assignment_space(x_PND: jax.Array, w_PN: jax.Array, metric: str) -> jax.
     return x - mean_PD[:, None, :]
 
 
-def _assign(xa_PND, xsq_PN, c_PCD, c_mask_PC, chunk: int, mm_dtype):
-    """Nearest centroid and its squared distance for every point, chunked over N (N is a multiple of chunk)."""
-    P, N, _ = xa_PND.shape
+@dataclasses.dataclass(frozen=True)
+class AssignPlan:
+    """Static settings of the nearest-centroid pass.
+
+    impl "xla": batched einsum over chunks of `chunk` points (the `[P, chunk, C]` distances live in memory).
+    impl "pallas": one fused Pallas (Triton) kernel per (problem, block of `block_n` points) that walks the
+    centroids in blocks of `block_c` keeping a running min / argmin in registers, so no distance matrix is
+    written at all ("pallas_interpret" runs the same kernel on CPU for tests).
+    """
+
+    chunk: int
+    mm_dtype: str = "float32"
+    impl: str = "xla"
+    block_n: int = 128
+    block_c: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.mm_dtype)
+
+    @property
+    def pad_multiple(self) -> int:
+        return self.chunk if self.impl == "xla" else math.lcm(self.chunk, self.block_n)
+
+
+def _nearest_pallas(xm_PND, c_PCD, csq_PC, plan: AssignPlan):
+    """Fused distance + running argmin (Pallas Triton): returns (argmin, min of csq - 2 x.c) per point."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    P, N, D = xm_PND.shape
+    C = c_PCD.shape[1]
+    bn = plan.block_n
+    bc = min(plan.block_c, max(16, 1 << (C - 1).bit_length()))
+    c_pad = -(-C // bc) * bc
+    c_mm = jnp.pad(c_PCD.astype(xm_PND.dtype), ((0, 0), (0, c_pad - C), (0, 0)))
+    csq = jnp.pad(csq_PC, ((0, 0), (0, c_pad - C)), constant_values=jnp.inf)
+    n_cblocks = c_pad // bc
+    big = jnp.iinfo(jnp.int32).max
+
+    def kernel(x_ref, c_ref, csq_ref, a_ref, d_ref):
+        x = x_ref[...]
+
+        def body(j, carry):
+            best, arg = carry
+            sl = pl.ds(pl.multiple_of(j * bc, bc), bc)
+            s = plgpu.dot(x, c_ref[sl, :], trans_b=True).astype(jnp.float32)
+            dist = csq_ref[sl][None, :] - 2.0 * s
+            m = jnp.min(dist, axis=1)
+            ids = j * bc + lax.broadcasted_iota(jnp.int32, (bn, bc), 1)
+            am = jnp.min(jnp.where(dist == m[:, None], ids, big), axis=1)
+            better = m < best
+            return jnp.where(better, m, best), jnp.where(better, am, arg)
+
+        init = (jnp.full((bn,), jnp.inf, jnp.float32), jnp.zeros((bn,), jnp.int32))
+        best, arg = lax.fori_loop(0, n_cblocks, body, init)
+        a_ref[...] = arg
+        d_ref[...] = best
+
+    return pl.pallas_call(
+        kernel,
+        grid=(P, -(-N // bn)),
+        in_specs=[
+            pl.BlockSpec((None, bn, D), lambda p, i: (p, i, 0)),
+            pl.BlockSpec((None, c_pad, D), lambda p, i: (p, 0, 0)),
+            pl.BlockSpec((None, c_pad), lambda p, i: (p, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, bn), lambda p, i: (p, i)),
+            pl.BlockSpec((None, bn), lambda p, i: (p, i)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((P, N), jnp.int32), jax.ShapeDtypeStruct((P, N), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
+        interpret=plan.impl == "pallas_interpret",
+    )(xm_PND, c_mm, csq)
+
+
+def _assign(xm_PND, xsq_PN, c_PCD, c_mask_PC, plan: AssignPlan):
+    """Nearest centroid and its squared distance for every point (`xm_PND` already in the matmul dtype)."""
+    P, N, _ = xm_PND.shape
+    c_PCD = c_PCD.astype(jnp.float32)
     csq_PC = jnp.sum(c_PCD * c_PCD, axis=-1)
     if c_mask_PC is not None:
         csq_PC = jnp.where(c_mask_PC, csq_PC, jnp.inf)
-    c_mm = c_PCD.astype(mm_dtype)
+    if plan.impl != "xla":
+        a_PN, m_PN = _nearest_pallas(xm_PND, c_PCD, csq_PC, plan)
+        return a_PN, jnp.maximum(m_PN + xsq_PN, 0.0)
+    chunk = plan.chunk
+    c_mm = c_PCD.astype(plan.dtype)
 
     def body(i, carry):
         a_PN, d_PN = carry
         start = i * chunk
-        xs = lax.dynamic_slice_in_dim(xa_PND, start, chunk, axis=1).astype(mm_dtype)
+        xs = lax.dynamic_slice_in_dim(xm_PND, start, chunk, axis=1)
         dot_PnC = jnp.einsum("pnd,pcd->pnc", xs, c_mm, preferred_element_type=jnp.float32)
         dist_PnC = csq_PC[:, None, :] - 2.0 * dot_PnC
         a = jnp.argmin(dist_PnC, axis=-1).astype(jnp.int32)
@@ -164,47 +249,90 @@ def _fill_empty(a_PN, d_PN, valid_PN, n_clusters: int):
 # ----------------------------------------------------------------------------------------------- jitted stages
 
 
-def init_schedule(n_clusters: int) -> list[int]:
-    """Seeds drawn per init round: 1, 1, 2, 4, ... (the last round takes the remainder)."""
-    sizes, total = [], 0
+N_GREEDY_SEEDS = 32
+
+
+def init_schedule(n_clusters: int, n_greedy: int = N_GREEDY_SEEDS) -> list[int]:
+    """Seeds per init round: `n_greedy` rounds of 1 (greedy k-means++), then doubling batches."""
+    sizes = [1] * min(n_clusters, n_greedy)
+    total = len(sizes)
     while total < n_clusters:
-        m = min(max(1, total), n_clusters - total)
+        m = min(total, n_clusters - total)
         sizes.append(m)
         total += m
     return sizes
 
 
-@functools.partial(jax.jit, static_argnames=("n_clusters", "chunk", "mm_dtype"))
-def _init_centroids(xa_PND, xsq_PN, w_PN, key, *, n_clusters, chunk, mm_dtype):
-    """k-means++-lite: doubling rounds of D^2-weighted Gumbel-top-k sampling without replacement."""
+def _gumbel_scores(key, logit_PN, valid_PN, chosen_PN, n_real: int):
+    """Gumbel-perturbed log-weights; unchosen valid points always beat chosen or padded ones, so duplicate
+    points still yield distinct indices. The noise is drawn for the `n_real` unpadded points only, so padding
+    never changes the draw."""
+    P, N = logit_PN.shape
+    gumbel = jnp.pad(jax.random.gumbel(key, (P, n_real), jnp.float32), ((0, 0), (0, N - n_real)))
+    score = jnp.where(valid_PN & ~chosen_PN, logit_PN + gumbel, -1e30)
+    return jnp.where(chosen_PN | ~valid_PN, -jnp.inf, score)
+
+
+@functools.partial(jax.jit, static_argnames=("n_clusters", "plan", "n_real"))
+def _init_centroids(xa_PND, xm_PND, xsq_PN, w_PN, key, *, n_clusters, plan, n_real):
+    """k-means++-lite (see module docstring): greedy k-means++ seeds, then D^2-weighted doubling batches.
+
+    The squared distance to the chosen seeds is updated incrementally (each batch measures distances to its new
+    seeds only), so the batches together cost about one full assignment pass.
+    """
     P, N, D = xa_PND.shape
+    C = n_clusters
     valid_PN = w_PN > 0
-    sizes = init_schedule(n_clusters)
-    chosen_PN = jnp.zeros((P, N), bool)
-    picks = []
+    sizes = init_schedule(C)
+    n_greedy = min(C, N_GREEDY_SEEDS)
+    trials = 2 + int(math.log(C))
     logw_PN = jnp.log(jnp.maximum(w_PN, 1e-30))
-    for r, m in enumerate(sizes):
-        key, sub = jax.random.split(key)
-        gumbel = jax.random.gumbel(sub, (P, N), jnp.float32)
-        if r == 0:
-            logit = logw_PN
-        else:
-            cent = jnp.take_along_axis(xa_PND, jnp.concatenate(picks, axis=1)[..., None], axis=1)
-            _, d_PN = _assign(xa_PND, xsq_PN, cent, None, chunk, mm_dtype)
-            logit = logw_PN + jnp.log(jnp.maximum(d_PN, 1e-30))
-        # unchosen valid points always beat chosen or padded ones (duplicates then still give distinct indices)
-        score = jnp.where(valid_PN & ~chosen_PN, logit + gumbel, -1e30)
-        score = jnp.where(chosen_PN | ~valid_PN, -jnp.inf, score)
-        _, idx_PM = lax.top_k(score, m)
-        idx_PM = idx_PM.astype(jnp.int32)
-        picks.append(idx_PM)
-        chosen_PN = chosen_PN.at[jnp.arange(P)[:, None], idx_PM].set(True)
-    idx_PC = jnp.concatenate(picks, axis=1)
+    rows = jnp.arange(P)[:, None]
+
+    # seed 0: drawn with probability ~ weight
+    no_PN = jnp.zeros((P, N), bool)
+    idx0 = jnp.argmax(_gumbel_scores(jax.random.fold_in(key, 0), logw_PN, valid_PN, no_PN, n_real), axis=1)
+    c0_PD = xa_PND[jnp.arange(P), idx0]
+    d_PN = jnp.maximum(jnp.sum((xa_PND - c0_PD[:, None, :]) ** 2, axis=-1), 0.0)
+    chosen_PN = jnp.zeros((P, N), bool).at[jnp.arange(P), idx0].set(True)
+    idx_PC = jnp.zeros((P, C), jnp.int32).at[:, 0].set(idx0.astype(jnp.int32))
+
+    def greedy_step(s, carry):
+        """Draw `trials` D^2-weighted candidates, keep the one that lowers the potential most."""
+        idx_PC, d_PN, chosen_PN = carry
+        score = _gumbel_scores(jax.random.fold_in(key, s), logw_PN + jnp.log(jnp.maximum(d_PN, 1e-30)),
+                               valid_PN, chosen_PN, n_real)
+        _, cand_PT = lax.top_k(score, trials)
+        cand_PTD = jnp.take_along_axis(xa_PND, cand_PT[..., None], axis=1)
+        dot_PTN = jnp.einsum("ptd,pnd->ptn", cand_PTD.astype(xm_PND.dtype), xm_PND,
+                             preferred_element_type=jnp.float32)
+        dist_PTN = jnp.maximum(xsq_PN[:, None, :] + jnp.sum(cand_PTD**2, -1)[..., None] - 2.0 * dot_PTN, 0.0)
+        new_PTN = jnp.minimum(d_PN[:, None, :], dist_PTN)
+        best_P = jnp.argmin(jnp.sum(new_PTN * w_PN[:, None, :], axis=-1), axis=1)
+        pick_P = jnp.take_along_axis(cand_PT, best_P[:, None], axis=1)[:, 0]
+        d_PN = jnp.take_along_axis(new_PTN, best_P[:, None, None], axis=1)[:, 0]
+        idx_PC = idx_PC.at[:, s].set(pick_P.astype(jnp.int32))
+        chosen_PN = chosen_PN.at[jnp.arange(P), pick_P].set(True)
+        return idx_PC, d_PN, chosen_PN
+
+    idx_PC, d_PN, chosen_PN = lax.fori_loop(1, n_greedy, greedy_step, (idx_PC, d_PN, chosen_PN))
+
+    start = n_greedy
+    for r, m in enumerate(sizes[n_greedy:]):
+        score = _gumbel_scores(jax.random.fold_in(key, C + r), logw_PN + jnp.log(jnp.maximum(d_PN, 1e-30)),
+                               valid_PN, chosen_PN, n_real)
+        _, new_PM = lax.top_k(score, m)
+        idx_PC = lax.dynamic_update_slice_in_dim(idx_PC, new_PM.astype(jnp.int32), start, axis=1)
+        chosen_PN = chosen_PN.at[rows, new_PM].set(True)
+        start += m
+        if start < C:
+            _, d_new = _assign(xm_PND, xsq_PN, jnp.take_along_axis(xa_PND, new_PM[..., None], axis=1), None, plan)
+            d_PN = jnp.minimum(d_PN, d_new)
     return jnp.take_along_axis(xa_PND, idx_PC[..., None], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("n_steps", "chunk", "mm_dtype"))
-def _lloyd_steps(xa_PND, xsq_PN, w_PN, c_PCD, prev_obj_P, tol, *, n_steps, chunk, mm_dtype):
+@functools.partial(jax.jit, static_argnames=("n_steps", "plan"))
+def _lloyd_steps(xa_PND, xm_PND, xsq_PN, w_PN, c_PCD, prev_obj_P, tol, *, n_steps, plan):
     """Up to `n_steps` Lloyd iterations (assign, fill empty clusters, update) until all problems converge."""
     P, C, _ = c_PCD.shape
     valid_PN = w_PN > 0
@@ -215,7 +343,7 @@ def _lloyd_steps(xa_PND, xsq_PN, w_PN, c_PCD, prev_obj_P, tol, *, n_steps, chunk
 
     def body(state):
         c, i, prev, hist, _ = state
-        a, d = _assign(xa_PND, xsq_PN, c, None, chunk, mm_dtype)
+        a, d = _assign(xm_PND, xsq_PN, c, None, plan)
         obj = jnp.sum(w_PN * d, axis=1)
         a = _fill_empty(a, d, valid_PN, C)
         c = _weighted_means(xa_PND, w_PN, a, C, c)
@@ -229,15 +357,16 @@ def _lloyd_steps(xa_PND, xsq_PN, w_PN, c_PCD, prev_obj_P, tol, *, n_steps, chunk
     return c, steps, obj, hist, done
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "mm_dtype"))
-def _finalize(x_PND, xa_PND, xsq_PN, w_PN, c_PCD, *, chunk, mm_dtype):
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _finalize(x_PND, xa_PND, xm_PND, xsq_PN, w_PN, c_PCD, *, plan):
     """Final assignment (+ empty fill), raw-space means, sizes and the exact objective of that clustering."""
     P, N, D = xa_PND.shape
     C = c_PCD.shape[1]
     valid_PN = w_PN > 0
-    a, d = _assign(xa_PND, xsq_PN, c_PCD, None, chunk, mm_dtype)
+    a, d = _assign(xm_PND, xsq_PN, c_PCD, None, plan)
     a = _fill_empty(a, d, valid_PN, C)
     sizes = _counts(a, valid_PN, C)
+    chunk = plan.pad_multiple
     ca = _weighted_means(xa_PND, w_PN, a, C, c_PCD)
     raw = _weighted_means(x_PND, w_PN, a, C, jnp.zeros((P, C, D), jnp.float32))
 
@@ -294,6 +423,16 @@ def _validate(x_PND, n_clusters, iters, tol, metric, chunk, n_restarts, weights_
         raise ValueError("kmeans points contain NaN or inf")
 
 
+def resolve_impl(assign_impl: str, head_dim: int) -> str:
+    """"auto" -> the fused Pallas kernel on GPU when the head dim suits Triton (power of two >= 16), else XLA."""
+    if assign_impl not in ASSIGN_IMPLS:
+        raise ValueError(f"assign_impl must be one of {ASSIGN_IMPLS}, got {assign_impl!r}")
+    if assign_impl != "auto":
+        return assign_impl
+    pow2 = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return "pallas" if jax.default_backend() == "gpu" and pow2 else "xla"
+
+
 def kmeans(
     x_PND: jax.Array,
     n_clusters: int,
@@ -306,7 +445,8 @@ def kmeans(
     n_restarts: int = 1,
     weights_PN: jax.Array | None = None,
     init_PCD: jax.Array | None = None,
-    matmul_dtype: str | jnp.dtype = "float32",
+    matmul_dtype: str = "float32",
+    assign_impl: str = "auto",
     max_chunk_bytes: int = 1 << 30,
     progress: bool = False,
     progress_every: int = 5,
@@ -315,42 +455,46 @@ def kmeans(
 
     key: PRNG key for the initialisation (restart r uses `fold_in(key, r)`).
     iters / tol: at most `iters` Lloyd updates; stop once every problem's relative objective decrease is <= tol.
-    chunk: points per distance block (None: the largest power of two keeping `[P, chunk, C]` f32 under
-        `max_chunk_bytes`). matmul_dtype: "bfloat16" for GPU speed (f32 accumulation), "float32" exact.
+    chunk: points per distance block of the XLA path (None: the largest power of two keeping `[P, chunk, C]`
+        f32 under `max_chunk_bytes`). matmul_dtype: "bfloat16" for GPU speed (f32 accumulation), "float32".
+    assign_impl: "auto" (fused Pallas kernel on GPU, XLA elsewhere), "xla", "pallas", "pallas_interpret".
     weights_PN: optional point weights (e.g. cluster sizes for a coarse level); weight 0 = ignored point.
     init_PCD: optional initial centroids (raw space; normalised / centred like the points), skips the init.
     n_restarts: independent runs; each problem keeps the run of lowest objective.
     progress: show a tqdm bar, running the loop from Python in blocks of `progress_every` iterations.
     """
     _validate(x_PND, n_clusters, iters, tol, metric, chunk, n_restarts, weights_PN, init_PCD)
-    mm_dtype = jnp.dtype(matmul_dtype)
-    if mm_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    if str(jnp.dtype(matmul_dtype)) not in ("float32", "bfloat16"):
         raise ValueError(f"matmul_dtype must be float32 or bfloat16, got {matmul_dtype!r}")
     P, N, D = x_PND.shape
     C = int(n_clusters)
     chunk = int(chunk) if chunk is not None else auto_chunk(P, N, C, max_chunk_bytes)
-    chunk = min(chunk, N)
-    n_pad = -(-N // chunk) * chunk
-
+    plan = AssignPlan(chunk=min(chunk, N), mm_dtype=str(jnp.dtype(matmul_dtype)), impl=resolve_impl(assign_impl, D))
+    n_pad = -(-N // plan.pad_multiple) * plan.pad_multiple
     w = jnp.ones((P, N), jnp.float32) if weights_PN is None else jnp.asarray(weights_PN, jnp.float32)
-    x = jnp.asarray(x_PND)
-    if n_pad != N:  # padded points get weight 0: never counted, never moved, never a centroid
-        x = jnp.pad(x, ((0, 0), (0, n_pad - N), (0, 0)))
-        w = jnp.pad(w, ((0, 0), (0, n_pad - N)))
-    xa = _to_assignment_space(x, w, metric)
-    xsq = jnp.sum(xa * xa, axis=-1)
+    x, w, xa, xm, xsq = _prepare(jnp.asarray(x_PND), w, n_pad=n_pad, metric=metric, mm_dtype=plan.mm_dtype)
 
     best: KMeansResult | None = None
     for r in range(n_restarts):
         if init_PCD is not None:
             c0 = _init_to_space(jnp.asarray(init_PCD), x, w, metric)
         else:
-            c0 = _init_centroids(xa, xsq, w, jax.random.fold_in(key, r), n_clusters=C, chunk=chunk,
-                                 mm_dtype=mm_dtype)
-        res = _run(x, xa, xsq, w, c0, iters, tol, chunk, mm_dtype, progress, progress_every, N)
+            c0 = _init_centroids(xa, xm, xsq, w, jax.random.fold_in(key, r), n_clusters=C, plan=plan, n_real=N)
+        res = _run(x, xa, xm, xsq, w, c0, iters, tol, plan, progress, progress_every, N)
         best = res if best is None else _keep_best(best, res)
     assert best is not None
     return best
+
+
+@functools.partial(jax.jit, static_argnames=("n_pad", "metric", "mm_dtype"))
+def _prepare(x_PND, w_PN, *, n_pad: int, metric: str, mm_dtype: str):
+    """Pad N (padded points get weight 0: never counted, moved or chosen), map to the assignment space."""
+    N = x_PND.shape[1]
+    x = jnp.pad(x_PND, ((0, 0), (0, n_pad - N), (0, 0)))
+    w = jnp.pad(w_PN, ((0, 0), (0, n_pad - N)))
+    xa = _to_assignment_space(x, w, metric)
+    xsq = jnp.sum(xa * xa, axis=-1)
+    return x, w, xa, xa.astype(mm_dtype), xsq
 
 
 def _init_to_space(init_PCD, x_PND, w_PN, metric: str) -> jax.Array:
@@ -363,7 +507,7 @@ def _init_to_space(init_PCD, x_PND, w_PN, metric: str) -> jax.Array:
     return c - mean_PD[:, None, :]
 
 
-def _run(x, xa, xsq, w, c, iters, tol, chunk, mm_dtype, progress, progress_every, n_real) -> KMeansResult:
+def _run(x, xa, xm, xsq, w, c, iters, tol, plan, progress, progress_every, n_real) -> KMeansResult:
     P = x.shape[0]
     prev = jnp.full((P,), jnp.inf, jnp.float32)
     hist_parts, done_steps = [], 0
@@ -375,8 +519,7 @@ def _run(x, xa, xsq, w, c, iters, tol, chunk, mm_dtype, progress, progress_every
         bar = tqdm(total=iters, desc="kmeans", unit="it", leave=False)
     while done_steps < iters:
         n = min(step_block, iters - done_steps)
-        c, steps, prev, hist, done = _lloyd_steps(xa, xsq, w, c, prev, jnp.float32(tol), n_steps=n, chunk=chunk,
-                                                  mm_dtype=mm_dtype)
+        c, steps, prev, hist, done = _lloyd_steps(xa, xm, xsq, w, c, prev, jnp.float32(tol), n_steps=n, plan=plan)
         steps = int(steps)
         hist_parts.append(hist[:, :steps])
         done_steps += steps
@@ -386,7 +529,7 @@ def _run(x, xa, xsq, w, c, iters, tol, chunk, mm_dtype, progress, progress_every
             break
     if bar is not None:
         bar.close()
-    raw, a, sizes, obj = _finalize(x, xa, xsq, w, c, chunk=chunk, mm_dtype=mm_dtype)
+    raw, a, sizes, obj = _finalize(x, xa, xm, xsq, w, c, plan=plan)
     hist = jnp.concatenate(hist_parts, axis=1) if hist_parts else jnp.zeros((P, 0), jnp.float32)
     if hist.shape[1] < iters:  # repeat the final objective after convergence
         hist = jnp.concatenate([hist, jnp.broadcast_to(obj[:, None], (P, iters - hist.shape[1]))], axis=1)

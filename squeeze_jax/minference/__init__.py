@@ -1,0 +1,53 @@
+"""MInference dynamic sparse prefill: online index builders and offline per-head pattern search."""
+
+from squeeze_jax.minference.patterns import (
+    BlockSparseIndex,
+    VerticalSlashIndex,
+    a_shape_index,
+    block_sparse_index,
+    block_sparse_to_vertical_slash,
+    dense_causal_tiles,
+    full_causal_index,
+    index_cost,
+    select_vertical_slash,
+    vertical_slash_index,
+    vertical_slash_index_from_selection,
+    vertical_slash_scores,
+)
+from squeeze_jax.minference.search import (
+    HeadPattern,
+    PatternConfig,
+    attend,
+    build_index,
+    build_layer_index,
+    load_pattern_config,
+    parse_pattern_config,
+    planted_attention_sample,
+    save_pattern_config,
+    search_patterns,
+)
+
+__all__ = [
+    "BlockSparseIndex",
+    "HeadPattern",
+    "PatternConfig",
+    "VerticalSlashIndex",
+    "a_shape_index",
+    "attend",
+    "block_sparse_index",
+    "block_sparse_to_vertical_slash",
+    "build_index",
+    "build_layer_index",
+    "dense_causal_tiles",
+    "full_causal_index",
+    "index_cost",
+    "load_pattern_config",
+    "parse_pattern_config",
+    "planted_attention_sample",
+    "save_pattern_config",
+    "search_patterns",
+    "select_vertical_slash",
+    "vertical_slash_index",
+    "vertical_slash_index_from_selection",
+    "vertical_slash_scores",
+]

@@ -126,8 +126,9 @@ def _diagonal_sums(a_NRT: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("last_q", "scale"))
-def vertical_slash_scores(q_last: jax.Array, k: jax.Array, *, last_q: int = 64,
-                          scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+def vertical_slash_scores(
+    q_last: jax.Array, k: jax.Array, *, last_q: int = 64, scale: float | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Estimated attention mass per key column and per query-key offset, from the last queries.
 
     `q_last[B, H, Lq, G, D]` are the queries of the *last* Lq prompt positions (the full q is fine);
@@ -161,21 +162,43 @@ def _check_vs_budgets(n_vertical: int, n_slash: int, n_sink_cols: int, n_local_d
         raise ValueError(f"n_slash ({n_slash}) must be >= n_local_diags ({n_local_diags})")
 
 
-@functools.partial(jax.jit, static_argnames=("n_vertical", "n_slash", "n_sink_cols", "n_local_diags"))
-def select_vertical_slash(vertical: jax.Array, slash: jax.Array, *, n_vertical: int, n_slash: int,
-                          n_sink_cols: int = 30, n_local_diags: int = 100) -> tuple[jax.Array, jax.Array]:
+@functools.partial(
+    jax.jit, static_argnames=("n_vertical", "n_slash", "n_sink_cols", "n_local_diags", "min_mass")
+)
+def select_vertical_slash(
+    vertical: jax.Array,
+    slash: jax.Array,
+    *,
+    n_vertical: int,
+    n_slash: int,
+    n_sink_cols: int = 30,
+    n_local_diags: int = 100,
+    min_mass: float = 0.0,
+) -> tuple[jax.Array, jax.Array]:
     """Top columns and offsets with the first `n_sink_cols` columns and offsets `[0, n_local_diags)`
     forced in. Returns `columns[..., min(n_vertical, T)]` ascending and `offsets[..., min(n_slash, T)]`
-    descending (int32), the order `vertical_slash_index_from_selection` expects."""
+    descending (int32), the order `vertical_slash_index_from_selection` expects.
+
+    `min_mass > 0` also drops (non-forced) picks holding less than that share of the estimated mass: the
+    budget becomes a capacity and a head with little structure gets a cheap index. Dropped entries read
+    T (a column or offset that selects nothing) and sort last (columns) / first (offsets).
+    """
     _check_vs_budgets(n_vertical, n_slash, n_sink_cols, n_local_diags)
     if vertical.shape != slash.shape:
         raise ValueError(f"vertical and slash scores must share a shape, got {vertical.shape}, {slash.shape}")
+    if not 0.0 <= min_mass < 1.0:
+        raise ValueError(f"min_mass must be in [0, 1), got {min_mass}")
     T = vertical.shape[-1]
     v = vertical.astype(jnp.float32).at[..., : min(n_sink_cols, T)].set(jnp.inf)
     s = slash.astype(jnp.float32).at[..., : min(n_local_diags, T)].set(jnp.inf)
-    _, cols = lax.top_k(v, min(n_vertical, T))
-    _, offs = lax.top_k(s, min(n_slash, T))
-    return jnp.sort(cols.astype(jnp.int32), axis=-1), -jnp.sort(-offs.astype(jnp.int32), axis=-1)
+    v_val, cols = lax.top_k(v, min(n_vertical, T))
+    s_val, offs = lax.top_k(s, min(n_slash, T))
+    cols, offs = cols.astype(jnp.int32), offs.astype(jnp.int32)
+    if min_mass > 0.0:
+        total = jnp.sum(vertical.astype(jnp.float32), axis=-1, keepdims=True)
+        cols = jnp.where(v_val >= min_mass * total, cols, T)
+        offs = jnp.where(s_val >= min_mass * total, offs, T)
+    return jnp.sort(cols, axis=-1), -jnp.sort(-offs, axis=-1)
 
 
 def vs_capacities(n_columns: int, n_offsets: int, seq_len: int, block_k: int) -> tuple[int, int]:
@@ -197,8 +220,9 @@ def _compact(values: jax.Array, slot: jax.Array, capacity: int, op: str = "set")
 
 
 @functools.partial(jax.jit, static_argnames=("seq_len", "block_q", "block_k"))
-def vertical_slash_index_from_selection(columns: jax.Array, offsets: jax.Array, seq_len: int, *,
-                                        block_q: int = 64, block_k: int = 64) -> VerticalSlashIndex:
+def vertical_slash_index_from_selection(
+    columns: jax.Array, offsets: jax.Array, seq_len: int, *, block_q: int = 64, block_k: int = 64
+) -> VerticalSlashIndex:
     """Compact per-query-block index from selected columns (ascending) and offsets (descending).
 
     For query block [q0, q1) an offset o covers keys [max(q0 - o, 0), q1 - o); these ranges come in
@@ -209,7 +233,9 @@ def vertical_slash_index_from_selection(columns: jax.Array, offsets: jax.Array, 
     _check_pow2_block("block_k", block_k)
     _check_pos("seq_len", seq_len)
     if columns.shape[:-1] != offsets.shape[:-1]:
-        raise ValueError(f"columns and offsets need the same leading dims, got {columns.shape}, {offsets.shape}")
+        raise ValueError(
+            f"columns and offsets need the same leading dims, got {columns.shape}, {offsets.shape}"
+        )
     lead = columns.shape[:-1]
     cols = columns.astype(jnp.int32).reshape(-1, columns.shape[-1])
     offs = offsets.astype(jnp.int32).reshape(-1, offsets.shape[-1])
@@ -246,26 +272,59 @@ def vertical_slash_index_from_selection(columns: jax.Array, offsets: jax.Array, 
 
     shape = lambda x: x.reshape(*lead, nq, *x.shape[2:])
     return VerticalSlashIndex(
-        range_start=shape(range_start), range_end=shape(range_end), range_count=shape(range_count),
-        column_index=shape(column_index), column_count=shape(column_count),
-        block_q=block_q, block_k=block_k, seq_len=seq_len,
+        range_start=shape(range_start),
+        range_end=shape(range_end),
+        range_count=shape(range_count),
+        column_index=shape(column_index),
+        column_count=shape(column_count),
+        block_q=block_q,
+        block_k=block_k,
+        seq_len=seq_len,
     )
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("n_vertical", "n_slash", "last_q", "n_sink_cols", "n_local_diags", "block_q", "block_k",
-                     "scale"),
+    static_argnames=(
+        "n_vertical",
+        "n_slash",
+        "last_q",
+        "n_sink_cols",
+        "n_local_diags",
+        "block_q",
+        "block_k",
+        "scale",
+        "min_mass",
+    ),
 )
-def vertical_slash_index(q_last: jax.Array, k: jax.Array, *, n_vertical: int, n_slash: int, last_q: int = 64,
-                         n_sink_cols: int = 30, n_local_diags: int = 100, block_q: int = 64, block_k: int = 64,
-                         scale: float | None = None) -> VerticalSlashIndex:
+def vertical_slash_index(
+    q_last: jax.Array,
+    k: jax.Array,
+    *,
+    n_vertical: int,
+    n_slash: int,
+    last_q: int = 64,
+    n_sink_cols: int = 30,
+    n_local_diags: int = 100,
+    block_q: int = 64,
+    block_k: int = 64,
+    scale: float | None = None,
+    min_mass: float = 0.0,
+) -> VerticalSlashIndex:
     """Vertical-slash index of a prompt from its last queries (`q_last[B, H, Lq, G, D]`, last positions)
-    and all keys `k[B, H, T, D]`: estimate, select with forced sinks/local diagonals, compact."""
+    and all keys `k[B, H, T, D]`: estimate, select with forced sinks/local diagonals (and the optional
+    `min_mass` floor, see `select_vertical_slash`), compact."""
     _check_vs_budgets(n_vertical, n_slash, n_sink_cols, n_local_diags)
     vertical, slash = vertical_slash_scores(q_last, k, last_q=last_q, scale=scale)
-    cols, offs = select_vertical_slash(vertical, slash, n_vertical=n_vertical, n_slash=n_slash,
-                                       n_sink_cols=n_sink_cols, n_local_diags=n_local_diags)
+    cols, offs = select_vertical_slash(
+        vertical,
+        slash,
+        n_vertical=n_vertical,
+        n_slash=n_slash,
+        n_sink_cols=n_sink_cols,
+        n_local_diags=n_local_diags,
+        min_mass=min_mass,
+    )
     return vertical_slash_index_from_selection(cols, offs, k.shape[2], block_q=block_q, block_k=block_k)
 
 
@@ -289,8 +348,9 @@ def _pool_blocks(x: jax.Array, block: int, axis: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("top_k_blocks", "block", "scale"))
-def block_sparse_index(q: jax.Array, k: jax.Array, *, top_k_blocks: int, block: int = 64,
-                       scale: float | None = None) -> BlockSparseIndex:
+def block_sparse_index(
+    q: jax.Array, k: jax.Array, *, top_k_blocks: int, block: int = 64, scale: float | None = None
+) -> BlockSparseIndex:
     """Top `top_k_blocks` causal key blocks per query block from mean-pooled q/k blocks (diagonal forced).
 
     `q[B, H, T, G, D]`, `k[B, H, T, D]`; the pooled scores are softmaxed over the causal key blocks per
@@ -340,8 +400,13 @@ def a_shape_index(seq_len: int, *, n_sink: int, n_local: int, block: int = 64) -
     c = np.arange(cap)[None, :]
     ids = np.where(c < n_sink_b[:, None], c, lo[:, None] + c - n_sink_b[:, None])
     ids = np.minimum(ids, i[:, None])  # pads with the last valid id (the diagonal block)
-    return BlockSparseIndex(block_ids=jnp.asarray(ids, jnp.int32), block_count=jnp.asarray(count, jnp.int32),
-                            block_q=block, block_k=block, seq_len=seq_len)
+    return BlockSparseIndex(
+        block_ids=jnp.asarray(ids, jnp.int32),
+        block_count=jnp.asarray(count, jnp.int32),
+        block_q=block,
+        block_k=block,
+        seq_len=seq_len,
+    )
 
 
 def full_causal_index(seq_len: int, *, block: int = 64) -> BlockSparseIndex:
@@ -371,10 +436,14 @@ def block_sparse_to_vertical_slash(index: BlockSparseIndex) -> VerticalSlashInde
     range_end = _compact(end, flat(jnp.where(valid, seg, M)), M, op="max")
     lead = ids.shape[:-1]
     return VerticalSlashIndex(
-        range_start=range_start.reshape(*lead, M), range_end=range_end.reshape(*lead, M),
+        range_start=range_start.reshape(*lead, M),
+        range_end=range_end.reshape(*lead, M),
         range_count=jnp.sum(new, axis=-1, dtype=jnp.int32),
-        column_index=jnp.zeros(lead + (bk,), jnp.int32), column_count=jnp.zeros(lead, jnp.int32),
-        block_q=index.block_q, block_k=bk, seq_len=T,
+        column_index=jnp.zeros(lead + (bk,), jnp.int32),
+        column_count=jnp.zeros(lead, jnp.int32),
+        block_q=index.block_q,
+        block_k=bk,
+        seq_len=T,
     )
 
 
@@ -401,8 +470,9 @@ def dense_causal_tiles(seq_len: int, *, block_q: int = 64, block_k: int = 64) ->
 # ----------------------------------------------------------------------------------------------------
 
 
-def vertical_slash_scores_np(q_last: np.ndarray, k: np.ndarray, *, last_q: int = 64,
-                             scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def vertical_slash_scores_np(
+    q_last: np.ndarray, k: np.ndarray, *, last_q: int = 64, scale: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Reference of `vertical_slash_scores` (float64)."""
     q_last, k = np.asarray(q_last, np.float64), np.asarray(k, np.float64)
     B, H, Lq, G, D = q_last.shape
@@ -420,24 +490,36 @@ def vertical_slash_scores_np(q_last: np.ndarray, k: np.ndarray, *, last_q: int =
     return vertical, slash
 
 
-def select_vertical_slash_np(vertical: np.ndarray, slash: np.ndarray, *, n_vertical: int, n_slash: int,
-                             n_sink_cols: int = 30, n_local_diags: int = 100) -> tuple[np.ndarray, np.ndarray]:
+def select_vertical_slash_np(
+    vertical: np.ndarray,
+    slash: np.ndarray,
+    *,
+    n_vertical: int,
+    n_slash: int,
+    n_sink_cols: int = 30,
+    n_local_diags: int = 100,
+    min_mass: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Reference of `select_vertical_slash`."""
     T = vertical.shape[-1]
     cols = np.zeros(vertical.shape[:-1] + (min(n_vertical, T),), np.int32)
     offs = np.zeros(slash.shape[:-1] + (min(n_slash, T),), np.int32)
     for idx in np.ndindex(*vertical.shape[:-1]):
-        v = np.array(vertical[idx], np.float64)
-        v[: min(n_sink_cols, T)] = np.inf
-        s = np.array(slash[idx], np.float64)
-        s[: min(n_local_diags, T)] = np.inf
-        cols[idx] = np.sort(np.argsort(-v, kind="stable")[: cols.shape[-1]])
-        offs[idx] = np.sort(np.argsort(-s, kind="stable")[: offs.shape[-1]])[::-1]
+        floor = min_mass * float(np.sum(vertical[idx]))
+        for scores, forced, out in ((vertical, n_sink_cols, cols), (slash, n_local_diags, offs)):
+            x = np.array(scores[idx], np.float64)
+            x[: min(forced, T)] = np.inf
+            top = np.argsort(-x, kind="stable")[: out.shape[-1]]
+            if min_mass > 0:
+                top = np.where(x[top] >= floor, top, T)
+            out[idx] = np.sort(top)
+        offs[idx] = offs[idx][::-1]
     return cols, offs
 
 
-def vertical_slash_index_from_selection_np(columns: np.ndarray, offsets: np.ndarray, seq_len: int, *,
-                                           block_q: int = 64, block_k: int = 64) -> dict[str, np.ndarray]:
+def vertical_slash_index_from_selection_np(
+    columns: np.ndarray, offsets: np.ndarray, seq_len: int, *, block_q: int = 64, block_k: int = 64
+) -> dict[str, np.ndarray]:
     """Reference of `vertical_slash_index_from_selection` (two-pointer merge per query block)."""
     columns, offsets = np.asarray(columns), np.asarray(offsets)
     lead = columns.shape[:-1]
@@ -462,8 +544,9 @@ def vertical_slash_index_from_selection_np(columns: np.ndarray, offsets: np.ndar
                     ranges[-1][1] = max(ranges[-1][1], e)
                 else:
                     ranges.append([s, e])
-            cols = [c for c in sorted(columns[idx].tolist())
-                    if c < q1 and not any(s <= c < e for s, e in ranges)]
+            cols = [
+                c for c in sorted(columns[idx].tolist()) if c < q1 and not any(s <= c < e for s, e in ranges)
+            ]
             n_r, n_c = len(ranges), len(cols)
             key = idx + (i,)
             out["range_count"][key], out["column_count"][key] = n_r, n_c
@@ -474,8 +557,9 @@ def vertical_slash_index_from_selection_np(columns: np.ndarray, offsets: np.ndar
     return out
 
 
-def block_sparse_index_np(q: np.ndarray, k: np.ndarray, *, top_k_blocks: int, block: int = 64,
-                          scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def block_sparse_index_np(
+    q: np.ndarray, k: np.ndarray, *, top_k_blocks: int, block: int = 64, scale: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Reference of `block_sparse_index`: `(block_ids, block_count)`."""
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     B, H, T, G, D = q.shape

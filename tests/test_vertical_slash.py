@@ -1,0 +1,187 @@
+"""Vertical-slash prefill kernel (interpret mode on CPU) vs its jnp reference and dense causal attention."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.block_sparse import block_sparse_prefill_ref
+from pallas_kernels.common import has_triton_call, lower_for_h100
+from pallas_kernels.vertical_slash import (
+    vertical_slash_key_counts,
+    vertical_slash_prefill,
+    vertical_slash_prefill_ref,
+)
+from squeeze_jax.minference.patterns import (
+    a_shape_index,
+    block_sparse_to_vertical_slash,
+    vertical_slash_index,
+)
+from squeeze_jax.minference.search import planted_attention_sample
+
+
+def _qkv(seed, B, H, T, G, D, dtype):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((B, H, T, G, D)), dtype)
+    k = jnp.asarray(rng.standard_normal((B, H, T, D)), dtype)
+    v = jnp.asarray(rng.standard_normal((B, H, T, D)), dtype)
+    return rng, q, k, v
+
+
+def dense_causal(q, k, v):
+    """Plain causal softmax attention in float64 numpy: (out [B,H,T,G,D], lse [B,H,T,G])."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    T, D = q.shape[2], q.shape[4]
+    s = np.einsum("bhtgd,bhsd->bhtgs", q, k) / np.sqrt(D)
+    s = np.where((np.arange(T)[None, :] <= np.arange(T)[:, None])[None, None, :, None, :], s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - m)
+    return np.einsum("bhtgs,bhsd->bhtgd", p / p.sum(-1, keepdims=True), v), np.log(p.sum(-1)) + m[..., 0]
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
+
+
+def _tol(dtype):
+    return 2e-2 if dtype == jnp.bfloat16 else 2e-5
+
+
+def _args(idx):
+    return (idx.range_start, idx.range_end, idx.range_count, idx.column_index, idx.column_count)
+
+
+# (seed, B, H, T, G, D, dtype, n_vertical, n_slash)
+CASES = [
+    (0, 1, 2, 200, 4, 64, jnp.float32, 12, 40),
+    (1, 2, 1, 320, 1, 128, jnp.bfloat16, 20, 24),
+    (2, 1, 2, 256, 2, 64, jnp.bfloat16, 8, 70),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{c[0]}" for c in CASES])
+def test_estimated_index_matches_reference(case):
+    """The estimator's own index on planted q/k, through the kernel and the reference."""
+    seed, B, H, T, G, D, dtype, nv, ns = case
+    kinds = ["vertical_slash", "local"][:H]
+    q, k, _ = planted_attention_sample(
+        seed, kinds, seq_len=T, batch=B, groups=G, head_dim=D, dtype=dtype, slash_offsets=[T // 3, T // 2 + 7]
+    )
+    q, k = q[0], k[0]
+    v = jnp.asarray(np.random.default_rng(seed).standard_normal(k.shape), dtype)
+    idx = vertical_slash_index(q, k, n_vertical=nv, n_slash=ns, n_sink_cols=4, n_local_diags=10)
+    assert int(jnp.max(idx.range_count)) >= 2 and int(jnp.max(idx.column_count)) >= 1  # both paths used
+    out, lse = vertical_slash_prefill(q, k, v, *_args(idx), interpret=True)
+    out_r, lse_r = vertical_slash_prefill_ref(q, k, v, *_args(idx))
+    assert (
+        out.shape == q.shape and out.dtype == dtype and lse.shape == q.shape[:4] and lse.dtype == jnp.float32
+    )
+    assert _rel(out, out_r) < _tol(dtype)
+    np.testing.assert_allclose(
+        np.asarray(lse), np.asarray(lse_r), atol=2e-3 if dtype == jnp.bfloat16 else 1e-5
+    )
+
+
+def test_full_budget_equals_dense():
+    B, H, T, G, D = 1, 2, 200, 4, 64
+    _, q, k, v = _qkv(5, B, H, T, G, D, jnp.float32)
+    idx = vertical_slash_index(q, k, n_vertical=T, n_slash=T, n_sink_cols=30, n_local_diags=100)
+    counts = vertical_slash_key_counts(*_args(idx), T)
+    causal_blocks = (np.arange(T)[None, :] < np.minimum(np.arange(4) * 64 + 64, T)[:, None]).astype(np.int32)
+    np.testing.assert_array_equal(np.asarray(counts), np.broadcast_to(causal_blocks, counts.shape))
+    out, lse = vertical_slash_prefill(q, k, v, *_args(idx), interpret=True)
+    ref_out, ref_lse = dense_causal(q, k, v)
+    assert _rel(out, ref_out) < 2e-5
+    np.testing.assert_allclose(np.asarray(lse), ref_lse, atol=1e-4)
+
+
+def _hand_index():
+    """Ranges that run into the future and past the padded end, and columns at or after the query rows."""
+    nq = 4  # T = 200
+    rs = np.zeros((1, 1, nq, 3), np.int32)
+    re = np.zeros_like(rs)
+    rc = np.zeros((1, 1, nq), np.int32)
+    cols = np.zeros((1, 1, nq, 4), np.int32)
+    cc = np.zeros((1, 1, nq), np.int32)
+    spec = {  # query block: (ranges, columns)
+        0: ([(0, 10), (20, 130)], [15, 150, 199]),
+        1: ([(5, 6), (60, 200)], [0, 1, 2, 30]),
+        2: ([(100, 117), (190, 200)], [3, 140, 185]),
+        3: ([(0, 3), (50, 70), (195, 200)], [10, 100, 150, 199]),  # [195, 200): tile shifted back to 192
+    }
+    for i, (ranges, c) in spec.items():
+        rc[0, 0, i], cc[0, 0, i] = len(ranges), len(c)
+        rs[0, 0, i, : len(ranges)] = [a for a, _ in ranges]
+        re[0, 0, i, : len(ranges)] = [b for _, b in ranges]
+        cols[0, 0, i, : len(c)] = c
+    return tuple(jnp.asarray(x) for x in (rs, re, rc, cols, cc))
+
+
+def test_future_keys_never_change_outputs():
+    B, H, T, G, D = 1, 2, 200, 4, 64
+    rng, q, k, v = _qkv(7, B, H, T, G, D, jnp.float32)
+    index = _hand_index()
+    out1, lse1 = vertical_slash_prefill(q, k, v, *index, interpret=True)
+    out_r, lse_r = vertical_slash_prefill_ref(q, k, v, *index)
+    assert _rel(out1, out_r) < 2e-5
+    np.testing.assert_allclose(np.asarray(lse1), np.asarray(lse_r), atol=1e-5)
+    for t0 in (40, 150):
+        k2 = k.at[:, :, t0 + 1 :].add(
+            jnp.asarray(rng.standard_normal((B, H, T - t0 - 1, D)), jnp.float32) * 3
+        )
+        v2 = v.at[:, :, t0 + 1 :].set(-1e3)
+        out2, lse2 = vertical_slash_prefill(q, k2, v2, *index, interpret=True)
+        np.testing.assert_array_equal(np.asarray(out1)[:, :, : t0 + 1], np.asarray(out2)[:, :, : t0 + 1])
+        np.testing.assert_array_equal(np.asarray(lse1)[:, :, : t0 + 1], np.asarray(lse2)[:, :, : t0 + 1])
+
+
+def test_block_pattern_as_ranges_matches_block_sparse():
+    B, H, T, G, D = 1, 2, 200, 4, 64
+    _, q, k, v = _qkv(8, B, H, T, G, D, jnp.float32)
+    a = a_shape_index(T, n_sink=40, n_local=70)
+    ids = jnp.broadcast_to(a.block_ids, (B, H) + a.block_ids.shape)
+    cnt = jnp.broadcast_to(a.block_count, (B, H) + a.block_count.shape)
+    vs = block_sparse_to_vertical_slash(a)
+    out_bs, lse_bs = block_sparse_prefill_ref(q, k, v, ids, cnt)
+    out_vs, lse_vs = vertical_slash_prefill(q, k, v, *_args(vs), interpret=True)
+    assert _rel(out_vs, out_bs) < 2e-5
+    np.testing.assert_allclose(np.asarray(lse_vs), np.asarray(lse_bs), atol=1e-5)
+
+
+def test_bad_inputs_raise():
+    _, q, k, v = _qkv(0, 1, 2, 128, 2, 64, jnp.float32)
+    r = jnp.zeros((1, 2, 2, 3), jnp.int32)
+    c = jnp.zeros((1, 2, 2), jnp.int32)
+    with pytest.raises(ValueError, match="share a shape"):
+        vertical_slash_prefill(q, k, v, r, r[..., :2], c, r, c)
+    with pytest.raises(ValueError, match="column_count"):
+        vertical_slash_prefill(q, k, v, r, r, c, r, c[:, :, :1])
+    with pytest.raises(TypeError, match="range_end must be an integer"):
+        vertical_slash_prefill(q, k, v, r, r.astype(jnp.float32), c, r, c)
+    with pytest.raises(ValueError, match="block_k"):
+        vertical_slash_prefill(q, k, v, r, r, c, r, c, block_k=8)
+
+
+def test_lowers_to_triton_for_h100():
+    S = jax.ShapeDtypeStruct
+    B, H, T, G, D = 1, 8, 1024, 4, 128
+    nq = T // 64
+    args = (
+        S((B, H, T, G, D), jnp.bfloat16),
+        S((B, H, T, D), jnp.bfloat16),
+        S((B, H, T, D), jnp.bfloat16),
+        S((B, H, nq, 16), jnp.int32),
+        S((B, H, nq, 16), jnp.int32),
+        S((B, H, nq), jnp.int32),
+        S((B, H, nq, 128), jnp.int32),
+        S((B, H, nq), jnp.int32),
+    )
+    assert has_triton_call(lower_for_h100(vertical_slash_prefill, *args, interpret=False))
+    assert has_triton_call(
+        lower_for_h100(
+            vertical_slash_prefill, *args, interpret=False, block_rows=64, num_warps=4, num_stages=3
+        )
+    )
