@@ -65,13 +65,16 @@ def _median_time(fn: Callable[[], Any], reps: int) -> float:
 
 
 def device_time(step: Callable[..., Any], args: tuple, est_s: float, reps: int = 5,
-                target_s: float = 0.05) -> dict:
+                target_s: float = 0.05, unroll: int = 16) -> dict:
     """Seconds per call of `step(i, x, *rest)`, timed as chained iterations inside one jit.
 
-    `x = args[0]` is perturbed by the previous iteration's output (so nothing is hoisted and the calls
-    run back to back); the same loop without `step` is timed too and subtracted.
+    `x = args[0]` is perturbed by the sum of the previous iteration's outputs (so nothing is hoisted or
+    sliced away and the calls run back to back). The loop is unrolled `unroll` times, since XLA's GPU
+    while loop syncs with the host once per iteration (~15 us). The same loop with `step` replaced by
+    the identity is timed too and subtracted.
     """
-    n = int(min(400, max(8, target_s / max(est_s, 1e-6))))
+    outer = int(min(50, max(2, target_s / max(est_s, 1e-6) / unroll)))
+    n = outer * unroll
 
     def make(with_step: bool):
         def loop(*a):
@@ -80,10 +83,9 @@ def device_time(step: Callable[..., Any], args: tuple, est_s: float, reps: int =
             def body(i, c):
                 x = x0 + (c * 1e-30).astype(x0.dtype)
                 out = step(i, x, *a[1:]) if with_step else x
-                leaf = jax.tree.leaves(out)[0]
-                return c + leaf.ravel()[0].astype(jnp.float32)
+                return c + sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(out)) * 1e-6
 
-            return lax.fori_loop(0, n, body, jnp.float32(0))
+            return lax.fori_loop(0, n, body, jnp.float32(0), unroll=unroll)
 
         return jax.jit(loop)
 
@@ -114,21 +116,27 @@ def torch_time(fn: Callable[[], Any], est_s: float, reps: int = 5) -> float:
     return statistics.median(ts)
 
 
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by an elementwise pass over 1 GiB of bf16."""
+def copy_bandwidth() -> tuple[float, float]:
+    """(copy, read) bandwidth in bytes/s: an elementwise pass over 1 GiB of bf16 (bytes read + written)
+    and a sum over it (bytes read)."""
     x = jnp.ones((512, 1024, 1024), jnp.bfloat16)
-
-    def loop(x):
-        return lax.fori_loop(0, 20, lambda i, y: y + jnp.bfloat16(1), x)
-
-    f = jax.jit(loop, donate_argnums=0)
+    f = jax.jit(lambda x: lax.fori_loop(0, 20, lambda i, y: y + jnp.bfloat16(1), x), donate_argnums=0)
     x = jax.block_until_ready(f(x))
     ts = []
     for _ in range(5):
         t0 = time.perf_counter()
         x = jax.block_until_ready(f(x))
         ts.append((time.perf_counter() - t0) / 20)
-    return 2 * x.size * 2 / statistics.median(ts)
+    copy = 2 * x.size * 2 / statistics.median(ts)
+
+    def rd(x):
+        return lax.fori_loop(0, 20, lambda i, c: c + jnp.sum(x + c.astype(x.dtype), dtype=jnp.float32) * 1e-9,
+                             jnp.float32(0))
+
+    g = jax.jit(rd)
+    jax.block_until_ready(g(x))
+    read = x.size * 2 / (_median_time(lambda: g(x), 5) / 20)
+    return copy, read
 
 
 def budget_selection(rng: np.random.Generator, lead: tuple[int, ...], n_keys: int, keep: float,
@@ -273,7 +281,8 @@ def make_inputs(name: str, n_keys: int, T: int | None):
     return q, k, v
 
 
-def decode_dense(rows: list, name: str, n_keys: int, q, k, v, copy_bw: float, torch_ok: bool) -> float | None:
+def decode_dense(rows: list, name: str, n_keys: int, q, k, v, copy_bw: float, read_bw: float,
+                 torch_ok: bool) -> float | None:
     """Dense decode baselines over all keys (== 100% kept with this layout); returns the best time."""
     Hq, Hk = SHAPES[name]
     ids_np, cnt_np, _ = budget_selection(np.random.default_rng(0), (1, Hk), n_keys, 1.0, 1)
@@ -287,11 +296,12 @@ def decode_dense(rows: list, name: str, n_keys: int, q, k, v, copy_bw: float, to
                 and r.get("keep") == "dense":
             r["GBps"] = dense_bytes / r["s"] / 1e9
             r["roofline_frac"] = dense_bytes / r["s"] / copy_bw
+            r["read_roofline_frac"] = dense_bytes / r["s"] / read_bw
     return min(times.values()) if times else None
 
 
 def decode_case(rows: list, name: str, n_keys: int, keep: float, variants: list[dict], copy_bw: float,
-                rng: np.random.Generator, q, k, v, best: float | None) -> None:
+                read_bw: float, rng: np.random.Generator, q, k, v, best: float | None) -> None:
     Hq, Hk = SHAPES[name]
     B, R = 1, 4
     ids_np, cnt_np, count = budget_selection(rng, (B, Hk), n_keys, keep, R)
@@ -323,7 +333,8 @@ def decode_case(rows: list, name: str, n_keys: int, keep: float, variants: list[
                             (q, k, v, ids_v, cnt_v), kv_bytes / copy_bw)
             row = {**case, "impl": "sparse_decode", "variant": label, **t, "rel_err_vs_ref": err,
                    "lse_err": lerr, "GBps": kv_bytes / t["s"] / 1e9,
-                   "roofline_frac": kv_bytes / t["s"] / copy_bw}
+                   "roofline_frac": kv_bytes / t["s"] / copy_bw,
+                   "read_roofline_frac": kv_bytes / t["s"] / read_bw}
             if best:
                 row["speedup_vs_best_dense"] = best / t["s"]
             rows.append(row)
@@ -393,7 +404,10 @@ def prefill_case(rows: list, name: str, n_keys: int, keep: float, variants: list
 
 
 def merge_case(rows: list, copy_bw: float) -> None:
-    """The jnp LSE merge at prefill size vs the bytes roofline (decides whether a kernel could help)."""
+    """The jnp LSE merge at prefill size vs the bytes roofline (decides whether a kernel could help).
+
+    The merged result is carried into the next iteration, so every output is materialised.
+    """
     shape = (1, 8, T_PREFILL, 4)
     key = jax.random.PRNGKey(3)
     o1 = jax.random.normal(key, shape + (D,), DTYPE)
@@ -401,13 +415,27 @@ def merge_case(rows: list, copy_bw: float) -> None:
     l1 = jax.random.normal(jax.random.fold_in(key, 2), shape, jnp.float32)
     l2 = jax.random.normal(jax.random.fold_in(key, 3), shape, jnp.float32)
     nbytes = 3 * o1.size * ITEM + 3 * l1.size * 4
-    t = device_time(lambda i, a, b, c, d: merge_attention(a, c, b, d), (o1, o2, l1, l2), nbytes / copy_bw)
-    rows.append({"op": "merge", "shape": "gqa", "impl": "jnp_merge_attention", "bytes": nbytes, **t,
-                 "GBps": nbytes / t["s"] / 1e9, "roofline_frac": nbytes / t["s"] / copy_bw})
+    n, unroll = 320, 16
+
+    def make(with_merge: bool):
+        def loop(o1, l1, o2, l2):
+            def body(i, c):
+                o, lse = c
+                return merge_attention(o, lse, o2, l2) if with_merge else (o + o2, lse + l2)
+
+            return lax.fori_loop(0, n, body, (o1, l1), unroll=unroll)
+
+        return jax.jit(loop)
+
+    res = {}
+    for name, with_merge in (("merge", True), ("add", False)):
+        f = make(with_merge)
+        jax.block_until_ready(f(o1, l1, o2, l2))
+        res[name] = _median_time(lambda f=f: f(o1, l1, o2, l2), 5) / n
+    t = res["merge"]
+    rows.append({"op": "merge", "shape": "gqa", "impl": "jnp_merge_attention", "bytes": nbytes, "s": t,
+                 "plain_add_s": res["add"], "GBps": nbytes / t / 1e9, "roofline_frac": nbytes / t / copy_bw})
     print(_fmt(rows[-1]), flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------
 
 
 def _fmt(r: dict) -> str:
@@ -418,6 +446,8 @@ def _fmt(r: dict) -> str:
     extra = ""
     if "roofline_frac" in r:
         extra += f" {r['GBps']:7.0f} GB/s roof={r['roofline_frac']:.2f}"
+    if "read_roofline_frac" in r:
+        extra += f" read-roof={r['read_roofline_frac']:.2f}"
     if "TFLOPs" in r:
         extra += f" {r['TFLOPs']:6.1f} TFLOP/s"
     if "speedup_vs_best_dense" in r:
@@ -428,17 +458,21 @@ def _fmt(r: dict) -> str:
 
 
 DECODE_DEFAULT = [{}]
-DECODE_SWEEP_FULL = [{"num_splits": 16}, {"num_splits": 64}, {"blocks_per_step": 16}]
-DECODE_SWEEP = [
-    {"blocks_per_step": 4}, {"blocks_per_step": 16}, {"num_splits": 16}, {"num_splits": 64},
-    {"num_splits": 128}, {"num_warps": 8}, {"num_warps": 2}, {"num_stages": 1}, {"num_stages": 3},
-    {"num_stages": 4}, {"block_k": 32, "blocks_per_step": 4}, {"block_k": 64, "blocks_per_step": 2},
-]
 PREFILL_DEFAULT = [{}]
-PREFILL_SWEEP = [
-    {"blocks_per_step": 8}, {"blocks_per_step": 2}, {"num_stages": 3}, {"num_warps": 4},
-    {"block_rows": 64}, {"block_q": 32}, {"block_q": 128}, {"block_q": 128, "block_rows": 64},
-]
+SWEEPS = {  # tuning variants per shape: (decode 1/8, decode 100%, prefill 1/8)
+    "gqa": (
+        [{"blocks_per_step": 4}, {"blocks_per_step": 16}, {"num_splits": 16}, {"num_splits": 64},
+         {"num_warps": 8}, {"num_stages": 3}, {"num_stages": 4}, {"block_k": 64, "blocks_per_step": 2}],
+        [{"num_splits": 64}],
+        [{"blocks_per_step": 8}, {"num_stages": 3, "blocks_per_step": 8}, {"num_warps": 8},
+         {"block_rows": 256}, {"block_q": 32}, {"block_q": 128}, {"block_q": 128, "blocks_per_step": 8}],
+    ),
+    "mha": (
+        [{"blocks_per_step": 16}, {"num_splits": 16}],
+        [],
+        [{"blocks_per_step": 8}, {"block_q": 128}, {"block_q": 128, "blocks_per_step": 8}],
+    ),
+}
 
 
 def main() -> None:
@@ -472,9 +506,10 @@ def main() -> None:
             result["torch"] = torch.__version__
         except ImportError:
             pass
-    copy_bw = copy_bandwidth()
-    result["copy_bw_Bps"] = copy_bw
-    print(f"device {dev.device_kind}, jax {jax.__version__}, copy {copy_bw / 1e12:.2f} TB/s", flush=True)
+    copy_bw, read_bw = copy_bandwidth()
+    result["copy_bw_Bps"], result["read_bw_Bps"] = copy_bw, read_bw
+    print(f"device {dev.device_kind}, jax {jax.__version__}, copy {copy_bw / 1e12:.2f} TB/s, "
+          f"read {read_bw / 1e12:.2f} TB/s", flush=True)
     if not args.no_check:
         t0 = time.perf_counter()
         result["checks"] = gpu_checks()
@@ -504,21 +539,21 @@ def main() -> None:
             continue
         q, k, v = make_inputs(name, n_keys, None)
         if not sweep:
-            best[("decode", name, n_keys)] = decode_dense(rows, name, n_keys, q, k, v, copy_bw, torch_ok)
+            best[("decode", name, n_keys)] = decode_dense(rows, name, n_keys, q, k, v, copy_bw, read_bw,
+                                                          torch_ok)
         b = best.get(("decode", name, n_keys))
-        decode_case(rows, name, n_keys, 1 / 8, DECODE_SWEEP if sweep else DECODE_DEFAULT, copy_bw, rng,
-                    q, k, v, b)
+        sw_dec, sw_full, sw_pre = SWEEPS[name] if sweep else (DECODE_DEFAULT, DECODE_DEFAULT, PREFILL_DEFAULT)
+        decode_case(rows, name, n_keys, 1 / 8, sw_dec, copy_bw, read_bw, rng, q, k, v, b)
         save()
         if budget.left() > 15:
-            decode_case(rows, name, n_keys, 1.0, DECODE_SWEEP_FULL if sweep else DECODE_DEFAULT, copy_bw,
-                        rng, q, k, v, b)
+            decode_case(rows, name, n_keys, 1.0, sw_full, copy_bw, read_bw, rng, q, k, v, b)
             save()
         if budget.left() > 15:
             q = make_inputs(name, n_keys, args.prefill_tokens)[0]
             if not sweep:
                 best[("prefill", name, n_keys)] = prefill_dense(rows, name, n_keys, q, k, v, torch_ok)
-            prefill_case(rows, name, n_keys, 1 / 8, PREFILL_SWEEP if sweep else PREFILL_DEFAULT, copy_bw, rng,
-                         q, k, v, best.get(("prefill", name, n_keys)))
+            prefill_case(rows, name, n_keys, 1 / 8, sw_pre, copy_bw, rng, q, k, v,
+                         best.get(("prefill", name, n_keys)))
             save()
         del q, k, v
     if budget.left() > 5:

@@ -236,6 +236,12 @@ class Llama(nnx.Module):
         per-layer aux stacked over L (or None). `backend_state` leaves carry a leading L axis.
         """
         check_inputs(self.config, tokens_BT, positions_BT, seq_lens_B, cache, logits_mode)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(backend_state):
+            if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != self.config.n_layers:
+                raise ValueError(
+                    f"backend_state leaf {jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}; "
+                    f"every leaf needs a leading layer axis of {self.config.n_layers}"
+                )
         tokens_BT = tokens_BT.astype(jnp.int32)
         positions_BT = positions_BT.astype(jnp.int32)
         seq_lens_B = seq_lens_B.astype(jnp.int32)
@@ -291,8 +297,11 @@ def apply(
     backend_state: Any = None,
     logits_mode: str = "last",
 ) -> tuple[jax.Array | None, KVCache, Any]:
-    """Functional forward: `nnx.merge(graphdef, state)`, then call. Jit with graphdef, backend and logits_mode
-    static."""
+    """Functional forward: `nnx.merge(graphdef, state)`, then call.
+
+    This is what generation jits, with `graphdef`, `backend` and `logits_mode` static (the cache may be
+    donated). Value checks of `check_inputs` are skipped on traced arguments: run it on the host first.
+    """
     model = nnx.merge(graphdef, state)
     return model(tokens_BT, positions_BT, seq_lens_B, cache, backend, backend_state, logits_mode)
 

@@ -254,12 +254,24 @@ def _flat_lse_kernel(q_ref, qn_ref, c_ref, logn_ref, rad_ref, m_ref, l_ref, *log
     l_ref[...] = l_sum
 
 
-def _flat_score_kernel(q_ref, qn_ref, c_ref, logn_ref, rad_ref, lse_ref, out_ref, *, cfg, n_clusters,
+def _lse_from_partials(m_ref, l_ref) -> jax.Array:
+    """In-kernel merge of per-program (max, sum) partials [nP, Rp] into each row's log-normaliser [Rp]."""
+    nP, Rp = m_ref.shape
+    nPp = next_pow2(nP)
+    ok = (jnp.arange(nPp) < nP)[:, None]
+    m = plgpu.load(m_ref.at[pl.ds(0, nPp), :], mask=ok, other=_NEG_INF)
+    l_sum = plgpu.load(l_ref.at[pl.ds(0, nPp), :], mask=ok, other=0.0)
+    M = jnp.max(m, axis=0)
+    M_safe = jnp.where(M > _NEG_INF, M, 0.0)
+    return M_safe + jnp.log(jnp.sum(l_sum * jnp.exp(m - M_safe[None, :]), axis=0))
+
+
+def _flat_score_kernel(q_ref, qn_ref, c_ref, logn_ref, rad_ref, m_ref, l_ref, out_ref, *, cfg, n_clusters,
                        block_c, cpp):
-    """Aggregated scores of this program's chunks, given each row's log-normaliser."""
+    """Aggregated scores of this program's chunks (recomputed logits; normaliser merged from partials)."""
     q = q_ref[...]
     qn = qn_ref[...] if cfg.use_radius else None
-    lse = lse_ref[...]
+    lse = _lse_from_partials(m_ref, l_ref)
     row_ok = jnp.arange(q.shape[0]) < cfg.n_rows
     first, n = _chunk_range(n_clusters, block_c, cpp)
 
@@ -271,6 +283,20 @@ def _flat_score_kernel(q_ref, qn_ref, c_ref, logn_ref, rad_ref, lse_ref, out_ref
         return carry
 
     lax.fori_loop(0, n, body, 0)
+
+
+def _flat_finish_kernel(logits_ref, logn_ref, m_ref, l_ref, out_ref, *, cfg, n_clusters, block_c):
+    """Aggregated scores of one chunk from stored logits (normaliser merged from partials)."""
+    Rp = m_ref.shape[1]
+    lse = _lse_from_partials(m_ref, l_ref)
+    row_ok = jnp.arange(Rp) < cfg.n_rows
+    start = pl.program_id(2) * block_c
+    col_ok = start + jnp.arange(block_c) < n_clusters
+    sl = pl.ds(start, block_c)
+    logits = plgpu.load(logits_ref.at[:, sl], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    logn = plgpu.load(logn_ref.at[sl], mask=col_ok, other=_NEG_INF)
+    out = _aggregate_rows(logits - lse[:, None], row_ok, cfg.agg, cfg.n_rows)
+    plgpu.store(out_ref.at[sl], jnp.where(col_ok & (logn > _NEG_INF), out, _NEG_INF), mask=col_ok)
 
 
 def _flat_in_specs(Rp: int, D: int, C: int):
@@ -308,23 +334,44 @@ def _flat_partials(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, cfg
     )(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC)
 
 
-def _flat_recompute(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, lse_BHRp, cfg: _ScoreCfg, *,
-                    block_c: int, cpp: int, interpret: bool) -> jax.Array:
-    """Phase 2 (recompute): aggregated scores [B, H, C] given each row's log-normaliser."""
+def _flat_recompute(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, m_BHPR, l_BHPR,
+                    cfg: _ScoreCfg, *, block_c: int, cpp: int, interpret: bool) -> jax.Array:
+    """Phase 2 (recompute): aggregated scores [B, H, C] from the phase-1 partials."""
     B, H, Rp, D = q_BHRpD.shape
     C = centroids_HCD.shape[1]
-    nP = pl.cdiv(pl.cdiv(C, block_c), cpp)
+    nP = m_BHPR.shape[2]
+    part_spec = pl.BlockSpec((None, None, nP, Rp), lambda b, h, p: (b, h, 0, 0))
     kernel = functools.partial(_flat_score_kernel, cfg=cfg, n_clusters=C, block_c=block_c, cpp=cpp)
     return pl.pallas_call(
         kernel,
         grid=(B, H, nP),
-        in_specs=_flat_in_specs(Rp, D, C) + [pl.BlockSpec((None, None, Rp), lambda b, h, p: (b, h, 0))],
+        in_specs=_flat_in_specs(Rp, D, C) + [part_spec, part_spec],
         out_specs=pl.BlockSpec((None, None, C), lambda b, h, p: (b, h, 0)),
         out_shape=jax.ShapeDtypeStruct((B, H, C), jnp.float32),
         compiler_params=compiler_params(_num_warps(Rp, block_c), 2),
         interpret=interpret,
         name="lookup_flat_scores",
-    )(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, lse_BHRp)
+    )(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, m_BHPR, l_BHPR)
+
+
+def _flat_finish(logits_BHRC, log_sizes_HC, m_BHPR, l_BHPR, cfg: _ScoreCfg, *, interpret: bool) -> jax.Array:
+    """Phase 2 (logits): aggregated scores [B, H, C] from stored logits and the phase-1 partials."""
+    B, H, R, C = logits_BHRC.shape
+    nP, Rp = m_BHPR.shape[2:]
+    block_c = 128
+    part_spec = pl.BlockSpec((None, None, nP, Rp), lambda b, h, j: (b, h, 0, 0))
+    kernel = functools.partial(_flat_finish_kernel, cfg=cfg, n_clusters=C, block_c=block_c)
+    return pl.pallas_call(
+        kernel,
+        grid=(B, H, pl.cdiv(C, block_c)),
+        in_specs=[pl.BlockSpec((None, None, Rp, C), lambda b, h, j: (b, h, 0, 0)),
+                  pl.BlockSpec((None, C), lambda b, h, j: (h, 0)), part_spec, part_spec],
+        out_specs=pl.BlockSpec((None, None, C), lambda b, h, j: (b, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, H, C), jnp.float32),
+        compiler_params=compiler_params(4, 1),
+        interpret=interpret,
+        name="lookup_flat_finish",
+    )(logits_BHRC, log_sizes_HC, m_BHPR, l_BHPR)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -370,7 +417,11 @@ def _check_cpp(cpp: int | None) -> None:
 
 def _flat_scores_and_lse(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg: _ScoreCfg, *, block_c: int,
                          method: str, cpp: int | None, interpret: bool) -> tuple[jax.Array, jax.Array]:
-    """Flat lookup: (scores [B, H, C], per-row log-normaliser [B, H, R])."""
+    """Flat lookup: (scores [B, H, C], per-row log-normaliser [B, H, R]); two kernel launches.
+
+    The normaliser is merged from the phase-1 partials inside the phase-2 kernel; the jnp merge returned
+    here is dead code (and dropped by XLA) unless the caller uses it.
+    """
     B, H, R, D = q_BHRD.shape
     C = centroids_HCD.shape[1]
     q_p = _prepare_q(q_BHRD)
@@ -381,14 +432,12 @@ def _flat_scores_and_lse(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg: _S
     method = _resolve_method(method, R, D, centroids_HCD.dtype)
     outs = _flat_partials(q_p, qn, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c, cpp=cpp,
                           want_logits=method == "logits", interpret=interpret)
-    lse_BHRp = _merge_partials(outs[0], outs[1])
     if method == "logits":
-        ok = jnp.broadcast_to(log_sizes_HC > _NEG_INF, (B,) + log_sizes_HC.shape)
-        scores = _aggregate_logits(outs[2], lse_BHRp[:, :, :R], ok, cfg.agg)
+        scores = _flat_finish(outs[2], log_sizes_HC, outs[0], outs[1], cfg, interpret=interpret)
     else:
-        scores = _flat_recompute(q_p, qn, centroids_HCD, log_sizes_HC, radius_HC, lse_BHRp, cfg,
+        scores = _flat_recompute(q_p, qn, centroids_HCD, log_sizes_HC, radius_HC, outs[0], outs[1], cfg,
                                  block_c=block_c, cpp=cpp, interpret=interpret)
-    return scores, lse_BHRp[:, :, :R]
+    return scores, _merge_partials(outs[0], outs[1])[:, :, :R]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 from jax import lax
 
 _NEG_INF = float("-inf")
+_IMPLS = ("topk", "cutoff")
 
 
 def _check_int_array(name: str, x: jax.Array) -> None:
@@ -100,7 +101,38 @@ def _finish_selection(vals: jax.Array, ids: jax.Array, k: jax.Array) -> tuple[ja
     return ids_out, jnp.where(empty, 1, count)
 
 
-def _check_selection_args(bscores: jax.Array, capacity: int) -> None:
+def _select_by_cutoff(bscores: jax.Array, k: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """Same result as top-k + sort, without sorting (score, index) pairs: find the k-th largest score v
+    (a sort of the scores alone), take every block > v and the first (k - #greater) blocks == v in index
+    order, and compact the chosen ids in ascending order with a running count (no final sort)."""
+    NB = bscores.shape[-1]
+    v = jnp.take_along_axis(jnp.sort(bscores, axis=-1), (NB - k)[..., None], axis=-1)  # k-th largest
+    gt = bscores > v
+    eq = bscores == v
+    n_gt = jnp.sum(gt, axis=-1, dtype=jnp.int32)
+    eq_before = jnp.cumsum(eq, axis=-1, dtype=jnp.int32) - eq
+    take = (gt | (eq & (eq_before < (k - n_gt)[..., None]))) & (bscores > _NEG_INF)
+    pos = jnp.cumsum(take, axis=-1, dtype=jnp.int32) - 1
+    count = pos[..., -1] + 1
+    lead = bscores.shape[:-1]
+    idx = tuple(jnp.arange(n).reshape((n,) + (1,) * (len(lead) - i)) for i, n in enumerate(lead))
+    ids = jnp.zeros(lead + (capacity,), jnp.int32).at[idx + (jnp.where(take, pos, capacity),)].set(
+        jnp.broadcast_to(jnp.arange(NB, dtype=jnp.int32), bscores.shape), mode="drop")
+    slot = jnp.arange(capacity, dtype=jnp.int32)
+    last = jnp.take_along_axis(ids, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+    ids = jnp.where(slot < count[..., None], ids, last)
+    empty = count == 0
+    return jnp.where(empty[..., None], 0, ids), jnp.where(empty, 1, count)
+
+
+def _select(bscores: jax.Array, k: jax.Array, capacity: int, impl: str) -> tuple[jax.Array, jax.Array]:
+    if impl == "cutoff":
+        return _select_by_cutoff(bscores, k, capacity)
+    vals, ids = lax.top_k(bscores, capacity)
+    return _finish_selection(vals, ids, k)
+
+
+def _check_selection_args(bscores: jax.Array, capacity: int, impl: str) -> None:
     if bscores.ndim < 1:
         raise ValueError("bscores must have a trailing block axis")
     if not jnp.issubdtype(bscores.dtype, jnp.floating):
@@ -108,37 +140,42 @@ def _check_selection_args(bscores: jax.Array, capacity: int) -> None:
     n_blocks = bscores.shape[-1]
     if not isinstance(capacity, int) or not 1 <= capacity <= n_blocks:
         raise ValueError(f"capacity must be an int in [1, n_blocks={n_blocks}], got {capacity!r}")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("capacity",))
-def select_topk(bscores: jax.Array, k: int | jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("capacity", "impl"))
+def select_topk(
+    bscores: jax.Array, k: int | jax.Array, capacity: int, *, impl: str = "topk"
+) -> tuple[jax.Array, jax.Array]:
     """Top-`k` blocks by score per row of `bscores[..., NB]`, as (block_ids[..., capacity], block_count[...]).
 
     `k` is an int or an int array broadcastable to `bscores.shape[:-1]` (per-(B, H) budgets), clipped to
     [1, capacity]; it counts the fixed (+inf) blocks too. Exactly min(k, #blocks with score > -inf) blocks
     are selected; -inf blocks only when nothing else exists (then block 0 alone). Ids are ascending.
+    `impl`: "topk" (lax.top_k of `capacity` candidates, then a sort of the ids) or "cutoff" (k-th largest
+    score by a sort of the scores alone, then an ordered compaction); same result, different speed.
     """
-    _check_selection_args(bscores, capacity)
+    _check_selection_args(bscores, capacity, impl)
     _check_int_array("k", k)
     k_arr = jnp.clip(jnp.broadcast_to(jnp.asarray(k, jnp.int32), bscores.shape[:-1]), 1, capacity)
-    vals, ids = lax.top_k(bscores, capacity)
-    return _finish_selection(vals, ids, k_arr)
+    return _select(bscores, k_arr, capacity, impl)
 
 
-@functools.partial(jax.jit, static_argnames=("capacity",))
+@functools.partial(jax.jit, static_argnames=("capacity", "impl"))
 def select_threshold(
-    bscores: jax.Array, log_threshold: float | jax.Array, capacity: int
+    bscores: jax.Array, log_threshold: float | jax.Array, capacity: int, *, impl: str = "topk"
 ) -> tuple[jax.Array, jax.Array]:
     """All blocks with score > `log_threshold` (a scalar or an array broadcastable to `bscores.shape[:-1]`).
 
     If more than `capacity` blocks pass, the `capacity` highest-scoring ones are kept (ties to the lower
     index); if none passes, the best block alone is kept (block 0 if every block is -inf). Ids ascending.
+    `impl` as in `select_topk`.
     """
-    _check_selection_args(bscores, capacity)
+    _check_selection_args(bscores, capacity, impl)
     thr = jnp.broadcast_to(jnp.asarray(log_threshold, jnp.float32), bscores.shape[:-1])
     n_over = jnp.sum(bscores > thr[..., None], axis=-1, dtype=jnp.int32)
-    vals, ids = lax.top_k(bscores, capacity)
-    return _finish_selection(vals, ids, jnp.clip(n_over, 1, capacity))
+    return _select(bscores, jnp.clip(n_over, 1, capacity), capacity, impl)
 
 
 # --------------------------------------------------------------------------------------------------------

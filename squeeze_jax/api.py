@@ -42,7 +42,8 @@ def question_tokens(tokenizer, question: str) -> list[int]:
 def index_context(model, tokenizer, context: str, config: IndexConfig | None = None, *, progress: bool = True):
     """Prefill the fixed context once and build its context index."""
     ids = context_tokens(tokenizer, context)
-    return build_index(model, np.asarray(ids, np.int32), config or IndexConfig(), progress=progress)
+    del progress  # the build shows its own progress bar on long K-means runs
+    return build_index(model, np.asarray(ids, np.int32), config or IndexConfig())
 
 
 def ask(
@@ -82,7 +83,8 @@ def ask(
     while B < n:
         B *= 2
     budget_B = jnp.asarray(budgets + [budgets[0]] * (B - n), jnp.float32)
-    state = ContextState(index=index, budget_B=budget_B)
+    # every backend-state leaf carries the layer axis the model scans over
+    state = ContextState(index=index, budget_B=jnp.broadcast_to(budget_B, (index.n_layers, B)))
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               stop_tokens=tuple(model.config.eos_token_ids) + _im_end(tokenizer))
     return generate(model, prompts, tokenizer=tokenizer, sampling=sampling, backend=backend,
@@ -90,11 +92,17 @@ def ask(
 
 
 def check_index_matches(model, index) -> None:
-    """Raise if `index` was built for another model architecture."""
-    fp = model.config.fingerprint()
-    if index.model_fingerprint.split(":")[0] != fp:
-        raise ValueError(f"this context index was built for another model (index fingerprint "
-                         f"{index.model_fingerprint!r}, model {model.config.name!r} has {fp!r})")
+    """Raise before any work if `index` was built for another model (architecture or weights)."""
+    from squeeze_jax.index.io import model_fingerprint
+
+    have = index.info.model_fingerprint
+    want = model_fingerprint(model)
+    if have != want:
+        raise ValueError(f"this context index was built for another model (index fingerprint {have!r}, "
+                         f"model {model.config.name!r} has {want!r})")
+    if index.n_layers != model.config.n_layers or index.n_kv_heads != model.config.n_kv_heads:
+        raise ValueError(f"index shape (layers {index.n_layers}, KV heads {index.n_kv_heads}) does not match "
+                         f"the model ({model.config.n_layers}, {model.config.n_kv_heads})")
 
 
 def _im_end(tokenizer) -> tuple[int, ...]:

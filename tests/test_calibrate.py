@@ -1,4 +1,4 @@
-"""Calibration: stable cluster probabilities, global threshold, recall curves vs brute force, budget allocation."""
+"""Calibration: stable probabilities, global threshold, recall curves vs brute force, budget allocation."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +53,7 @@ def _reference_stats(keys, pos, cents, start, size, q, qpos, n_fixed, fixed_pad,
     for h in range(H):
         cid = np.full(N, -1)
         for c in range(size.shape[1]):
-            cid[start[h, c]: start[h, c] + size[h, c]] = c
+            cid[start[h, c] : start[h, c] + size[h, c]] = c
         for t in range(T):
             best = np.full(size.shape[1], -np.inf)
             mass = np.zeros(N)
@@ -81,17 +81,42 @@ def test_recall_curves_match_brute_force():
     k = rng.normal(size=(H, S, D)).astype(np.float32)
     M = S - n_sink - window
     assign = np.stack([rng.permutation(np.arange(M) % C) for _ in range(H)]).astype(np.int32)
-    cents = np.stack([[k[h, n_sink:S - window][assign[h] == c].mean(0) for c in range(C)] for h in range(H)])
-    lay = build_layout(jnp.asarray(k), jnp.asarray(k), jnp.asarray(assign), jnp.asarray(cents, jnp.float32),
-                       n_sink=n_sink, window=window, block_pad=32)
+    cents = np.stack(
+        [[k[h, n_sink : S - window][assign[h] == c].mean(0) for c in range(C)] for h in range(H)]
+    )
+    lay = build_layout(
+        jnp.asarray(k),
+        jnp.asarray(k),
+        jnp.asarray(assign),
+        jnp.asarray(cents, jnp.float32),
+        n_sink=n_sink,
+        window=window,
+        block_pad=32,
+    )
     q = (rng.normal(size=(window, H * G, D)) * 2).astype(np.float32)
     qpos = np.arange(S - window, S, dtype=np.int32)
     kw = dict(n_fixed=lay.n_fixed, fixed_pad=lay.fixed_pad, n_clustered=lay.n_clustered, block_k=8)
-    prob, curve = layer_calibration_stats(lay.keys_PND, lay.positions_PN, lay.centroids_PCD, lay.cluster_start_PC,
-                                          lay.cluster_size_PC, jnp.asarray(q), jnp.asarray(qpos), q_chunk=5, **kw)
-    ref_prob, ref_curve = _reference_stats(np.asarray(lay.keys_PND), np.asarray(lay.positions_PN),
-                                           np.asarray(lay.centroids_PCD, np.float64), np.asarray(lay.cluster_start_PC),
-                                           np.asarray(lay.cluster_size_PC), q, qpos, **kw)
+    prob, curve = layer_calibration_stats(
+        lay.keys_PND,
+        lay.positions_PN,
+        lay.centroids_PCD,
+        lay.cluster_start_PC,
+        lay.cluster_size_PC,
+        jnp.asarray(q),
+        jnp.asarray(qpos),
+        q_chunk=5,
+        **kw,
+    )
+    ref_prob, ref_curve = _reference_stats(
+        np.asarray(lay.keys_PND),
+        np.asarray(lay.positions_PN),
+        np.asarray(lay.centroids_PCD, np.float64),
+        np.asarray(lay.cluster_start_PC),
+        np.asarray(lay.cluster_size_PC),
+        q,
+        qpos,
+        **kw,
+    )
     np.testing.assert_allclose(np.asarray(prob), ref_prob, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(np.asarray(curve), ref_curve, rtol=1e-4, atol=1e-5)
     c = np.asarray(curve)
@@ -105,8 +130,16 @@ def test_allocation_gives_fragile_heads_more_and_keeps_the_total():
     fragile = np.minimum(1.0, x / NB)
     recall = np.stack([easy, easy, easy, fragile])[None]  # [L=1, H=4, NB]
     S = NB * bk
-    budget, rep = allocate_budgets(recall, fraction=0.25, context_len=S, n_fixed=n_fixed, n_clustered=S - n_fixed,
-                                   block_k=bk, min_share=0.25, max_share=4.0)
+    budget, rep = allocate_budgets(
+        recall,
+        fraction=0.25,
+        context_len=S,
+        n_fixed=n_fixed,
+        n_clustered=S - n_fixed,
+        block_k=bk,
+        min_share=0.25,
+        max_share=4.0,
+    )
     uni = uniform_budget_blocks(0.25, S, n_fixed, bk)
     assert budget.shape == (1, 4) and budget.dtype == np.int32 and np.all(budget % bk == 0)
     assert budget.sum() == uni * bk * 4
@@ -118,7 +151,9 @@ def test_allocation_gives_fragile_heads_more_and_keeps_the_total():
 
 def test_equal_heads_get_equal_budgets():
     curve = np.tile(np.linspace(0.1, 1.0, 32), (2, 3, 1))
-    budget, rep = allocate_budgets(curve, fraction=0.5, context_len=512, n_fixed=16, n_clustered=496, block_k=16)
+    budget, rep = allocate_budgets(
+        curve, fraction=0.5, context_len=512, n_fixed=16, n_clustered=496, block_k=16
+    )
     assert np.all(budget == budget.flat[0])
     assert rep["recall_allocated_mean"] == pytest.approx(rep["recall_uniform_mean"])
 

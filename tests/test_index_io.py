@@ -30,16 +30,32 @@ def _synthetic_index(hierarchical: bool = True, calibrated: bool = True) -> Cont
     return ContextIndex(
         keys_LHND=jnp.asarray(rng.normal(size=(L, H, N, D)), jnp.bfloat16),
         values_LHND=jnp.asarray(rng.normal(size=(L, H, N, D)), jnp.bfloat16),
-        positions_LHN=i32(L, H, N), centroids_LHCD=f32(L, H, C, D), cluster_start_LHC=i32(L, H, C),
-        cluster_size_LHC=i32(L, H, C), radius_LHC=f32(L, H, C),
+        positions_LHN=i32(L, H, N),
+        centroids_LHCD=f32(L, H, C, D),
+        cluster_start_LHC=i32(L, H, C),
+        cluster_size_LHC=i32(L, H, C),
+        radius_LHC=f32(L, H, C),
         coarse_centroids_LHCcD=f32(L, H, Cc, D) if hierarchical else None,
         coarse_first_LHCc=i32(L, H, Cc) if hierarchical else None,
         coarse_count_LHCc=i32(L, H, Cc) if hierarchical else None,
-        log_threshold_LH=f32(L, H) if calibrated else None, budgets_LHF=i32(L, H, 2) if calibrated else None,
-        context_len=100, n_sink=4, window=12, n_fixed=16, fixed_pad=64, n_clustered=84, block_pad=64, block_k=16,
-        max_fine_per_coarse=3 if hierarchical else 0, budget_fractions=(0.5, 0.25) if calibrated else (),
-        info=IndexInfo(model_fingerprint="cfg-weights", token_hash="tok", build_config_json='{"iters": 3}',
-                       calibration_json='{"quantile": 0.9}'),
+        log_threshold_LH=f32(L, H) if calibrated else None,
+        budgets_LHF=i32(L, H, 2) if calibrated else None,
+        context_len=100,
+        n_sink=4,
+        window=12,
+        n_fixed=16,
+        fixed_pad=64,
+        n_clustered=84,
+        block_pad=64,
+        block_k=16,
+        max_fine_per_coarse=3 if hierarchical else 0,
+        budget_fractions=(0.5, 0.25) if calibrated else (),
+        info=IndexInfo(
+            model_fingerprint="cfg-weights",
+            token_hash="tok",
+            build_config_json='{"iters": 3}',
+            calibration_json='{"quantile": 0.9}',
+        ),
     )
 
 
@@ -75,6 +91,7 @@ def test_fingerprint_mismatch_is_reported_before_reading_arrays(tmp_path):
         load_index(tmp_path / "idx")
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's event loop on errors
 def test_truncated_or_corrupt_arrays_are_errors(tmp_path):
     save_index(_synthetic_index(), tmp_path / "idx")
     files = sorted(p for p in (tmp_path / "idx" / "arrays").rglob("*") if p.is_file())
@@ -164,28 +181,42 @@ def test_capture_and_build_from_tokens(tmp_path):
     from squeeze_jax.index.capture import capture_context
     from squeeze_jax.index.io import model_fingerprint
 
-    cfg = ModelConfig(name="tiny", vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                      ffn_dim=64, max_context=1024)
+    cfg = ModelConfig(
+        name="tiny",
+        vocab_size=97,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_dim=64,
+        max_context=1024,
+    )
     model = init_model(cfg, 0, jnp.float32)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=600).astype(np.int32)
 
     one = capture_context(model, tokens, chunk_size=600, window=40)
     chunked = capture_context(model, tokens, chunk_size=128, window=40)  # 5 chunks, the window spans two
     assert chunked.k_LHSD.shape == (2, 2, 600, 16) and chunked.q_window_LTHqD.shape == (2, 40, 4, 16)
-    for a, b in ((one.k_LHSD, chunked.k_LHSD), (one.v_LHSD, chunked.v_LHSD),
-                 (one.q_window_LTHqD, chunked.q_window_LTHqD)):
+    for a, b in (
+        (one.k_LHSD, chunked.k_LHSD),
+        (one.v_LHSD, chunked.v_LHSD),
+        (one.q_window_LTHqD, chunked.q_window_LTHqD),
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
-    icfg = IndexConfig.load("default").replace(window=40, n_sink=4, prefill_chunk=256, iters=5, progress=False,
-                                                budgets=(0.25, 0.125))
+    icfg = IndexConfig.load("default").replace(
+        window=40, n_sink=4, prefill_chunk=256, iters=5, progress=False, budgets=(0.25, 0.125)
+    )
     index, report = build_index_report(model, tokens, icfg)
     assert "capture" in report.stage_seconds and index.calibrated
     assert index.token_hash == token_hash(tokens) and index.model_fingerprint == model_fingerprint(model)
     pos = np.asarray(index.positions_LHN)
     keys = np.asarray(index.keys_LHND)
     valid = pos[0, 0] >= 0
-    np.testing.assert_allclose(keys[0, 0][valid], np.asarray(one.k_LHSD)[0, 0][pos[0, 0][valid]], rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        keys[0, 0][valid], np.asarray(one.k_LHSD)[0, 0][pos[0, 0][valid]], rtol=1e-4, atol=1e-5
+    )
 
     save_index(index, tmp_path / "idx")
     loaded = load_index(tmp_path / "idx", expected_model_fingerprint=model_fingerprint(model))

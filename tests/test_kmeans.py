@@ -104,8 +104,13 @@ def _degenerate_inputs():
     big = rng.normal(size=(P, N, D)) * 1e4
     offset = 1e4 + rng.normal(size=(P, N, D))  # norms ~3e4, spread ~1: tests the centring
     zeros_and_dups = np.concatenate([np.zeros((P, N // 2, D)), dup[:, : N // 2]], axis=1)
-    return {"duplicates": dup, "all_equal": equal, "norm_1e4": big, "offset_1e4": offset,
-            "zero_vectors": zeros_and_dups}
+    return {
+        "duplicates": dup,
+        "all_equal": equal,
+        "norm_1e4": big,
+        "offset_1e4": offset,
+        "zero_vectors": zeros_and_dups,
+    }
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
@@ -138,8 +143,9 @@ def test_padding_and_progress_loop_do_not_change_the_result():
     base = kmeans(x, C, key=KEY, iters=30)
     other = kmeans(x, C, key=KEY, iters=30, chunk=96, progress=True, progress_every=4)  # N padded to 288
     np.testing.assert_array_equal(np.asarray(base.assign_PN), np.asarray(other.assign_PN))
-    np.testing.assert_allclose(np.asarray(base.centroids_PCD), np.asarray(other.centroids_PCD), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(base.centroids_PCD), np.asarray(other.centroids_PCD), rtol=1e-5, atol=1e-6
+    )
     assert int(base.n_iters) == int(other.n_iters)
     np.testing.assert_allclose(np.asarray(base.history_PI), np.asarray(other.history_PI), rtol=1e-5)
 

@@ -1,4 +1,4 @@
-"""Cluster-ordered layout, coarse level and the whole build from K/V: contiguity, positions, exact attention."""
+"""Cluster-ordered layout, coarse level and the whole build from K/V: contiguity, positions, attention."""
 
 import json
 
@@ -22,7 +22,9 @@ def _random_problem(seed: int = 0):
     v = rng.normal(size=(P, S, D)).astype(np.float32)
     M = S - N_SINK - WINDOW
     assign = np.stack([rng.permutation(np.arange(M) % C) for _ in range(P)]).astype(np.int32)
-    cents = np.stack([[k[p, N_SINK:S - WINDOW][assign[p] == c].mean(0) for c in range(C)] for p in range(P)])
+    cents = np.stack(
+        [[k[p, N_SINK : S - WINDOW][assign[p] == c].mean(0) for c in range(C)] for p in range(P)]
+    )
     return k, v, assign, cents.astype(np.float32)
 
 
@@ -39,8 +41,16 @@ def test_layout_is_a_cluster_contiguous_permutation(reorder):
     k, v, assign, cents = _random_problem()
     rng = np.random.default_rng(1)
     order = np.stack([rng.permutation(C) for _ in range(P)]).astype(np.int32) if reorder else None
-    lay = build_layout(jnp.asarray(k), jnp.asarray(v), jnp.asarray(assign), jnp.asarray(cents), n_sink=N_SINK,
-                       window=WINDOW, block_pad=64, fine_order_PC=None if order is None else jnp.asarray(order))
+    lay = build_layout(
+        jnp.asarray(k),
+        jnp.asarray(v),
+        jnp.asarray(assign),
+        jnp.asarray(cents),
+        n_sink=N_SINK,
+        window=WINDOW,
+        block_pad=64,
+        fine_order_PC=None if order is None else jnp.asarray(order),
+    )
     sizes = LayoutSizes(S, N_SINK, WINDOW, 64)
     assert (lay.n_fixed, lay.fixed_pad, lay.n_clustered) == (24, 64, S - 24)
     assert lay.n_pad == sizes.n_pad == 384 and lay.keys_PND.shape == (P, 384, D)
@@ -50,7 +60,7 @@ def test_layout_is_a_cluster_contiguous_permutation(reorder):
     for p in range(P):
         fixed = list(range(N_SINK)) + list(range(S - WINDOW, S))
         np.testing.assert_array_equal(pos[p, :24], fixed)
-        assert np.all(pos[p, 24:64] == -1) and np.all(pos[p, 64 + S - 24:] == -1)
+        assert np.all(pos[p, 24:64] == -1) and np.all(pos[p, 64 + S - 24 :] == -1)
         valid = pos[p] >= 0
         assert sorted(pos[p][valid].tolist()) == list(range(S))
         np.testing.assert_array_equal(keys[p][valid], k[p][pos[p][valid]])
@@ -59,7 +69,7 @@ def test_layout_is_a_cluster_contiguous_permutation(reorder):
         old_of_new = order[p] if reorder else np.arange(C)
         assert start[p, 0] == 64 and np.all(start[p, 1:] == start[p, :-1] + size[p, :-1])
         for c in range(C):
-            seg = pos[p, start[p, c]: start[p, c] + size[p, c]]
+            seg = pos[p, start[p, c] : start[p, c] + size[p, c]]
             assert np.all(assign[p][seg - N_SINK] == old_of_new[c])
             assert np.all(np.diff(seg) > 0)  # token order inside a cluster
             np.testing.assert_allclose(np.asarray(lay.centroids_PCD)[p, c], cents[p, old_of_new[c]])
@@ -69,8 +79,9 @@ def test_layout_is_a_cluster_contiguous_permutation(reorder):
 
 def test_attention_over_reordered_kv_equals_original():
     k, v, assign, cents = _random_problem(2)
-    lay = build_layout(jnp.asarray(k), jnp.asarray(v), jnp.asarray(assign), jnp.asarray(cents), n_sink=N_SINK,
-                       window=WINDOW)
+    lay = build_layout(
+        jnp.asarray(k), jnp.asarray(v), jnp.asarray(assign), jnp.asarray(cents), n_sink=N_SINK, window=WINDOW
+    )
     q = np.random.default_rng(3).normal(size=(P, 5, D)).astype(np.float32) * 3
     for p in range(P):
         want = _dense_attention(q[p], k[p], v[p], np.ones(S, bool))
@@ -82,8 +93,14 @@ def test_attention_over_reordered_kv_equals_original():
 def test_layout_rejects_bad_shapes():
     k, v, assign, cents = _random_problem()
     with pytest.raises(ValueError, match="assign_PM"):
-        build_layout(jnp.asarray(k), jnp.asarray(v), jnp.asarray(assign[:, 1:]), jnp.asarray(cents), n_sink=N_SINK,
-                     window=WINDOW)
+        build_layout(
+            jnp.asarray(k),
+            jnp.asarray(v),
+            jnp.asarray(assign[:, 1:]),
+            jnp.asarray(cents),
+            n_sink=N_SINK,
+            window=WINDOW,
+        )
     with pytest.raises(ValueError, match="no token to cluster"):
         LayoutSizes(10, 4, 6, 64)
 
@@ -92,8 +109,14 @@ def test_hierarchy_orders_fine_clusters_by_parent_and_caps_them():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 400, 8))
     fine = kmeans(x, 40, key=jax.random.PRNGKey(1), iters=10)
     n_coarse, cap_factor = 8, 1.0  # cap = average: forces re-homing into a perfectly balanced level
-    h = build_hierarchy(fine.centroids_PCD, fine.sizes_PC, n_coarse, key=jax.random.PRNGKey(2), iters=10,
-                        cap_factor=cap_factor)
+    h = build_hierarchy(
+        fine.centroids_PCD,
+        fine.sizes_PC,
+        n_coarse,
+        key=jax.random.PRNGKey(2),
+        iters=10,
+        cap_factor=cap_factor,
+    )
     cap = max_fine_per_coarse(40, n_coarse, cap_factor)
     assert h.max_fine_per_coarse == cap == 5
     first, count = np.asarray(h.coarse_first_PCc), np.asarray(h.coarse_count_PCc)
@@ -104,7 +127,7 @@ def test_hierarchy_orders_fine_clusters_by_parent_and_caps_them():
         assert np.all(count[p] >= 1) and np.all(count[p] <= cap) and count[p].sum() == 40
         np.testing.assert_array_equal(first[p], np.cumsum(count[p]) - count[p])
         for j in range(n_coarse):
-            members = order[p, first[p, j]: first[p, j] + count[p, j]]
+            members = order[p, first[p, j] : first[p, j] + count[p, j]]
             assert np.all(parent[p, members] == j)
             want = (fc[p, members] * fs[p, members, None]).sum(0) / fs[p, members].sum()
             np.testing.assert_allclose(np.asarray(h.coarse_centroids_PCcD)[p, j], want, rtol=1e-4, atol=1e-5)
@@ -112,11 +135,15 @@ def test_hierarchy_orders_fine_clusters_by_parent_and_caps_them():
 
 def test_capacity_rehoming_moves_the_farthest_members():
     rng = np.random.default_rng(0)
-    pts = np.concatenate([rng.normal(size=(10, 4)) * 0.01, rng.normal(size=(2, 4)) * 0.01 + 5.0])
-    assign = np.array([0] * 10 + [1, 1])
-    out = _cap_one(assign, pts, np.ones(12), n_coarse=3, cap=4)
+    near = rng.normal(size=(10, 4)) * 0.01
+    near[:4] *= 0.01  # the 4 members closest to the centroid of coarse cluster 0
+    pts = np.concatenate([near, rng.normal(size=(2, 4)) * 0.01 + 5.0, rng.normal(size=(1, 4)) * 0.01 - 5.0])
+    assign = np.array([0] * 10 + [1, 1] + [2])
+    out = np.asarray(_cap_one(jnp.asarray(pts, jnp.float32), jnp.ones(13), jnp.asarray(assign), n_coarse=3, cap=5))
     counts = np.bincount(out, minlength=3)
-    assert counts.max() <= 4 and counts.min() >= 1 and counts.sum() == 12
+    assert counts.max() <= 5 and counts.min() >= 1 and counts.sum() == 13
+    assert np.all(out[:4] == 0)  # the closest members stay
+    assert np.all(out[10:12] == 1) and out[12] == 2
 
 
 def test_build_from_kv_end_to_end():
@@ -124,8 +151,9 @@ def test_build_from_kv_end_to_end():
     rng = np.random.default_rng(4)
     k = jnp.asarray(rng.normal(size=(L, H, S_, D_)), jnp.bfloat16)
     v = jnp.asarray(rng.normal(size=(L, H, S_, D_)), jnp.bfloat16)
-    cfg = IndexConfig.load("default").replace(window=60, n_sink=4, hierarchical=True, layer_group=1,
-                                               progress=False, iters=8, budgets=(0.25, 0.125))
+    cfg = IndexConfig.load("default").replace(
+        window=60, n_sink=4, hierarchical=True, layer_group=1, progress=False, iters=8, budgets=(0.25, 0.125)
+    )
     q = jnp.asarray(rng.normal(size=(L, cfg.window, H * G, D_)), jnp.bfloat16)
     index, report = build_index_from_kv_report(k, v, q, cfg, model_fingerprint="m", context_token_hash="t")
     index.check()
@@ -140,10 +168,18 @@ def test_build_from_kv_end_to_end():
     for layer in range(L):
         for h in range(H):
             pos = np.asarray(index.positions_LHN[layer, h])
-            got = _dense_attention(qq, np.asarray(index.keys_LHND[layer, h], np.float32),
-                                   np.asarray(index.values_LHND[layer, h], np.float32), pos >= 0)
-            want = _dense_attention(qq, np.asarray(k[layer, h], np.float32), np.asarray(v[layer, h], np.float32),
-                                    np.ones(S_, bool))
+            got = _dense_attention(
+                qq,
+                np.asarray(index.keys_LHND[layer, h], np.float32),
+                np.asarray(index.values_LHND[layer, h], np.float32),
+                pos >= 0,
+            )
+            want = _dense_attention(
+                qq,
+                np.asarray(k[layer, h], np.float32),
+                np.asarray(v[layer, h], np.float32),
+                np.ones(S_, bool),
+            )
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # without window queries: no calibration, same clustering
     plain = build_index_from_kv(k, v, None, cfg)

@@ -70,7 +70,7 @@ def test_selection_forces_sinks_and_local_diagonals():
     np.testing.assert_array_equal(np.asarray(offs_f), offs_fnp)
     dropped = cols_fnp == 300
     assert 0 < dropped.sum() < dropped.size and np.all(np.isin(np.arange(30), cols_fnp))
-    assert np.all(cols_fnp[~dropped] == cols_np[~dropped]) and np.all(np.diff(cols_fnp[..., :30]) > 0)
+    assert all(np.isin(cols_fnp[i][cols_fnp[i] < 300], cols_np[i]).all() for i in np.ndindex(2, 3))
     assert np.all(offs_fnp[..., :5] == 300) and np.all(np.isin(np.arange(20), offs_fnp))
     with pytest.raises(ValueError, match="n_vertical"):
         P.select_vertical_slash(

@@ -380,6 +380,9 @@ def test_backend_state_is_sliced_per_layer_and_aux_stacked(base):
     assert not np.allclose(np.asarray(logits), np.asarray(full), atol=1e-3)
     same, _, _ = run(model, tokens, cache, backend=ScaledDense(), state={"scale": jnp.ones(2)})
     np.testing.assert_allclose(np.asarray(same), np.asarray(full), atol=1e-6)
+    with pytest.raises(ValueError, match=r"backend_state leaf \['scale'\] has shape \(3,\)"):
+        model(jnp.asarray(tokens, jnp.int32), jnp.zeros((B2, 12), jnp.int32), jnp.array([12, 12]), cache,
+              ScaledDense(), {"scale": jnp.ones(3)})
     _, _, captured = run(model, tokens, cache, backend=DenseAttention(capture_queries=True))
     assert captured["q"].shape == (BASE.n_layers, B2, 12, BASE.n_heads, BASE.head_dim)
 

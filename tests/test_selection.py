@@ -87,13 +87,14 @@ def _check_selection(ids, count, bscores, capacity):
             assert (row[valid] > -np.inf).all()  # -inf never selected while something else exists
 
 
+@pytest.mark.parametrize("impl", ["topk", "cutoff"])
 @pytest.mark.parametrize("capacity", [1, 7, 40])
-def test_select_topk_matches_ref_and_invariants(capacity):
+def test_select_topk_matches_ref_and_invariants(capacity, impl):
     rng = np.random.default_rng(capacity)
     B, H, NB = 2, 3, 40
     bs = _bscores(rng, B, H, NB)
     k = rng.integers(0, capacity + 3, size=(B, H)).astype(np.int32)  # includes 0 and > capacity
-    ids, count = select_topk(jnp.asarray(bs), jnp.asarray(k), capacity)
+    ids, count = select_topk(jnp.asarray(bs), jnp.asarray(k), capacity, impl=impl)
     want_ids, want_count = select_blocks_ref(bs, capacity=capacity, k=k)
     np.testing.assert_array_equal(np.asarray(ids), want_ids)
     np.testing.assert_array_equal(np.asarray(count), want_count)
@@ -114,27 +115,30 @@ def test_select_topk_budget_selects_exactly_k_with_per_head_budgets():
         np.testing.assert_array_equal(sel, top)
 
 
-def test_select_topk_fixed_blocks_always_first_and_ties_to_lower_index():
+@pytest.mark.parametrize("impl", ["topk", "cutoff"])
+def test_select_topk_fixed_blocks_always_first_and_ties_to_lower_index(impl):
     bs = np.array([[np.inf, np.inf, 0.5, 0.5, 0.5, 0.9, -np.inf]], np.float32)
-    ids, count = select_topk(jnp.asarray(bs), 4, 6)
+    ids, count = select_topk(jnp.asarray(bs), 4, 6, impl=impl)
     np.testing.assert_array_equal(np.asarray(ids)[0], [0, 1, 2, 5, 5, 5])
     assert int(count[0]) == 4
 
 
-def test_selection_never_empty_when_everything_is_neg_inf():
+@pytest.mark.parametrize("impl", ["topk", "cutoff"])
+def test_selection_never_empty_when_everything_is_neg_inf(impl):
     bs = jnp.full((2, 10), -jnp.inf)
-    for ids, count in (select_topk(bs, 3, 4), select_threshold(bs, -1.0, 4)):
+    for ids, count in (select_topk(bs, 3, 4, impl=impl), select_threshold(bs, -1.0, 4, impl=impl)):
         np.testing.assert_array_equal(np.asarray(ids), np.zeros((2, 4), np.int32))
         np.testing.assert_array_equal(np.asarray(count), [1, 1])
 
 
+@pytest.mark.parametrize("impl", ["topk", "cutoff"])
 @pytest.mark.parametrize("capacity", [3, 12, 30])
-def test_select_threshold_matches_ref(capacity):
+def test_select_threshold_matches_ref(capacity, impl):
     rng = np.random.default_rng(10 + capacity)
     B, H, NB = 2, 2, 30
     bs = _bscores(rng, B, H, NB)
     thr = np.array([[0.3, 5.0], [-0.2, 0.0]], np.float32)  # 5.0: nothing but the fixed blocks passes
-    ids, count = select_threshold(jnp.asarray(bs), jnp.asarray(thr), capacity)
+    ids, count = select_threshold(jnp.asarray(bs), jnp.asarray(thr), capacity, impl=impl)
     want_ids, want_count = select_blocks_ref(bs, capacity=capacity, log_threshold=thr)
     np.testing.assert_array_equal(np.asarray(ids), want_ids)
     np.testing.assert_array_equal(np.asarray(count), want_count)
@@ -167,6 +171,8 @@ def test_selection_rejects_bad_args():
         select_topk(bs, jnp.array([1.5, 2.0]), 4)
     with pytest.raises(TypeError, match="floating"):
         select_topk(jnp.zeros((2, 8), jnp.int32), 2, 4)
+    with pytest.raises(ValueError, match="impl"):
+        select_topk(bs, 2, 4, impl="heap")
     with pytest.raises(ValueError, match="exactly one"):
         select_blocks_ref(np.zeros((2, 8)), capacity=2)
 

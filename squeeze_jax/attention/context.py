@@ -47,6 +47,42 @@ class ContextState:
 
 
 @dataclasses.dataclass(frozen=True)
+class LayerIndex:
+    """One layer of a `ContextIndex` (leading L axis already removed by the layer scan), short names."""
+
+    keys: jax.Array
+    values: jax.Array
+    positions: jax.Array
+    centroids: jax.Array
+    cluster_start: jax.Array
+    cluster_size: jax.Array
+    radius: jax.Array
+    coarse_centroids: jax.Array | None
+    coarse_first: jax.Array | None
+    coarse_count: jax.Array | None
+    context_len: int
+    n_fixed: int
+    fixed_pad: int
+    n_clustered: int
+    max_fine_per_coarse: int
+
+    @classmethod
+    def of(cls, ix) -> LayerIndex:
+        return cls(ix.keys_LHND, ix.values_LHND, ix.positions_LHN, ix.centroids_LHCD, ix.cluster_start_LHC,
+                   ix.cluster_size_LHC, ix.radius_LHC, ix.coarse_centroids_LHCcD, ix.coarse_first_LHCc,
+                   ix.coarse_count_LHCc, ix.context_len, ix.n_fixed, ix.fixed_pad, ix.n_clustered,
+                   ix.max_fine_per_coarse)
+
+    @property
+    def coarse_size(self) -> jax.Array:
+        """Keys under each coarse cluster `[H, Cc]` (sum of its run of fine cluster sizes)."""
+        cs = jnp.cumsum(self.cluster_size, axis=-1)
+        cs = jnp.concatenate([jnp.zeros_like(cs[:, :1]), cs], axis=-1)
+        end = jnp.take_along_axis(cs, self.coarse_first + self.coarse_count, axis=-1)
+        return end - jnp.take_along_axis(cs, self.coarse_first, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
 class ContextAttention:
     """Attention backend for prompts that continue a pre-indexed fixed context.
 
@@ -81,7 +117,7 @@ class ContextAttention:
     def __call__(self, q_BTHqD, k_BTHD, v_BTHD, layer_kv: LayerKV, lengths_B, seq_lens_B, positions_BT,
                  layer_state: ContextState):
         del positions_BT
-        idx = layer_state.index
+        idx = LayerIndex.of(layer_state.index)
         new_kv = write_kv(layer_kv, k_BTHD, v_BTHD, lengths_B, seq_lens_B)
         B, T, Hq, D = q_BTHqD.shape
         H = idx.keys.shape[0]
@@ -109,8 +145,11 @@ class ContextAttention:
     def _k_blocks(self, idx, budget_B) -> tuple[jax.Array, int]:
         n_blocks_valid = math.ceil(idx.context_len / self.block_k)
         fixed_blocks = -(-idx.n_fixed // self.block_k)
-        capacity = min(max(math.ceil(self.max_budget * idx.context_len / self.block_k), fixed_blocks + 1),
-                       idx.keys.shape[1] // self.block_k)
+        all_blocks = idx.keys.shape[1] // self.block_k
+        budget = 1.0 if self.policy == "dense" else self.max_budget
+        capacity = min(max(math.ceil(budget * idx.context_len / self.block_k), fixed_blocks + 1), all_blocks)
+        if self.policy == "dense":
+            capacity = all_blocks
         k_B = jnp.ceil(budget_B * idx.context_len / self.block_k).astype(jnp.int32)
         k_B = jnp.clip(k_B, min(fixed_blocks + 1, capacity), min(capacity, n_blocks_valid + fixed_blocks))
         return k_B, capacity

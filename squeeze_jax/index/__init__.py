@@ -21,8 +21,21 @@ from squeeze_jax.index.io import (
 )
 
 __all__ = [
-    "FORMAT_VERSION", "BuildReport", "ContextIndex", "IndexConfig", "IndexFormatError", "IndexInfo",
-    "IndexMismatchError", "build_index", "build_index_from_kv", "build_index_from_kv_report",
-    "build_index_report", "describe_report", "load_index", "model_fingerprint", "read_index_metadata",
-    "save_index", "token_hash",
+    "FORMAT_VERSION",
+    "BuildReport",
+    "ContextIndex",
+    "IndexConfig",
+    "IndexFormatError",
+    "IndexInfo",
+    "IndexMismatchError",
+    "build_index",
+    "build_index_from_kv",
+    "build_index_from_kv_report",
+    "build_index_report",
+    "describe_report",
+    "load_index",
+    "model_fingerprint",
+    "read_index_metadata",
+    "save_index",
+    "token_hash",
 ]

@@ -1,8 +1,8 @@
 """Offline index build: (capture) -> K-means -> (coarse level) -> cluster-ordered layout -> calibration.
 
-`build_index(model, tokens, config)` runs the chunked dense prefill of the fixed context and captures K, V and the
-window queries; `build_index_from_kv(k, v, q_window, config)` is everything after the capture. Layers are
-processed in groups (`layer_group`, auto-sized from a memory budget) so that long contexts fit in device memory.
+`build_index(model, tokens, config)` runs the chunked dense prefill of the fixed context and captures K, V and
+the window queries; `build_index_from_kv(k, v, q_window, config)` is everything after the capture. Layers are
+processed in groups (`layer_group`, auto-sized from a memory budget) so that long contexts fit on the device.
 """
 
 from __future__ import annotations
@@ -71,34 +71,46 @@ class IndexConfig:
         if self.n_centroids is not None and self.n_centroids < 1:
             raise ValueError(f"n_centroids must be >= 1 or None, got {self.n_centroids}")
         if self.iters < 0 or self.tol < 0 or self.n_restarts < 1:
-            raise ValueError(f"need iters >= 0, tol >= 0, n_restarts >= 1; got {self.iters}, {self.tol}, "
-                             f"{self.n_restarts}")
+            raise ValueError(
+                f"need iters >= 0, tol >= 0, n_restarts >= 1; got {self.iters}, {self.tol}, {self.n_restarts}"
+            )
         if self.metric not in ("cosine", "l2"):
             raise ValueError(f"metric must be 'cosine' or 'l2', got {self.metric!r}")
         if self.n_sink < 0 or self.window < 0:
             raise ValueError(f"n_sink and window must be >= 0, got {self.n_sink}, {self.window}")
         if self.block_pad < 1 or self.block_k < 1 or self.block_pad % self.block_k:
-            raise ValueError(f"block_pad ({self.block_pad}) must be a positive multiple of block_k ({self.block_k})")
+            raise ValueError(
+                f"block_pad ({self.block_pad}) must be a positive multiple of block_k ({self.block_k})"
+            )
         if not 0.0 < self.coarse_fraction <= 1.0 or self.coarse_cap_factor < 1.0:
-            raise ValueError(f"need 0 < coarse_fraction <= 1 and coarse_cap_factor >= 1, got "
-                             f"{self.coarse_fraction}, {self.coarse_cap_factor}")
+            raise ValueError(
+                f"need 0 < coarse_fraction <= 1 and coarse_cap_factor >= 1, got "
+                f"{self.coarse_fraction}, {self.coarse_cap_factor}"
+            )
         if any(not 0.0 < b <= 1.0 for b in self.budgets) or len(set(self.budgets)) != len(self.budgets):
             raise ValueError(f"budgets must be distinct fractions in (0, 1], got {self.budgets}")
         if not 0.0 <= self.quantile < 1.0:
             raise ValueError(f"quantile must be in [0, 1), got {self.quantile}")
         if not 0.0 < self.min_budget_share <= 1.0 <= self.max_budget_share:
             raise ValueError("need 0 < min_budget_share <= 1 <= max_budget_share")
-        if self.prefill_chunk < 1 or self.calib_q_chunk < 1 or self.group_bytes < 1 or self.kmeans_chunk_bytes < 1:
+        if (
+            self.prefill_chunk < 1
+            or self.calib_q_chunk < 1
+            or self.group_bytes < 1
+            or self.kmeans_chunk_bytes < 1
+        ):
             raise ValueError("prefill_chunk, calib_q_chunk, group_bytes and kmeans_chunk_bytes must be >= 1")
         if self.layer_group is not None and self.layer_group < 1:
             raise ValueError(f"layer_group must be >= 1 or None, got {self.layer_group}")
         if self.matmul_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"matmul_dtype must be 'auto', 'float32' or 'bfloat16', got {self.matmul_dtype!r}")
+            raise ValueError(
+                f"matmul_dtype must be 'auto', 'float32' or 'bfloat16', got {self.matmul_dtype!r}"
+            )
         if self.assign_impl not in ASSIGN_IMPLS:
             raise ValueError(f"assign_impl must be one of {ASSIGN_IMPLS}, got {self.assign_impl!r}")
 
     def resolved_matmul_dtype(self) -> str:
-        """"auto": bfloat16 inputs (f32 accumulation) on GPU, float32 elsewhere."""
+        """ "auto": bfloat16 inputs (f32 accumulation) on GPU, float32 elsewhere."""
         if self.matmul_dtype != "auto":
             return self.matmul_dtype
         return "bfloat16" if jax.default_backend() == "gpu" else "float32"
@@ -167,8 +179,10 @@ def token_hash(tokens) -> str:
     return hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest()[:16]
 
 
-def auto_layer_group(n_layers: int, n_kv_heads: int, context_len: int, head_dim: int, group_bytes: int) -> int:
-    """Layers per group so that the K-means working set (~16 bytes per key element) stays under group_bytes."""
+def auto_layer_group(
+    n_layers: int, n_kv_heads: int, context_len: int, head_dim: int, group_bytes: int
+) -> int:
+    """Layers per group so that the K-means working set (~16 bytes per key element) fits group_bytes."""
     per_layer = 16 * n_kv_heads * context_len * head_dim
     return int(max(1, min(n_layers, group_bytes // max(per_layer, 1))))
 
@@ -204,7 +218,129 @@ def _validate_kv(k, v, q, config: IndexConfig, max_context: int | None) -> tuple
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _put_layers(buf, part, l0):
-    return jax.tree.map(lambda b, p: lax.dynamic_update_slice_in_dim(b, p.astype(b.dtype), l0, axis=0), buf, part)
+    return jax.tree.map(
+        lambda b, p: lax.dynamic_update_slice_in_dim(b, p.astype(b.dtype), l0, axis=0), buf, part
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupPlan:
+    """Derived sizes shared by every layer group of one build."""
+
+    config: IndexConfig
+    sizes: LayoutSizes
+    n_clusters: int
+    n_coarse: int
+    chunk: int
+    mm_dtype: str
+    kmeans_progress: bool
+
+
+def _build_group(k_GHSD, v_GHSD, q_GTHqD, key, plan: _GroupPlan):
+    """K-means -> coarse level -> layout -> calibration statistics for one group of layers.
+
+    Returns the group's arrays by ContextIndex field name (plus `_mean_prob_LHC` / `_recall_LHK` when
+    calibrating), seconds per stage, K-means iterations and mean objective.
+    """
+    cfg, sizes = plan.config, plan.sizes
+    Lg, H, S, D = k_GHSD.shape
+    P = Lg * H
+    k_P = k_GHSD.reshape(P, S, D)
+    v_P = v_GHSD.reshape(P, S, D)
+    times = {}
+
+    t = time.perf_counter()
+    km = kmeans(
+        k_P[:, cfg.n_sink : S - cfg.window],
+        plan.n_clusters,
+        key=key,
+        iters=cfg.iters,
+        tol=cfg.tol,
+        metric=cfg.metric,
+        chunk=plan.chunk,
+        n_restarts=cfg.n_restarts,
+        matmul_dtype=plan.mm_dtype,
+        assign_impl=cfg.assign_impl,
+        progress=plan.kmeans_progress,
+    )
+    jax.block_until_ready(km)
+    times["kmeans"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    hier = None
+    if cfg.hierarchical:
+        hier = build_hierarchy(
+            km.centroids_PCD,
+            km.sizes_PC,
+            plan.n_coarse,
+            key=jax.random.fold_in(key, 1),
+            iters=cfg.iters,
+            tol=cfg.tol,
+            metric=cfg.metric,
+            cap_factor=cfg.coarse_cap_factor,
+            matmul_dtype=plan.mm_dtype,
+            assign_impl=cfg.assign_impl,
+        )
+        jax.block_until_ready(hier)
+    times["hierarchy"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    lay = build_layout(
+        k_P,
+        v_P,
+        km.assign_PN,
+        km.centroids_PCD,
+        n_sink=cfg.n_sink,
+        window=cfg.window,
+        block_pad=cfg.block_pad,
+        fine_order_PC=None if hier is None else hier.fine_order_PC,
+    )
+    jax.block_until_ready(lay)
+    times["layout"] = time.perf_counter() - t
+
+    def per_layer(a):
+        return a.reshape((Lg, H) + a.shape[1:])
+
+    part = {
+        "keys_LHND": per_layer(lay.keys_PND),
+        "values_LHND": per_layer(lay.values_PND),
+        "positions_LHN": per_layer(lay.positions_PN),
+        "centroids_LHCD": per_layer(lay.centroids_PCD),
+        "cluster_start_LHC": per_layer(lay.cluster_start_PC),
+        "cluster_size_LHC": per_layer(lay.cluster_size_PC),
+        "radius_LHC": per_layer(lay.radius_PC),
+    }
+    if hier is not None:
+        part["coarse_centroids_LHCcD"] = per_layer(hier.coarse_centroids_PCcD)
+        part["coarse_first_LHCc"] = per_layer(hier.coarse_first_PCc)
+        part["coarse_count_LHCc"] = per_layer(hier.coarse_count_PCc)
+
+    t = time.perf_counter()
+    if q_GTHqD is not None:
+        q_pos = jnp.arange(S - cfg.window, S, dtype=jnp.int32)
+        probs, curves = [], []
+        for li in range(Lg):
+            p_HC, r_HK = layer_calibration_stats(
+                part["keys_LHND"][li],
+                part["positions_LHN"][li],
+                part["centroids_LHCD"][li],
+                part["cluster_start_LHC"][li],
+                part["cluster_size_LHC"][li],
+                q_GTHqD[li],
+                q_pos,
+                n_fixed=sizes.n_fixed,
+                fixed_pad=sizes.fixed_pad,
+                n_clustered=sizes.n_clustered,
+                block_k=cfg.block_k,
+                q_chunk=cfg.calib_q_chunk,
+            )
+            probs.append(p_HC)
+            curves.append(r_HK)
+        part["_mean_prob_LHC"] = jnp.stack(probs)
+        part["_recall_LHK"] = jnp.stack(curves)
+        jax.block_until_ready(part["_recall_LHK"])
+    times["calibration"] = time.perf_counter() - t
+    return part, times, int(km.n_iters), float(jnp.mean(km.objective_P))
 
 
 def build_index_from_kv(
@@ -222,8 +358,15 @@ def build_index_from_kv(
     q_window_LTHqD: post-RoPE queries of the last `config.window` context tokens; None skips calibration (the
     index then has no threshold and no budgets).
     """
-    return build_index_from_kv_report(k_LHND, v_LHND, q_window_LTHqD, config, model_fingerprint=model_fingerprint,
-                                      context_token_hash=context_token_hash, max_context=max_context)[0]
+    return build_index_from_kv_report(
+        k_LHND,
+        v_LHND,
+        q_window_LTHqD,
+        config,
+        model_fingerprint=model_fingerprint,
+        context_token_hash=context_token_hash,
+        max_context=max_context,
+    )[0]
 
 
 def build_index_from_kv_report(
@@ -236,7 +379,7 @@ def build_index_from_kv_report(
     context_token_hash: str = "",
     max_context: int | None = None,
 ) -> tuple[ContextIndex, BuildReport]:
-    """`build_index_from_kv` that also returns a `BuildReport` (per-stage seconds, K-means stats, calibration)."""
+    """`build_index_from_kv` that also returns a `BuildReport` (stage seconds, K-means stats, calibration)."""
     if not isinstance(config, IndexConfig):
         raise TypeError(f"config must be an IndexConfig, got {type(config).__name__}")
     L, H, S, D, C = _validate_kv(k_LHND, v_LHND, q_window_LTHqD, config, max_context)
@@ -244,21 +387,25 @@ def build_index_from_kv_report(
     M = sizes.n_clustered
     Cc = config.n_coarse(M, C) if config.hierarchical else 0
     cap = max_fine_per_coarse(C, Cc, config.coarse_cap_factor) if config.hierarchical else 0
-    group = config.layer_group or auto_layer_group(L, H, S, D, config.group_bytes)
-    group = min(group, L)
-    chunk = auto_chunk(group * H, M, C, config.kmeans_chunk_bytes)
+    group = min(config.layer_group or auto_layer_group(L, H, S, D, config.group_bytes), L)
+    starts = list(range(0, L, group))
+    plan = _GroupPlan(
+        config=config,
+        sizes=sizes,
+        n_clusters=C,
+        n_coarse=Cc,
+        chunk=auto_chunk(group * H, M, C, config.kmeans_chunk_bytes),
+        mm_dtype=config.resolved_matmul_dtype(),
+        kmeans_progress=config.progress and len(starts) == 1,
+    )
     calibrate = q_window_LTHqD is not None
-    mm_dtype = config.resolved_matmul_dtype()
     key = jax.random.PRNGKey(config.seed)
     stage = {"kmeans": 0.0, "hierarchy": 0.0, "layout": 0.0, "calibration": 0.0, "finalize": 0.0}
     group_seconds: list[float] = []
     iters_log: list[int] = []
     obj_log: list[float] = []
-    q_pos = jnp.arange(S - config.window, S, dtype=jnp.int32)
-    lo, hi = config.n_sink, S - config.window
 
     buf = None
-    starts = list(range(0, L, group))
     bar = None
     if config.progress and len(starts) > 1:
         from tqdm.auto import tqdm
@@ -267,67 +414,14 @@ def build_index_from_kv_report(
     for l0 in starts:
         g0 = time.perf_counter()
         l1 = min(L, l0 + group)
-        P = (l1 - l0) * H
-        k_P = k_LHND[l0:l1].reshape(P, S, D)
-        v_P = v_LHND[l0:l1].reshape(P, S, D)
-
-        t = time.perf_counter()
-        km = kmeans(k_P[:, lo:hi], C, key=jax.random.fold_in(key, l0), iters=config.iters, tol=config.tol,
-                    metric=config.metric, chunk=chunk, n_restarts=config.n_restarts,
-                    matmul_dtype=mm_dtype, assign_impl=config.assign_impl,
-                    progress=config.progress and len(starts) == 1)
-        jax.block_until_ready(km)
-        stage["kmeans"] += time.perf_counter() - t
-        iters_log.append(int(km.n_iters))
-        obj_log.append(float(jnp.mean(km.objective_P)))
-
-        t = time.perf_counter()
-        hier = None
-        if config.hierarchical:
-            hier = build_hierarchy(km.centroids_PCD, km.sizes_PC, Cc, key=jax.random.fold_in(key, 10_000 + l0),
-                                   iters=config.iters, tol=config.tol, metric=config.metric,
-                                   cap_factor=config.coarse_cap_factor, matmul_dtype=mm_dtype,
-                                   assign_impl=config.assign_impl)
-            jax.block_until_ready(hier)
-        stage["hierarchy"] += time.perf_counter() - t
-
-        t = time.perf_counter()
-        lay = build_layout(k_P, v_P, km.assign_PN, km.centroids_PCD, n_sink=config.n_sink, window=config.window,
-                           block_pad=config.block_pad, fine_order_PC=None if hier is None else hier.fine_order_PC)
-        jax.block_until_ready(lay)
-        stage["layout"] += time.perf_counter() - t
-        del km
-
-        def per_layer(a):
-            return a.reshape((l1 - l0, H) + a.shape[1:])
-
-        part = {
-            "keys_LHND": per_layer(lay.keys_PND), "values_LHND": per_layer(lay.values_PND),
-            "positions_LHN": per_layer(lay.positions_PN), "centroids_LHCD": per_layer(lay.centroids_PCD),
-            "cluster_start_LHC": per_layer(lay.cluster_start_PC), "cluster_size_LHC": per_layer(lay.cluster_size_PC),
-            "radius_LHC": per_layer(lay.radius_PC),
-        }
-        if hier is not None:
-            part["coarse_centroids_LHCcD"] = per_layer(hier.coarse_centroids_PCcD)
-            part["coarse_first_LHCc"] = per_layer(hier.coarse_first_PCc)
-            part["coarse_count_LHCc"] = per_layer(hier.coarse_count_PCc)
-        del lay, hier
-
-        t = time.perf_counter()
-        if calibrate:
-            probs, curves = [], []
-            for li in range(l1 - l0):
-                p_HC, r_HK = layer_calibration_stats(
-                    part["keys_LHND"][li], part["positions_LHN"][li], part["centroids_LHCD"][li],
-                    part["cluster_start_LHC"][li], part["cluster_size_LHC"][li], q_window_LTHqD[l0 + li], q_pos,
-                    n_fixed=sizes.n_fixed, fixed_pad=sizes.fixed_pad, n_clustered=M, block_k=config.block_k,
-                    q_chunk=config.calib_q_chunk)
-                probs.append(p_HC)
-                curves.append(r_HK)
-            part["_mean_prob_LHC"] = jnp.stack(probs)
-            part["_recall_LHK"] = jnp.stack(curves)
-            jax.block_until_ready(part["_recall_LHK"])
-        stage["calibration"] += time.perf_counter() - t
+        q_group = q_window_LTHqD[l0:l1] if calibrate else None
+        part, times, n_iters, objective = _build_group(
+            k_LHND[l0:l1], v_LHND[l0:l1], q_group, jax.random.fold_in(key, l0), plan
+        )
+        for name, sec in times.items():
+            stage[name] += sec
+        iters_log.append(n_iters)
+        obj_log.append(objective)
 
         t = time.perf_counter()
         if len(starts) == 1:
@@ -356,13 +450,21 @@ def build_index_from_kv_report(
         thr = global_log_threshold(mean_prob, sizes_np, config.quantile)
         calib_report["quantile"] = config.quantile
         calib_report["log_threshold"] = thr
-        calib_report["kept_fraction_per_layer"] = [float(x) for x in
-                                                   kept_fraction_at_threshold(mean_prob, sizes_np, thr)]
+        calib_report["kept_fraction_per_layer"] = [
+            float(x) for x in kept_fraction_at_threshold(mean_prob, sizes_np, thr)
+        ]
         cols, reports = [], []
         for f in config.budgets:
-            b_LH, rep = allocate_budgets(recall, fraction=f, context_len=S, n_fixed=sizes.n_fixed, n_clustered=M,
-                                         block_k=config.block_k, min_share=config.min_budget_share,
-                                         max_share=config.max_budget_share)
+            b_LH, rep = allocate_budgets(
+                recall,
+                fraction=f,
+                context_len=S,
+                n_fixed=sizes.n_fixed,
+                n_clustered=M,
+                block_k=config.block_k,
+                min_share=config.min_budget_share,
+                max_share=config.max_budget_share,
+            )
             cols.append(b_LH)
             reports.append(rep)
         calib_report["budgets"] = reports
@@ -370,22 +472,50 @@ def build_index_from_kv_report(
         budgets = jnp.asarray(np.stack(cols, axis=-1), jnp.int32)
     stage["calibration"] += time.perf_counter() - t
 
-    info = IndexInfo(model_fingerprint=model_fingerprint, token_hash=context_token_hash,
-                     library_version=library_version(), build_config_json=json.dumps(config.to_dict(), sort_keys=True),
-                     calibration_json=json.dumps(calib_report, sort_keys=True))
+    info = IndexInfo(
+        model_fingerprint=model_fingerprint,
+        token_hash=context_token_hash,
+        library_version=library_version(),
+        build_config_json=json.dumps(config.to_dict(), sort_keys=True),
+        calibration_json=json.dumps(calib_report, sort_keys=True),
+    )
     index = ContextIndex(
-        keys_LHND=buf["keys_LHND"], values_LHND=buf["values_LHND"], positions_LHN=buf["positions_LHN"],
-        centroids_LHCD=buf["centroids_LHCD"], cluster_start_LHC=buf["cluster_start_LHC"],
-        cluster_size_LHC=buf["cluster_size_LHC"], radius_LHC=buf["radius_LHC"],
-        coarse_centroids_LHCcD=buf.get("coarse_centroids_LHCcD"), coarse_first_LHCc=buf.get("coarse_first_LHCc"),
-        coarse_count_LHCc=buf.get("coarse_count_LHCc"), log_threshold_LH=log_thr, budgets_LHF=budgets,
-        context_len=S, n_sink=config.n_sink, window=config.window, n_fixed=sizes.n_fixed, fixed_pad=sizes.fixed_pad,
-        n_clustered=M, block_pad=config.block_pad, block_k=config.block_k, max_fine_per_coarse=cap,
-        budget_fractions=tuple(config.budgets) if calibrate else (), info=info)
+        keys_LHND=buf["keys_LHND"],
+        values_LHND=buf["values_LHND"],
+        positions_LHN=buf["positions_LHN"],
+        centroids_LHCD=buf["centroids_LHCD"],
+        cluster_start_LHC=buf["cluster_start_LHC"],
+        cluster_size_LHC=buf["cluster_size_LHC"],
+        radius_LHC=buf["radius_LHC"],
+        coarse_centroids_LHCcD=buf.get("coarse_centroids_LHCcD"),
+        coarse_first_LHCc=buf.get("coarse_first_LHCc"),
+        coarse_count_LHCc=buf.get("coarse_count_LHCc"),
+        log_threshold_LH=log_thr,
+        budgets_LHF=budgets,
+        context_len=S,
+        n_sink=config.n_sink,
+        window=config.window,
+        n_fixed=sizes.n_fixed,
+        fixed_pad=sizes.fixed_pad,
+        n_clustered=M,
+        block_pad=config.block_pad,
+        block_k=config.block_k,
+        max_fine_per_coarse=cap,
+        budget_fractions=tuple(config.budgets) if calibrate else (),
+        info=info,
+    )
     index.check()
-    report = BuildReport(stage_seconds=stage, group_seconds=group_seconds, layer_group=group, n_clusters=C,
-                         n_coarse=Cc, kmeans_chunk=chunk, kmeans_iters=iters_log, kmeans_objective=obj_log,
-                         calibration=calib_report)
+    report = BuildReport(
+        stage_seconds=stage,
+        group_seconds=group_seconds,
+        layer_group=group,
+        n_clusters=C,
+        n_coarse=Cc,
+        kmeans_chunk=plan.chunk,
+        kmeans_iters=iters_log,
+        kmeans_objective=obj_log,
+        calibration=calib_report,
+    )
     return index, report
 
 
@@ -394,7 +524,9 @@ def build_index(model, context_tokens, config: IndexConfig | None = None) -> Con
     return build_index_report(model, context_tokens, config)[0]
 
 
-def build_index_report(model, context_tokens, config: IndexConfig | None = None) -> tuple[ContextIndex, BuildReport]:
+def build_index_report(
+    model, context_tokens, config: IndexConfig | None = None
+) -> tuple[ContextIndex, BuildReport]:
     """`build_index` that also returns the `BuildReport` (its stage_seconds include "capture")."""
     from squeeze_jax.index.capture import capture_context, validate_context_tokens
     from squeeze_jax.index.io import model_fingerprint
@@ -416,9 +548,14 @@ def build_index_report(model, context_tokens, config: IndexConfig | None = None)
     jax.block_until_ready(cap)
     t_capture = time.perf_counter() - t
     index, report = build_index_from_kv_report(
-        cap.k_LHSD, cap.v_LHSD, cap.q_window_LTHqD if config.window >= 1 else None, config,
-        model_fingerprint=model_fingerprint(model), context_token_hash=token_hash(tokens),
-        max_context=cfg.max_context)
+        cap.k_LHSD,
+        cap.v_LHSD,
+        cap.q_window_LTHqD if config.window >= 1 else None,
+        config,
+        model_fingerprint=model_fingerprint(model),
+        context_token_hash=token_hash(tokens),
+        max_context=cfg.max_context,
+    )
     report.stage_seconds["capture"] = t_capture
     return index, report
 
@@ -426,21 +563,34 @@ def build_index_report(model, context_tokens, config: IndexConfig | None = None)
 def describe_report(report: BuildReport) -> str:
     """One line per stage plus the budget allocation, for logs and the CLI."""
     lines = [f"{k:>12s}: {v:8.3f} s" for k, v in report.stage_seconds.items()]
-    lines.append(f"clusters {report.n_clusters} (coarse {report.n_coarse}), layer group {report.layer_group}, "
-                 f"kmeans iters {report.kmeans_iters}")
+    lines.append(
+        f"clusters {report.n_clusters} (coarse {report.n_coarse}), layer group {report.layer_group}, "
+        f"kmeans iters {report.kmeans_iters}"
+    )
     for b in report.calibration.get("budgets", []):
-        lines.append(f"budget {b['fraction']:.4g}: keys {b['budget_keys_min']}..{b['budget_keys_max']} "
-                     f"(uniform {b['uniform_budget_keys']}), recall mean {b['recall_uniform_mean']:.3f} -> "
-                     f"{b['recall_allocated_mean']:.3f}, min {b['recall_uniform_min']:.3f} -> "
-                     f"{b['recall_allocated_min']:.3f}")
+        lines.append(
+            f"budget {b['fraction']:.4g}: keys {b['budget_keys_min']}..{b['budget_keys_max']} "
+            f"(uniform {b['uniform_budget_keys']}), recall mean {b['recall_uniform_mean']:.3f} -> "
+            f"{b['recall_allocated_mean']:.3f}, min {b['recall_uniform_min']:.3f} -> "
+            f"{b['recall_allocated_min']:.3f}"
+        )
     if "log_threshold" in report.calibration:
         kept = report.calibration["kept_fraction_per_layer"]
-        lines.append(f"threshold (q={report.calibration['quantile']}): log {report.calibration['log_threshold']:.3f}, "
-                     f"kept fraction per layer {min(kept):.3f}..{max(kept):.3f}")
+        lines.append(
+            f"threshold (q={report.calibration['quantile']}): log {report.calibration['log_threshold']:.3f}, "
+            f"kept fraction per layer {min(kept):.3f}..{max(kept):.3f}"
+        )
     return "\n".join(lines)
 
 
 __all__ = [
-    "BuildReport", "IndexConfig", "auto_layer_group", "build_index", "build_index_from_kv",
-    "build_index_from_kv_report", "build_index_report", "describe_report", "token_hash",
+    "BuildReport",
+    "IndexConfig",
+    "auto_layer_group",
+    "build_index",
+    "build_index_from_kv",
+    "build_index_from_kv_report",
+    "build_index_report",
+    "describe_report",
+    "token_hash",
 ]

@@ -4,18 +4,18 @@ Estimated cluster probability (per query, per cluster j of one KV head; z_j = q 
 
     S_j(q) = exp(z_j) / sum_i N_i exp(z_i),      log S_j = z_j - logsumexp_i(z_i + log N_i)
 
-computed in log space (max-subtraction inside logsumexp), so huge logits never overflow; sum_j N_j S_j = 1, i.e.
-S_j estimates the attention probability of one key of cluster j.
+computed in log space (max-subtraction inside logsumexp), so huge logits never overflow; sum_j N_j S_j = 1,
+i.e. S_j estimates the attention probability of one key of cluster j.
 
-(a) Global threshold (the paper's): every key gets the mean over calibration queries (window tokens x the G query
-    heads of its KV head) of S of its cluster; the threshold is the `quantile` of these values over all layers,
-    heads and keys (cluster values weighted by size), stored as a natural-log threshold.
-(b) Budgets: on the calibration queries, the exact attention (softmax over all causally visible context keys, real
-    keys) is compared with the online selection rule - key blocks of `block_k` positions ranked by the best
-    estimated score of the clusters they overlap, the fixed region first. This gives each (layer, head) a recall
-    curve (attention mass kept vs number of blocks). A total budget of `fraction x context_len` kept keys per head
-    on average (fixed region included) is then split over heads by max-min water filling of recall, within
-    [min_share, max_share] x the uniform budget, so fragile heads get more keys.
+(a) Global threshold (the paper's): every key gets the mean over calibration queries (window tokens x the
+    G query heads of its KV head) of S of its cluster; the threshold is the `quantile` of these values over
+    all layers, heads and keys (cluster values weighted by size), stored as a natural-log threshold.
+(b) Budgets: on the calibration queries, the exact attention (softmax over all causally visible context keys,
+    real keys) is compared with the online selection rule - key blocks of `block_k` positions ranked by the
+    best estimated score of the clusters they overlap, the fixed region first. This gives each (layer, head) a
+    recall curve (attention mass kept vs number of blocks). A total budget of `fraction x context_len` kept
+    keys per head on average (fixed region included) is then split over heads by max-min water filling of
+    recall, within [min_share, max_share] x the uniform budget, so fragile heads get more keys.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ def layer_calibration_stats(
 ) -> tuple[jax.Array, jax.Array]:
     """Per layer: mean estimated probability per cluster `[H, C]` and recall curve `[H, NB]`.
 
-    recall_HK[h, k - 1] = mean over calibration tokens (and the G query heads) of the exact attention mass inside
-    the k best-scoring key blocks (block score = max over the G heads of the best log S of the clusters it
-    overlaps; fixed blocks +inf, padding -inf).
+    recall_HK[h, k - 1] = mean over calibration tokens (and the G query heads) of the exact attention mass
+    inside the k best-scoring key blocks (block score = max over the G heads of the best log S of the clusters
+    it overlaps; fixed blocks +inf, padding -inf).
     """
     H, N, D = keys_HND.shape
     T, Hq, _ = q_THqD.shape
@@ -90,13 +90,17 @@ def layer_calibration_stats(
         logs = log_cluster_probs(z, log_sizes_HC[:, None, None, :])
         prob_HC = jnp.sum(jnp.where(live_t[None, None, :, None], jnp.exp(logs), 0.0), axis=(1, 2))
         best_HtC = jnp.max(logs, axis=1)
-        pos_score = jnp.take_along_axis(best_HtC, jnp.broadcast_to(cid_HN[:, None, :], (H, q_chunk, N)), axis=2)
+        pos_score = jnp.take_along_axis(
+            best_HtC, jnp.broadcast_to(cid_HN[:, None, :], (H, q_chunk, N)), axis=2
+        )
         pos_score = jnp.where(clustered_N, pos_score, -jnp.inf)
         pos_score = jnp.where(fixed_N, jnp.inf, pos_score)
         block_score = jnp.max(pos_score.reshape(H, q_chunk, NB, block_k), axis=-1)
 
         logits = jnp.einsum("thgd,hnd->hgtn", q_tHGD, keys) * scale
-        visible = (positions_HN[:, None, None, :] >= 0) & (positions_HN[:, None, None, :] <= pos_t[None, None, :, None])
+        visible = (positions_HN[:, None, None, :] >= 0) & (
+            positions_HN[:, None, None, :] <= pos_t[None, None, :, None]
+        )
         logits = jnp.where(visible, logits, -jnp.inf)
         probs = jax.nn.softmax(logits, axis=-1)
         probs = jnp.where(visible, probs, 0.0)
@@ -111,7 +115,7 @@ def layer_calibration_stats(
 
 
 def global_log_threshold(mean_prob_LHC: np.ndarray, sizes_LHC: np.ndarray, quantile: float) -> float:
-    """log of the size-weighted `quantile` of the per-key mean estimated probability over all layers/heads/keys."""
+    """log of the size-weighted `quantile` of the per-key mean estimated probability (all layers/heads)."""
     if not 0.0 <= quantile < 1.0:
         raise ValueError(f"quantile must be in [0, 1), got {quantile}")
     v = np.asarray(mean_prob_LHC, np.float64).ravel()
@@ -132,11 +136,13 @@ def kept_fraction_at_threshold(mean_prob_LHC, sizes_LHC, log_threshold: float) -
 
 
 def uniform_budget_blocks(fraction: float, context_len: int, n_fixed: int, block_k: int) -> int:
-    """Clustered-region blocks per head when `fraction x context_len` keys are kept (fixed region included)."""
+    """Clustered-region blocks per head when `fraction x context_len` keys are kept (fixed ones included)."""
     b = math.floor((fraction * context_len - n_fixed) / block_k)
     if b < 1:
-        raise ValueError(f"budget fraction {fraction} keeps {fraction * context_len:.0f} of {context_len} keys, "
-                         f"not more than the {n_fixed} always-kept fixed keys plus one block of {block_k}")
+        raise ValueError(
+            f"budget fraction {fraction} keeps {fraction * context_len:.0f} of {context_len} keys, "
+            f"not more than the {n_fixed} always-kept fixed keys plus one block of {block_k}"
+        )
     return b
 
 
@@ -153,8 +159,8 @@ def allocate_budgets(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Split `fraction x context_len` kept keys per head (on average) over (layer, head) by max-min recall.
 
-    Returns budget_LH (int32 keys of the clustered region, multiples of block_k; the fixed region comes on top)
-    and a report comparing with the uniform split.
+    Returns budget_LH (int32 keys of the clustered region, multiples of block_k; the fixed region comes on
+    top) and a report comparing with the uniform split.
     """
     recall = np.asarray(recall_LHK, np.float64)
     L, H, NB = recall.shape
@@ -162,7 +168,7 @@ def allocate_budgets(
     max_blocks = -(-n_clustered // block_k)
     # R[h, b] = recall with the fixed blocks plus b clustered blocks (b = 0 .. max_blocks)
     curve = np.concatenate([np.zeros((L * H, 1)), recall.reshape(L * H, NB)], axis=1)
-    R = curve[:, fixed_blocks: fixed_blocks + max_blocks + 1]
+    R = curve[:, fixed_blocks : fixed_blocks + max_blocks + 1]
     R = np.maximum.accumulate(R, axis=1)
     uni = uniform_budget_blocks(fraction, context_len, n_fixed, block_k)
     uni = min(uni, max_blocks)

@@ -1,7 +1,7 @@
 """Capture the fixed context: chunked dense prefill that keeps the post-RoPE K, V and the window queries.
 
-The context is fed in chunks of `chunk_size` tokens into one KV cache (so a long context needs only one chunk of
-activations at a time); every chunk attends densely to the cache so far. Queries are kept only for the last
+The context is fed in chunks of `chunk_size` tokens into one KV cache (so a long context needs only one chunk
+of activations at a time); every chunk attends densely to the cache so far. Queries are kept only for the last
 `window` tokens (they are the calibration queries).
 """
 
@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k_LHSD", "v_LHSD", "q_window_LTHqD"],
-                   meta_fields=[])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["k_LHSD", "v_LHSD", "q_window_LTHqD"], meta_fields=[]
+)
 @dataclasses.dataclass
 class CapturedContext:
-    """Post-RoPE keys/values of every context token `[L, H, S, D]` and queries of the window `[L, W, Hq, D]`."""
+    """Post-RoPE keys/values of all context tokens `[L, H, S, D]` and the window's queries `[L, W, Hq, D]`."""
 
     k_LHSD: jax.Array
     v_LHSD: jax.Array
@@ -36,10 +37,14 @@ def validate_context_tokens(tokens, model_config) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"context tokens must be integers, got dtype {arr.dtype}")
     if arr.size > model_config.max_context:
-        raise ValueError(f"context of {arr.size} tokens exceeds the model's max_context ({model_config.max_context})")
+        raise ValueError(
+            f"context of {arr.size} tokens exceeds the model's max_context ({model_config.max_context})"
+        )
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= model_config.vocab_size:
-        raise ValueError(f"context token ids must be in [0, {model_config.vocab_size}), got range [{lo}, {hi}]")
+        raise ValueError(
+            f"context token ids must be in [0, {model_config.vocab_size}), got range [{lo}, {hi}]"
+        )
     return arr.astype(np.int32)
 
 
@@ -87,10 +92,11 @@ def capture_context(model, tokens, *, chunk_size: int = 2048, window: int = 124)
         keep_q = window > 0 and e > w0
         tok = jnp.asarray(tokens[None, s:e])
         pos = jnp.arange(s, e, dtype=jnp.int32)[None, :]
-        cache, q_LTHqD = _prefill_chunk(graphdef, state, tok, pos, jnp.asarray([e - s], jnp.int32), cache,
-                                        backend=backend, keep_q=keep_q)
+        cache, q_LTHqD = _prefill_chunk(
+            graphdef, state, tok, pos, jnp.asarray([e - s], jnp.int32), cache, backend=backend, keep_q=keep_q
+        )
         if keep_q:
-            q_parts.append(q_LTHqD[:, max(w0, s) - s:])
+            q_parts.append(q_LTHqD[:, max(w0, s) - s :])
     k = jnp.transpose(cache.k_LBSHD[:, 0, :S], (0, 2, 1, 3))
     v = jnp.transpose(cache.v_LBSHD[:, 0, :S], (0, 2, 1, 3))
     del cache

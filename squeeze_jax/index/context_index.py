@@ -1,7 +1,7 @@
 """`ContextIndex`: the offline index of one fixed context, a registered dataclass pytree.
 
-Every array leaf has a leading layer axis `L`, so the model can `lax.scan` over layers with the index as part of
-the scanned state (`jax.tree.map(lambda a: a[i], index)` is layer i). Layout per (layer, KV head): see
+Every array leaf has a leading layer axis `L`, so the model can `lax.scan` over layers with the index as part
+of the scanned state (`jax.tree.map(lambda a: a[i], index)` is layer i). Layout per (layer, KV head): see
 ARCHITECTURE.md, "The context index layout".
 
 Static (meta) fields are the ints that shape the kernels, plus `info` (provenance: build config, model
@@ -62,28 +62,48 @@ class IndexInfo:
 
 
 ARRAY_FIELDS = (
-    "keys_LHND", "values_LHND", "positions_LHN", "centroids_LHCD", "cluster_start_LHC", "cluster_size_LHC",
-    "radius_LHC", "coarse_centroids_LHCcD", "coarse_first_LHCc", "coarse_count_LHCc", "log_threshold_LH",
+    "keys_LHND",
+    "values_LHND",
+    "positions_LHN",
+    "centroids_LHCD",
+    "cluster_start_LHC",
+    "cluster_size_LHC",
+    "radius_LHC",
+    "coarse_centroids_LHCcD",
+    "coarse_first_LHCc",
+    "coarse_count_LHCc",
+    "log_threshold_LH",
     "budgets_LHF",
 )
 STATIC_FIELDS = (
-    "context_len", "n_sink", "window", "n_fixed", "fixed_pad", "n_clustered", "block_pad", "block_k",
-    "max_fine_per_coarse", "budget_fractions", "info",
+    "context_len",
+    "n_sink",
+    "window",
+    "n_fixed",
+    "fixed_pad",
+    "n_clustered",
+    "block_pad",
+    "block_k",
+    "max_fine_per_coarse",
+    "budget_fractions",
+    "info",
 )
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=list(ARRAY_FIELDS), meta_fields=list(STATIC_FIELDS))
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=list(ARRAY_FIELDS), meta_fields=list(STATIC_FIELDS)
+)
 @dataclasses.dataclass
 class ContextIndex:
     """Cluster-ordered KV of a fixed context plus its cluster metadata, for every layer and KV head.
 
-    keys_LHND / values_LHND: model dtype, N = n_pad (multiple of block_pad); valid positions are [0, n_fixed) and
-        [fixed_pad, fixed_pad + n_clustered), everything else is zero padding.
+    keys_LHND / values_LHND: model dtype, N = n_pad (multiple of block_pad); valid positions are
+        [0, n_fixed) and [fixed_pad, fixed_pad + n_clustered), everything else is zero padding.
     positions_LHN: int32 original token position of each stored key, -1 on padding.
     centroids_LHCD: f32 mean of the raw member keys; cluster_start_LHC (absolute position), cluster_size_LHC
         (int32, >= 1), radius_LHC (f32 max member distance to the centroid).
-    coarse_*: optional coarse level (None when not hierarchical); coarse_first_LHCc / coarse_count_LHCc index the
-        fine clusters (fine clusters are ordered by coarse parent), at most `max_fine_per_coarse` each.
+    coarse_*: optional coarse level (None when not hierarchical); coarse_first_LHCc / coarse_count_LHCc
+        index the fine clusters (ordered by coarse parent), at most `max_fine_per_coarse` per coarse one.
     log_threshold_LH: f32 natural-log threshold on the estimated per-key probability S_j (one global value
         broadcast to [L, H]); None when not calibrated.
     budgets_LHF: int32 keys of the clustered region to keep per (layer, head) for each of `budget_fractions`
@@ -183,12 +203,21 @@ class ContextIndex:
         """Human-readable description (sizes, bytes, provenance)."""
         nbytes = sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in self.arrays().values())
         return {
-            "layers": self.n_layers, "kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
-            "context_len": self.context_len, "n_fixed": self.n_fixed, "n_clustered": self.n_clustered,
-            "n_pad": self.n_pad, "clusters": self.n_clusters, "coarse_clusters": self.n_coarse,
-            "max_fine_per_coarse": self.max_fine_per_coarse, "budget_fractions": list(self.budget_fractions),
-            "kv_dtype": str(self.keys_LHND.dtype), "bytes": nbytes,
-            "model_fingerprint": self.info.model_fingerprint, "token_hash": self.info.token_hash,
+            "layers": self.n_layers,
+            "kv_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "context_len": self.context_len,
+            "n_fixed": self.n_fixed,
+            "n_clustered": self.n_clustered,
+            "n_pad": self.n_pad,
+            "clusters": self.n_clusters,
+            "coarse_clusters": self.n_coarse,
+            "max_fine_per_coarse": self.max_fine_per_coarse,
+            "budget_fractions": list(self.budget_fractions),
+            "kv_dtype": str(self.keys_LHND.dtype),
+            "bytes": nbytes,
+            "model_fingerprint": self.info.model_fingerprint,
+            "token_hash": self.info.token_hash,
             "library_version": self.info.library_version,
         }
 
@@ -204,7 +233,10 @@ class ContextIndex:
                 raise ValueError(f"index field {name} is missing")
             if tuple(a.shape) != shape:
                 raise ValueError(f"index field {name} has shape {tuple(a.shape)}, expected {shape}")
-            ok = {"int": jnp.issubdtype(a.dtype, jnp.integer), "float": jnp.issubdtype(a.dtype, jnp.floating)}[kind]
+            ok = {
+                "int": jnp.issubdtype(a.dtype, jnp.integer),
+                "float": jnp.issubdtype(a.dtype, jnp.floating),
+            }[kind]
             if not ok:
                 raise ValueError(f"index field {name} has dtype {a.dtype}, expected {kind}")
 
@@ -215,13 +247,17 @@ class ContextIndex:
             expect(name, (L, H, C), "int")
         expect("radius_LHC", (L, H, C), "float")
         if self.values_LHND.dtype != self.keys_LHND.dtype:
-            raise ValueError(f"keys ({self.keys_LHND.dtype}) and values ({self.values_LHND.dtype}) dtypes differ")
+            raise ValueError(
+                f"keys ({self.keys_LHND.dtype}) and values ({self.values_LHND.dtype}) dtypes differ"
+            )
         if self.n_fixed != self.n_sink + self.window:
             raise ValueError(f"n_fixed ({self.n_fixed}) != n_sink ({self.n_sink}) + window ({self.window})")
         if self.context_len != self.n_fixed + self.n_clustered:
             raise ValueError(f"context_len ({self.context_len}) != n_fixed + n_clustered")
         if self.fixed_pad % self.block_pad or N % self.block_pad or self.fixed_pad < self.n_fixed:
-            raise ValueError(f"fixed_pad ({self.fixed_pad}) / n_pad ({N}) do not match block_pad {self.block_pad}")
+            raise ValueError(
+                f"fixed_pad ({self.fixed_pad}) / n_pad ({N}) do not match block_pad {self.block_pad}"
+            )
         if self.fixed_pad + self.n_clustered > N:
             raise ValueError(f"n_pad ({N}) is smaller than fixed_pad + n_clustered")
         coarse = [self.coarse_centroids_LHCcD, self.coarse_first_LHCc, self.coarse_count_LHCc]

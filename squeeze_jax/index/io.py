@@ -1,14 +1,17 @@
-"""Save / load a `ContextIndex`: arrays through Orbax, plus a JSON metadata file validated before any array is read.
+"""Save / load a `ContextIndex`: arrays through Orbax plus a JSON metadata file, validated before any array
+is read.
 
 Directory layout:
 
-    <path>/index.json   format name + version, library version, model fingerprint, context length + token hash,
+    <path>/index.json   format name + version, library version, model fingerprint, context length + token
+                        hash,
                         static fields, build config, calibration report, and a manifest (shape, dtype, sha256)
                         of every array; written last, so a directory without it is incomplete
     <path>/arrays/      Orbax PyTree checkpoint of the non-None array fields
 
-`load_index` checks the format, version and model fingerprint from the JSON alone, then restores the arrays and
-verifies shapes, dtypes and checksums, so a truncated or corrupt directory is an error, never silent zeros.
+`load_index` checks the format, version and model fingerprint from the JSON alone, then restores the arrays
+and verifies shapes, dtypes and checksums, so a truncated or corrupt directory is an error, never silent
+zeros.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ ARRAYS_DIR = "arrays"
 
 
 class IndexFormatError(ValueError):
-    """The directory is not a readable index: missing, not an index, truncated, corrupt or another format version."""
+    """Not a readable index: missing, not an index, truncated, corrupt or of another format version."""
 
 
 class IndexMismatchError(ValueError):
@@ -49,7 +52,7 @@ class IndexMismatchError(ValueError):
 
 
 def weights_fingerprint(tree: Any, samples: int = 4096) -> str:
-    """sha256 (16 hex) over every floating leaf's path, shape, dtype and `samples` strided elements (bit exact).
+    """sha256 (16 hex) over each floating leaf's path, shape, dtype and `samples` strided elements (exact).
 
     Sampling keeps this cheap for multi-GB weights while any re-trained or re-quantised model changes it.
     """
@@ -71,7 +74,7 @@ def weights_fingerprint(tree: Any, samples: int = 4096) -> str:
 
 
 def model_fingerprint(model: Any, params: Any = None) -> str:
-    """`<config fingerprint>-<weights fingerprint>` of a model with a `.config` (Flax NNX module or any object).
+    """`<config fingerprint>-<weights fingerprint>` of a model with a `.config` (NNX module or any object).
 
     params: the weights pytree; default `nnx.state(model)`.
     """
@@ -107,8 +110,10 @@ def save_index(index: ContextIndex, path: str | os.PathLike, *, overwrite: bool 
     path.mkdir(parents=True)
 
     arrays = {name: np.asarray(a) for name, a in index.arrays().items()}
-    manifest = {name: {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha256(a)}
-                for name, a in arrays.items()}
+    manifest = {
+        name: {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha256(a)}
+        for name, a in arrays.items()
+    }
     import orbax.checkpoint as ocp
 
     ocp.PyTreeCheckpointer().save(path / ARRAYS_DIR, arrays)
@@ -152,12 +157,17 @@ def read_index_metadata(path: str | os.PathLike) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IndexFormatError(f"{meta_path} is corrupt: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise IndexFormatError(f"{path} is not a squeeze_jax context index (format {meta.get('format')!r})"
-                               if isinstance(meta, dict) else f"{meta_path} is not a JSON object")
+        raise IndexFormatError(
+            f"{path} is not a squeeze_jax context index (format {meta.get('format')!r})"
+            if isinstance(meta, dict)
+            else f"{meta_path} is not a JSON object"
+        )
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise IndexFormatError(f"{path} has index format version {version!r}; this library reads version "
-                               f"{FORMAT_VERSION} (rebuild the index)")
+        raise IndexFormatError(
+            f"{path} has index format version {version!r}; this library reads version "
+            f"{FORMAT_VERSION} (rebuild the index)"
+        )
     for field in ("static", "arrays", "model_fingerprint", "token_hash", "context_len"):
         if field not in meta:
             raise IndexFormatError(f"{meta_path} lacks the field {field!r}")
@@ -178,11 +188,14 @@ def load_index(
     path = Path(path).resolve()
     meta = read_index_metadata(path)
     if expected_model_fingerprint is not None and meta["model_fingerprint"] != expected_model_fingerprint:
-        raise IndexMismatchError(f"index {path} was built for model {meta['model_fingerprint']!r}, not "
-                                 f"{expected_model_fingerprint!r} (other config or weights)")
+        raise IndexMismatchError(
+            f"index {path} was built for model {meta['model_fingerprint']!r}, not "
+            f"{expected_model_fingerprint!r} (other config or weights)"
+        )
     if expected_token_hash is not None and meta["token_hash"] != expected_token_hash:
-        raise IndexMismatchError(f"index {path} was built for context {meta['token_hash']!r}, not "
-                                 f"{expected_token_hash!r}")
+        raise IndexMismatchError(
+            f"index {path} was built for context {meta['token_hash']!r}, not {expected_token_hash!r}"
+        )
     arrays_dir = path / ARRAYS_DIR
     if not arrays_dir.is_dir():
         raise IndexFormatError(f"index {path} is truncated: {ARRAYS_DIR}/ is missing")
@@ -200,16 +213,21 @@ def load_index(
     for name, spec in manifest.items():
         a = np.asarray(arrays[name])
         if list(a.shape) != list(spec["shape"]) or str(a.dtype) != spec["dtype"]:
-            raise IndexFormatError(f"index {path}: array {name} is {a.shape} {a.dtype}, manifest says "
-                                   f"{tuple(spec['shape'])} {spec['dtype']}")
+            raise IndexFormatError(
+                f"index {path}: array {name} is {a.shape} {a.dtype}, manifest says "
+                f"{tuple(spec['shape'])} {spec['dtype']}"
+            )
         if verify_checksums and _sha256(a) != spec["sha256"]:
             raise IndexFormatError(f"index {path}: array {name} is corrupt (checksum mismatch)")
     static = dict(meta["static"])
     static["budget_fractions"] = tuple(static.get("budget_fractions", ()))
-    info = IndexInfo(model_fingerprint=meta["model_fingerprint"], token_hash=meta["token_hash"],
-                     library_version=meta.get("built_with_library_version", meta.get("library_version", "")),
-                     build_config_json=json.dumps(meta.get("build_config", {}), sort_keys=True),
-                     calibration_json=json.dumps(meta.get("calibration", {}), sort_keys=True))
+    info = IndexInfo(
+        model_fingerprint=meta["model_fingerprint"],
+        token_hash=meta["token_hash"],
+        library_version=meta.get("built_with_library_version", meta.get("library_version", "")),
+        build_config_json=json.dumps(meta.get("build_config", {}), sort_keys=True),
+        calibration_json=json.dumps(meta.get("calibration", {}), sort_keys=True),
+    )
     fields = {name: (jnp.asarray(arrays[name]) if name in arrays else None) for name in ARRAY_FIELDS}
     try:
         index = ContextIndex(**fields, **static, info=info)

@@ -1,25 +1,25 @@
 """Batched Lloyd K-means over many (layer, KV head) pairs at once.
 
 All `P` problems (P = layers x KV heads) run in one jit-compiled computation: the distance matmuls are batched
-einsums over `P`, chunked over the `N` points so that an `[P, N, C]` distance matrix never exists at once, and the
-Lloyd iterations run in a `lax.while_loop` that stops when the relative objective decrease of every problem is
-below `tol`.
+einsums over `P`, chunked over the `N` points so that an `[P, N, C]` distance matrix never exists at once, and
+the Lloyd iterations run in a `lax.while_loop` that stops when the relative objective decrease of every
+problem is below `tol`.
 
-Metric "cosine" runs Euclidean Lloyd on L2-normalised points (spherical assignment), "l2" on the points centred
-per problem (translation does not change distances, centring keeps the f32 distance arithmetic accurate for keys
-with large norms). Whatever the metric, the returned centroids are the (weighted) means of the RAW member points,
-so that `q . centroid_j` is the mean logit of cluster j.
+Metric "cosine" runs Euclidean Lloyd on L2-normalised points (spherical assignment), "l2" on the points
+centred per problem (translation does not change distances, centring keeps the f32 distance arithmetic
+accurate for keys with large norms). Whatever the metric, the returned centroids are the (weighted) means of
+the RAW member points, so that `q . centroid_j` is the mean logit of cluster j.
 
 Initialisation is a k-means++-lite: the first 32 seeds are greedy k-means++ (each step draws 2 + ln C
 candidates with probability ~ weight x squared distance to the seeds so far and keeps the one that lowers the
 objective most), the remaining seeds come in doubling batches (32, 64, 128, ...) drawn the same way without
-replacement (Gumbel top-k), k-means|| style, so a large C costs ~log2(C / 32) rounds, not C. Plain random sampling
-puts several seeds into dense regions and none into small, distant groups, so the result depends on the seed; D^2
-weighting with greedy trials places a seed in every well-separated group whatever the seed.
+replacement (Gumbel top-k), k-means|| style, so a large C costs ~log2(C / 32) rounds, not C. Plain random
+sampling puts several seeds into dense regions and none into small, distant groups, so the result depends on
+the seed; D^2 weighting with greedy trials places a seed in every well-separated group whatever the seed.
 
-Every cluster is non-empty after every iteration: points of empty clusters are re-seeded with the points farthest
-from their centroid, taken only from clusters that keep at least one member (each cluster's closest member is never
-taken). This never increases the objective and never yields NaN or zero centroids.
+Every cluster is non-empty after every iteration: points of empty clusters are re-seeded with the points
+farthest from their centroid, taken only from clusters that keep at least one member (each cluster's closest
+member is never taken). This never increases the objective and never yields NaN or zero centroids.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class KMeansResult:
 
 
 def auto_chunk(n_problems: int, n_points: int, n_clusters: int, max_chunk_bytes: int = 1 << 30) -> int:
-    """Largest power-of-two point chunk (>= 128) whose f32 distance block `[P, chunk, C]` fits in the budget."""
+    """Largest power-of-two point chunk (>= 128) whose f32 distances `[P, chunk, C]` fit the budget."""
     per_point = max(1, n_problems * n_clusters * 4)
     chunk = max(128, 1 << int(math.floor(math.log2(max(1, max_chunk_bytes // per_point)))))
     return int(min(chunk, 1 << int(math.ceil(math.log2(max(n_points, 1))))))
@@ -215,10 +215,10 @@ def _weighted_means(x_PND, w_PN, a_PN, n_clusters: int, fallback_PCD):
 
 
 def _fill_empty(a_PN, d_PN, valid_PN, n_clusters: int):
-    """Give every empty cluster one point: the farthest points from their centroids, never a cluster's last one.
+    """Give every empty cluster one point: the farthest from their centroids, never a cluster's last one.
 
-    Each cluster's closest valid member (lowest index on ties) is its keeper and is never moved, so a donor keeps
-    >= 1 member. With at least C valid points there are always enough movable points.
+    Each cluster's closest valid member (lowest index on ties) is its keeper and is never moved, so a donor
+    keeps >= 1 member. With at least C valid points there are always enough movable points.
     """
     P, N = a_PN.shape
     C = n_clusters
@@ -246,7 +246,7 @@ def _fill_empty(a_PN, d_PN, valid_PN, n_clusters: int):
     return lax.cond(jnp.any(empty_PC), fix, lambda a: a, a_PN)
 
 
-# ----------------------------------------------------------------------------------------------- jitted stages
+# ---------------------------------------------------------------------------------------------- jitted stages
 
 
 N_GREEDY_SEEDS = 32
@@ -277,8 +277,8 @@ def _gumbel_scores(key, logit_PN, valid_PN, chosen_PN, n_real: int):
 def _init_centroids(xa_PND, xm_PND, xsq_PN, w_PN, key, *, n_clusters, plan, n_real):
     """k-means++-lite (see module docstring): greedy k-means++ seeds, then D^2-weighted doubling batches.
 
-    The squared distance to the chosen seeds is updated incrementally (each batch measures distances to its new
-    seeds only), so the batches together cost about one full assignment pass.
+    The squared distance to the chosen seeds is updated incrementally (each batch measures distances to its
+    new seeds only), so the batches together cost about one full assignment pass.
     """
     P, N, D = xa_PND.shape
     C = n_clusters
@@ -300,12 +300,18 @@ def _init_centroids(xa_PND, xm_PND, xsq_PN, w_PN, key, *, n_clusters, plan, n_re
     def greedy_step(s, carry):
         """Draw `trials` D^2-weighted candidates, keep the one that lowers the potential most."""
         idx_PC, d_PN, chosen_PN = carry
-        score = _gumbel_scores(jax.random.fold_in(key, s), logw_PN + jnp.log(jnp.maximum(d_PN, 1e-30)),
-                               valid_PN, chosen_PN, n_real)
+        score = _gumbel_scores(
+            jax.random.fold_in(key, s),
+            logw_PN + jnp.log(jnp.maximum(d_PN, 1e-30)),
+            valid_PN,
+            chosen_PN,
+            n_real,
+        )
         _, cand_PT = lax.top_k(score, trials)
         cand_PTD = jnp.take_along_axis(xa_PND, cand_PT[..., None], axis=1)
-        dot_PTN = jnp.einsum("ptd,pnd->ptn", cand_PTD.astype(xm_PND.dtype), xm_PND,
-                             preferred_element_type=jnp.float32)
+        dot_PTN = jnp.einsum(
+            "ptd,pnd->ptn", cand_PTD.astype(xm_PND.dtype), xm_PND, preferred_element_type=jnp.float32
+        )
         dist_PTN = jnp.maximum(xsq_PN[:, None, :] + jnp.sum(cand_PTD**2, -1)[..., None] - 2.0 * dot_PTN, 0.0)
         new_PTN = jnp.minimum(d_PN[:, None, :], dist_PTN)
         best_P = jnp.argmin(jnp.sum(new_PTN * w_PN[:, None, :], axis=-1), axis=1)
@@ -319,14 +325,21 @@ def _init_centroids(xa_PND, xm_PND, xsq_PN, w_PN, key, *, n_clusters, plan, n_re
 
     start = n_greedy
     for r, m in enumerate(sizes[n_greedy:]):
-        score = _gumbel_scores(jax.random.fold_in(key, C + r), logw_PN + jnp.log(jnp.maximum(d_PN, 1e-30)),
-                               valid_PN, chosen_PN, n_real)
+        score = _gumbel_scores(
+            jax.random.fold_in(key, C + r),
+            logw_PN + jnp.log(jnp.maximum(d_PN, 1e-30)),
+            valid_PN,
+            chosen_PN,
+            n_real,
+        )
         _, new_PM = lax.top_k(score, m)
         idx_PC = lax.dynamic_update_slice_in_dim(idx_PC, new_PM.astype(jnp.int32), start, axis=1)
         chosen_PN = chosen_PN.at[rows, new_PM].set(True)
         start += m
         if start < C:
-            _, d_new = _assign(xm_PND, xsq_PN, jnp.take_along_axis(xa_PND, new_PM[..., None], axis=1), None, plan)
+            _, d_new = _assign(
+                xm_PND, xsq_PN, jnp.take_along_axis(xa_PND, new_PM[..., None], axis=1), None, plan
+            )
             d_PN = jnp.minimum(d_PN, d_new)
     return jnp.take_along_axis(xa_PND, idx_PC[..., None], axis=1)
 
@@ -387,7 +400,9 @@ def _finalize(x_PND, xa_PND, xm_PND, xsq_PN, w_PN, c_PCD, *, plan):
 
 def _validate(x_PND, n_clusters, iters, tol, metric, chunk, n_restarts, weights_PN, init_PCD):
     if not hasattr(x_PND, "ndim") or x_PND.ndim != 3:
-        raise ValueError(f"kmeans expects points x_PND of rank 3 [P, N, D], got shape {getattr(x_PND, 'shape', None)}")
+        raise ValueError(
+            f"kmeans expects points x_PND of rank 3 [P, N, D], got shape {getattr(x_PND, 'shape', None)}"
+        )
     if not jnp.issubdtype(x_PND.dtype, jnp.floating):
         raise TypeError(f"kmeans points must be floating point, got dtype {x_PND.dtype}")
     P, N, D = x_PND.shape
@@ -415,8 +430,10 @@ def _validate(x_PND, n_clusters, iters, tol, metric, chunk, n_restarts, weights_
             raise ValueError("weights_PN must be finite and >= 0")
         n_pos = int(jnp.min(jnp.sum(w > 0, axis=1)))
         if n_pos < n_clusters:
-            raise ValueError(f"some problem has only {n_pos} points of positive weight, fewer than "
-                             f"n_clusters ({n_clusters})")
+            raise ValueError(
+                f"some problem has only {n_pos} points of positive weight, fewer than "
+                f"n_clusters ({n_clusters})"
+            )
     if init_PCD is not None and tuple(init_PCD.shape) != (P, n_clusters, D):
         raise ValueError(f"init_PCD must have shape {(P, n_clusters, D)}, got {tuple(init_PCD.shape)}")
     if not bool(jnp.all(jnp.isfinite(x_PND))):
@@ -424,7 +441,7 @@ def _validate(x_PND, n_clusters, iters, tol, metric, chunk, n_restarts, weights_
 
 
 def resolve_impl(assign_impl: str, head_dim: int) -> str:
-    """"auto" -> the fused Pallas kernel on GPU when the head dim suits Triton (power of two >= 16), else XLA."""
+    """ "auto": the fused Pallas kernel on GPU if the head dim suits Triton (power of two >= 16), else XLA."""
     if assign_impl not in ASSIGN_IMPLS:
         raise ValueError(f"assign_impl must be one of {ASSIGN_IMPLS}, got {assign_impl!r}")
     if assign_impl != "auto":
@@ -454,7 +471,8 @@ def kmeans(
     """Cluster each of the P point sets `x_PND[p]` into `n_clusters` clusters (batched Lloyd K-means).
 
     key: PRNG key for the initialisation (restart r uses `fold_in(key, r)`).
-    iters / tol: at most `iters` Lloyd updates; stop once every problem's relative objective decrease is <= tol.
+    iters / tol: at most `iters` Lloyd updates; stop once every problem's relative objective decrease
+        is <= tol.
     chunk: points per distance block of the XLA path (None: the largest power of two keeping `[P, chunk, C]`
         f32 under `max_chunk_bytes`). matmul_dtype: "bfloat16" for GPU speed (f32 accumulation), "float32".
     assign_impl: "auto" (fused Pallas kernel on GPU, XLA elsewhere), "xla", "pallas", "pallas_interpret".
@@ -469,7 +487,9 @@ def kmeans(
     P, N, D = x_PND.shape
     C = int(n_clusters)
     chunk = int(chunk) if chunk is not None else auto_chunk(P, N, C, max_chunk_bytes)
-    plan = AssignPlan(chunk=min(chunk, N), mm_dtype=str(jnp.dtype(matmul_dtype)), impl=resolve_impl(assign_impl, D))
+    plan = AssignPlan(
+        chunk=min(chunk, N), mm_dtype=str(jnp.dtype(matmul_dtype)), impl=resolve_impl(assign_impl, D)
+    )
     n_pad = -(-N // plan.pad_multiple) * plan.pad_multiple
     w = jnp.ones((P, N), jnp.float32) if weights_PN is None else jnp.asarray(weights_PN, jnp.float32)
     x, w, xa, xm, xsq = _prepare(jnp.asarray(x_PND), w, n_pad=n_pad, metric=metric, mm_dtype=plan.mm_dtype)
@@ -479,7 +499,9 @@ def kmeans(
         if init_PCD is not None:
             c0 = _init_to_space(jnp.asarray(init_PCD), x, w, metric)
         else:
-            c0 = _init_centroids(xa, xm, xsq, w, jax.random.fold_in(key, r), n_clusters=C, plan=plan, n_real=N)
+            c0 = _init_centroids(
+                xa, xm, xsq, w, jax.random.fold_in(key, r), n_clusters=C, plan=plan, n_real=N
+            )
         res = _run(x, xa, xm, xsq, w, c0, iters, tol, plan, progress, progress_every, N)
         best = res if best is None else _keep_best(best, res)
     assert best is not None
@@ -519,7 +541,9 @@ def _run(x, xa, xm, xsq, w, c, iters, tol, plan, progress, progress_every, n_rea
         bar = tqdm(total=iters, desc="kmeans", unit="it", leave=False)
     while done_steps < iters:
         n = min(step_block, iters - done_steps)
-        c, steps, prev, hist, done = _lloyd_steps(xa, xm, xsq, w, c, prev, jnp.float32(tol), n_steps=n, plan=plan)
+        c, steps, prev, hist, done = _lloyd_steps(
+            xa, xm, xsq, w, c, prev, jnp.float32(tol), n_steps=n, plan=plan
+        )
         steps = int(steps)
         hist_parts.append(hist[:, :steps])
         done_steps += steps
@@ -533,8 +557,14 @@ def _run(x, xa, xm, xsq, w, c, iters, tol, plan, progress, progress_every, n_rea
     hist = jnp.concatenate(hist_parts, axis=1) if hist_parts else jnp.zeros((P, 0), jnp.float32)
     if hist.shape[1] < iters:  # repeat the final objective after convergence
         hist = jnp.concatenate([hist, jnp.broadcast_to(obj[:, None], (P, iters - hist.shape[1]))], axis=1)
-    return KMeansResult(centroids_PCD=raw, assign_PN=a[:, :n_real], sizes_PC=sizes, objective_P=obj,
-                        n_iters=jnp.int32(done_steps), history_PI=hist)
+    return KMeansResult(
+        centroids_PCD=raw,
+        assign_PN=a[:, :n_real],
+        sizes_PC=sizes,
+        objective_P=obj,
+        n_iters=jnp.int32(done_steps),
+        history_PI=hist,
+    )
 
 
 def _keep_best(a: KMeansResult, b: KMeansResult) -> KMeansResult:

@@ -4,11 +4,11 @@ Per (layer, KV head) the keys and values are permuted into one padded array:
 
     [0, n_fixed)                         sink tokens then the last `window` tokens (always attended)
     [n_fixed, fixed_pad)                 padding (masked), fixed_pad = n_fixed rounded up to `block_pad`
-    [fixed_pad, fixed_pad + n_clustered) clustered tokens, fine cluster after fine cluster (token order inside)
+    [fixed_pad, fixed_pad + n_clustered) clustered tokens, one fine cluster after another (token order inside)
     [fixed_pad + n_clustered, n_pad)     padding (masked), n_pad a multiple of `block_pad`
 
-Attention is invariant to key order once RoPE is applied, so this changes nothing but where a key is read from;
-a selected cluster becomes one contiguous segment `[cluster_start, cluster_start + cluster_size)`.
+Attention is invariant to key order once RoPE is applied, so this changes nothing but where a key is read
+from; a selected cluster becomes one contiguous segment `[cluster_start, cluster_start + cluster_size)`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ class LayoutSizes:
         if self.n_sink < 0 or self.window < 0:
             raise ValueError(f"n_sink and window must be >= 0, got {self.n_sink}, {self.window}")
         if self.n_clustered < 1:
-            raise ValueError(f"context of {self.context_len} tokens leaves no token to cluster after "
-                             f"{self.n_sink} sink + {self.window} window tokens")
+            raise ValueError(
+                f"context of {self.context_len} tokens leaves no token to cluster after "
+                f"{self.n_sink} sink + {self.window} window tokens"
+            )
 
     @property
     def n_fixed(self) -> int:
@@ -61,13 +63,20 @@ def _round_up(n: int, m: int) -> int:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["keys_PND", "values_PND", "positions_PN", "centroids_PCD", "cluster_start_PC", "cluster_size_PC",
-                 "radius_PC"],
+    data_fields=[
+        "keys_PND",
+        "values_PND",
+        "positions_PN",
+        "centroids_PCD",
+        "cluster_start_PC",
+        "cluster_size_PC",
+        "radius_PC",
+    ],
     meta_fields=["n_fixed", "fixed_pad", "n_clustered", "n_pad"],
 )
 @dataclasses.dataclass
 class Layout:
-    """Cluster-ordered KV of P (layer, KV head) pairs; cluster arrays are in the new (layout) cluster order."""
+    """Cluster-ordered KV of P (layer, KV head) pairs; cluster arrays are in the new (layout) order."""
 
     keys_PND: jax.Array
     values_PND: jax.Array
@@ -100,9 +109,9 @@ def build_layout(
 ) -> Layout:
     """Permute keys/values of every problem by fine cluster.
 
-    k_PSD / v_PSD: the full context (S tokens) per problem; assign_PM: cluster (original id) of each clustered token
-    `n_sink + m`; centroids_PCD: raw centroids by original id; fine_order_PC: optional new position -> original id
-    (from the coarse level); default keeps the original cluster order.
+    k_PSD / v_PSD: the full context (S tokens) per problem; assign_PM: cluster (original id) of each clustered
+    token `n_sink + m`; centroids_PCD: raw centroids by original id; fine_order_PC: optional new position
+    -> original id (from the coarse level); default keeps the original cluster order.
     """
     if k_PSD.ndim != 3 or v_PSD.shape != k_PSD.shape:
         raise ValueError(f"keys and values must both be [P, S, D], got {k_PSD.shape} and {v_PSD.shape}")
@@ -117,8 +126,14 @@ def build_layout(
         fine_order_PC = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (P, C))
     elif fine_order_PC.shape != (P, C):
         raise ValueError(f"fine_order_PC must be {(P, C)}, got {fine_order_PC.shape}")
-    return _build_layout(k_PSD, v_PSD, assign_PM.astype(jnp.int32), centroids_PCD.astype(jnp.float32),
-                         fine_order_PC.astype(jnp.int32), sizes=sizes)
+    return _build_layout(
+        k_PSD,
+        v_PSD,
+        assign_PM.astype(jnp.int32),
+        centroids_PCD.astype(jnp.float32),
+        fine_order_PC.astype(jnp.int32),
+        sizes=sizes,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("sizes",))
@@ -141,22 +156,36 @@ def _build_layout(k_PSD, v_PSD, assign_PM, centroids_PCD, fine_order_PC, *, size
         dist_M = jnp.sqrt(jnp.sum((k_clu.astype(jnp.float32) - cent_CD[cid_M]) ** 2, axis=-1))
         radius_C = jax.ops.segment_max(dist_M, cid_M, num_segments=C)
         radius_C = jnp.maximum(radius_C, 0.0)  # every cluster is non-empty; guards -inf of an empty segment
-        fixed_tok = jnp.concatenate([jnp.arange(sizes.n_sink), jnp.arange(S - sizes.window, S)]).astype(jnp.int32)
-        pos_N = jnp.concatenate([
-            fixed_tok,
-            jnp.full((fixed_pad - n_fixed,), -1, jnp.int32),
-            tok_M,
-            jnp.full((n_pad - fixed_pad - M,), -1, jnp.int32),
-        ])
+        fixed_tok = jnp.concatenate([jnp.arange(sizes.n_sink), jnp.arange(S - sizes.window, S)]).astype(
+            jnp.int32
+        )
+        pos_N = jnp.concatenate(
+            [
+                fixed_tok,
+                jnp.full((fixed_pad - n_fixed,), -1, jnp.int32),
+                tok_M,
+                jnp.full((n_pad - fixed_pad - M,), -1, jnp.int32),
+            ]
+        )
         safe = jnp.maximum(pos_N, 0)
         live = (pos_N >= 0)[:, None]
         keys = jnp.where(live, k_SD[safe], jnp.zeros((), k_SD.dtype))
         vals = jnp.where(live, v_SD[safe], jnp.zeros((), v_SD.dtype))
         return keys, vals, pos_N, cent_CD, start_C, count_C, radius_C
 
-    keys, vals, pos, cent, start, count, radius = jax.vmap(one)(k_PSD, v_PSD, assign_PM, centroids_PCD,
-                                                                fine_order_PC)
-    return Layout(keys_PND=keys, values_PND=vals, positions_PN=pos, centroids_PCD=cent, cluster_start_PC=start,
-                  cluster_size_PC=count, radius_PC=radius, n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=M,
-                  n_pad=n_pad)
-
+    keys, vals, pos, cent, start, count, radius = jax.vmap(one)(
+        k_PSD, v_PSD, assign_PM, centroids_PCD, fine_order_PC
+    )
+    return Layout(
+        keys_PND=keys,
+        values_PND=vals,
+        positions_PN=pos,
+        centroids_PCD=cent,
+        cluster_start_PC=start,
+        cluster_size_PC=count,
+        radius_PC=radius,
+        n_fixed=n_fixed,
+        fixed_pad=fixed_pad,
+        n_clustered=M,
+        n_pad=n_pad,
+    )
