@@ -248,7 +248,7 @@ def _index_arrays(index, B: int, H: int) -> tuple:
             jnp.broadcast_to(index.block_ids, lead + index.block_ids.shape[-1:]),
             jnp.broadcast_to(index.block_count, lead),
         )
-    return (index.range_start, index.range_end, index.range_count, index.column_index, index.column_count)
+    return (index.tile_start, index.tile_end, index.tile_count, index.column_index, index.column_count)
 
 
 def _check_rows(out, q, k, v, index, T: int) -> float:
@@ -592,7 +592,9 @@ def main() -> None:
     args = p.parse_args()
     budget = Budget(args.budget_s)
     if args.smoke:
-        args.lengths, args.kv_heads, args.head_dim, args.no_torch = "256,512", 2, 64, True
+        if args.lengths == p.get_default("lengths"):
+            args.lengths = "256,512"
+        args.kv_heads, args.head_dim, args.no_torch = 2, 64, True
     args.scale = 16 if args.smoke else 1
     interpret = True if args.smoke else None
     lengths = [int(x) for x in args.lengths.split(",")]

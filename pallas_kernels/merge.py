@@ -2,8 +2,9 @@
 
 Partial results are `(out, lse)` pairs: `out` is the softmax-normalised attention output over some key
 set, `lse` the natural-log log-sum-exp of the scaled logits over that set (float32, `-inf` = "saw no key").
-Merging is elementwise, so XLA fuses it into one pass over the outputs; a Pallas kernel cannot move fewer
-bytes (measured in benchmarks/bench_sparse_attention.py), so these stay pure jnp.
+Merging is elementwise: XLA fuses it into one pass that reads each input and writes the result once, which
+is the least any kernel must move, so it stays pure jnp (benchmarks/bench_sparse_attention.py times it next
+to a plain fused add of the same bytes). It also fuses into its neighbours (e.g. the split-K combine).
 """
 
 from __future__ import annotations

@@ -65,8 +65,8 @@ def flash_step(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One online-softmax step (base-2 logits) over a gathered key tile; `ok[K]` masks keys.
 
-    Masked keys get `-inf`; a row that has seen only masked keys keeps `m = -inf, l = 0, acc = 0` (the
-    max is replaced by 0 before subtracting, so no `inf - inf`).
+    Masked keys get `-inf`; a row that has seen only masked keys keeps `m = -inf`, denominator 0 and
+    `acc = 0` (the max is replaced by 0 before subtracting, so no `inf - inf`).
     """
     acc, m_prev, d_prev = carry
     # float32 inputs get full-precision dots (Triton would otherwise use tf32).
@@ -132,23 +132,30 @@ def _decode_kernel(
     block_k: int,
     blocks_per_step: int,
     num_splits: int,
+    groups: int,
+    capacity: int,
     n_fixed: int,
     fixed_pad: int,
     n_clustered: int,
 ):
-    """One (b, h, split) program: flash accumulation over this split's share of the selected blocks."""
+    """One (b, h, split) program: flash accumulation over this split's share of the selected blocks.
+
+    The q/out blocks have R >= groups rows over arrays of `groups` rows: rows past `groups` are masked
+    on load and store (no padding copies outside the kernel).
+    """
     P = blocks_per_step
     R, D = q_ref.shape
     n_blocks = k_ref.shape[0] // block_k
     split = pl.program_id(2)
-    count = count_ref[...]
+    count = jnp.clip(count_ref[...], 0, capacity)
     # Entries per split: the valid count spread evenly, in whole steps.
     chunk = ((count + num_splits - 1) // num_splits + P - 1) // P * P
     start = split * chunk
     stop = jnp.minimum(start + chunk, count)
     n_steps = (jnp.maximum(stop - start, 0) + P - 1) // P
 
-    q = q_ref[...]
+    rows_ok = jnp.arange(R, dtype=jnp.int32) < groups
+    q = q_ref[...] if R == groups else plgpu.load(q_ref, mask=rows_ok[:, None], other=0.0)
 
     def body(i, carry):
         entry0 = start + i * P
@@ -166,8 +173,12 @@ def _decode_kernel(
     )
     acc, m, denom = lax.fori_loop(0, n_steps, body, carry)
     out, lse = finish(acc, m, denom)
-    o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = lse
+    if R == groups:
+        o_ref[...] = out.astype(o_ref.dtype)
+        lse_ref[...] = lse
+    else:
+        plgpu.store(o_ref, out.astype(o_ref.dtype), mask=rows_ok[:, None])
+        plgpu.store(lse_ref, lse, mask=rows_ok)
 
 
 def _check_inputs(q_BHGD, k_HND, v_HND, block_ids, block_count, n_fixed, fixed_pad, n_clustered, block_k,
@@ -241,21 +252,22 @@ def sparse_decode(
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     R = padded_rows(G)
     M_pad = round_up(M, P)
-    q = pad_axis(q_BHGD, 2, R)
     ids = pad_axis(block_ids.astype(jnp.int32), 2, M_pad, mode="edge")
-    count = jnp.clip(block_count.astype(jnp.int32), 0, M)
+    count = block_count.astype(jnp.int32)
     kernel = functools.partial(
         _decode_kernel,
         qk_scale=default_scale(D, scale) * LOG2E,
         block_k=block_k,
         blocks_per_step=P,
         num_splits=S,
+        groups=G,
+        capacity=M,
         n_fixed=n_fixed,
         fixed_pad=fixed_pad,
         n_clustered=n_clustered,
     )
     N = k_HND.shape[1]
-    o_BHSRD, lse_BHSR = pl.pallas_call(
+    o_BHSGD, lse_BHSG = pl.pallas_call(
         kernel,
         grid=(B, H, S),
         in_specs=[
@@ -270,15 +282,13 @@ def sparse_decode(
             pl.BlockSpec((None, None, None, R), lambda b, h, s: (b, h, s, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((B, H, S, R, D), jnp.float32),
-            jax.ShapeDtypeStruct((B, H, S, R), jnp.float32),
+            jax.ShapeDtypeStruct((B, H, S, G, D), jnp.float32),
+            jax.ShapeDtypeStruct((B, H, S, G), jnp.float32),
         ],
         compiler_params=compiler_params(num_warps, num_stages),
         interpret=resolve_interpret(interpret),
         name="sparse_decode",
-    )(ids, count, q, k_HND, v_HND)
-    o_BHSGD = o_BHSRD[:, :, :, :G]
-    lse_BHSG = lse_BHSR[:, :, :, :G]
+    )(ids, count, q_BHGD, k_HND, v_HND)
     if S == 1:
         return o_BHSGD[:, :, 0].astype(q_BHGD.dtype), lse_BHSG[:, :, 0]
     out, lse = combine_partials(o_BHSGD, lse_BHSG, axis=2)

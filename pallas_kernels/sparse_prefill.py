@@ -67,6 +67,7 @@ def _prefill_kernel(
     qk_scale: float,
     block_k: int,
     blocks_per_step: int,
+    capacity: int,
     n_fixed: int,
     fixed_pad: int,
     n_clustered: int,
@@ -75,7 +76,7 @@ def _prefill_kernel(
     P = blocks_per_step
     R, D = q_ref.shape
     n_blocks = k_ref.shape[0] // block_k
-    count = count_ref[...]
+    count = jnp.clip(count_ref[...], 0, capacity)
     n_steps = (jnp.maximum(count, 0) + P - 1) // P
     q = q_ref[...]
 
@@ -186,12 +187,13 @@ def sparse_prefill(
     q = pad_axis(pad_axis(q, 3, tq), 4, gp).reshape(B, H, nQ * R, D)
     M_pad = round_up(M, P)
     ids = pad_axis(block_ids.astype(jnp.int32), 3, M_pad, mode="edge")
-    count = jnp.clip(block_count.astype(jnp.int32), 0, M)
+    count = block_count.astype(jnp.int32)
     kernel = functools.partial(
         _prefill_kernel,
         qk_scale=default_scale(D, scale) * LOG2E,
         block_k=block_k,
         blocks_per_step=P,
+        capacity=M,
         n_fixed=n_fixed,
         fixed_pad=fixed_pad,
         n_clustered=n_clustered,

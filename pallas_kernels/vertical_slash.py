@@ -1,13 +1,15 @@
-"""Vertical-slash causal prefill attention: key ranges plus gathered key columns (Pallas, Triton backend).
+"""Vertical-slash causal prefill attention: key tiles plus gathered key columns (Pallas, Triton backend).
 
 Per block of `block_q` queries the index lists
-- contiguous key ranges `[range_start, range_end)` (`range_count` of them, disjoint): the slash
-  diagonals of the pattern merged into ranges; each is walked in tiles of `block_k` keys that may start
-  anywhere (not aligned to `block_k`), the last tile of the sequence is shifted back to stay in bounds
-  and the keys outside the range are masked;
-- single key columns `column_index` (`column_count` of them, not inside any range): the verticals,
+- key tiles `[tile_start, tile_end)` of at most `block_k` contiguous keys (`tile_count` of them,
+  disjoint): the slash diagonals of the pattern merged into ranges and cut into tiles. Tiles may start
+  anywhere (not aligned to `block_k`) and are walked in flat loops, so Triton pipelines their loads:
+  first the leading tiles that are full and below every query of the block, without a mask, then the
+  rest, masked to their extent; a tile that would run past the end of the sequence is loaded shifted
+  back and the extra keys masked;
+- single key columns `column_index` (`column_count` of them, not inside any tile): the verticals,
   gathered `block_k` rows at a time.
-Every tile is masked `key <= query` and to its range, so any index is causal by construction. As in
+Every tile is masked `key <= query` and to its extent, so any index is causal by construction. As in
 `block_sparse`, the index is per KV head and one program holds `tokens x heads` rows of a query block, so
 each K/V tile is read once for the whole GQA group; query blocks are launched heaviest first.
 """
@@ -45,8 +47,8 @@ _STATIC = ("block_q", "block_k", "scale", "block_rows", "interpret", "num_warps"
 
 def _vertical_slash_kernel(
     meta_ref,
-    rs_ref,
-    re_ref,
+    ts_ref,
+    te_ref,
     col_ref,
     q_ref,
     k_ref,
@@ -61,31 +63,32 @@ def _vertical_slash_kernel(
     qk_scale: float,
     t_keys: int,
 ):
-    """One (KV head, batch row, query tile) program: ranges tile by tile, then columns by row gather."""
+    """One (KV head, batch row, query tile) program: key tiles, then columns by row gather."""
     rows, D = q_ref.shape
     program = n_programs - 1 - pl.program_id(2)  # heaviest (latest) query tiles first
     q_pos = query_tile_positions(program, block_q=block_q, rows=rows, heads=heads)
-    n_ranges = meta_ref[0]
+    n_tiles = meta_ref[0]
     n_cols = meta_ref[1]
+    n_unmasked = meta_ref[2]
     q = q_ref[...]
     iota_k = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
 
-    def range_body(r, carry):
-        start = rs_ref[r]
-        end = re_ref[r]
+    def full_tile_body(j, carry):  # block_k keys, all visible to every row: no mask
+        start = ts_ref[j]
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        return flash_update(q, k, v, None, carry, qk_scale)
 
-        def tile_body(j, carry):
-            t = start + j * block_k
-            t_load = jnp.minimum(t, t_keys - block_k)  # stay in bounds; keys before t are masked
-            k = k_ref[pl.ds(t_load, block_k), :]
-            v = v_ref[pl.ds(t_load, block_k), :]
-            k_pos = t_load + iota_k
-            in_range = (k_pos >= t) & (k_pos < end)
-            mask = in_range[None, :] & (k_pos[None, :] <= q_pos[:, None])
-            return flash_update(q, k, v, mask, carry, qk_scale)
-
-        n_tiles = lax.div(jnp.maximum(end - start, 0) + (block_k - 1), block_k)
-        return lax.fori_loop(0, n_tiles, tile_body, carry)
+    def tile_body(j, carry):
+        start = ts_ref[j]
+        end = te_ref[j]
+        t_load = jnp.minimum(start, t_keys - block_k)  # stay in bounds; keys before `start` are masked
+        k = k_ref[pl.ds(t_load, block_k), :]
+        v = v_ref[pl.ds(t_load, block_k), :]
+        k_pos = t_load + iota_k
+        in_tile = (k_pos >= start) & (k_pos < end)
+        mask = in_tile[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        return flash_update(q, k, v, mask, carry, qk_scale)
 
     def column_body(j, carry):
         first = pl.multiple_of(j * block_k, block_k)
@@ -97,28 +100,40 @@ def _vertical_slash_kernel(
         mask = listed[None, :] & (cols[None, :] <= q_pos[:, None])
         return flash_update(q, k, v, mask, carry, qk_scale)
 
-    carry = lax.fori_loop(0, n_ranges, range_body, flash_init(rows, D))
+    carry = lax.fori_loop(0, n_unmasked, full_tile_body, flash_init(rows, D))
+    carry = lax.fori_loop(n_unmasked, n_tiles, tile_body, carry)
     carry = lax.fori_loop(0, lax.div(n_cols + (block_k - 1), block_k), column_body, carry)
     out, lse = flash_finish(carry)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse
 
 
-def _check_vs_index(q_BHTGD, range_start, range_end, range_count, column_index, column_count, block_q):
+def full_prefix(
+    ts: jax.Array, te: jax.Array, count: jax.Array, *, block_q: int, block_k: int, t_keys: int
+) -> jax.Array:
+    """Leading tiles (`[..., nQ, Mt]`) that are `block_k` wide, in bounds and below every row of their
+    query block: the kernel walks them without a mask (the builders list such tiles first)."""
+    q_first = (jnp.arange(ts.shape[-2], dtype=jnp.int32) * block_q)[:, None]
+    ok = (te - ts == block_k) & (ts + block_k - 1 <= q_first) & (ts <= t_keys - block_k)
+    ok &= jnp.arange(ts.shape[-1]) < count[..., None]
+    return jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
+
+
+def _check_vs_index(q_BHTGD, tile_start, tile_end, tile_count, column_index, column_count, block_q):
     B, H, T = q_BHTGD.shape[:3]
     lead = (B, H, cdiv(T, block_q))
-    check_index_array("range_start", range_start, lead, 1)
-    check_index_array("range_end", range_end, lead, 1)
-    check_index_array("range_count", range_count, lead, 0)
+    check_index_array("tile_start", tile_start, lead, 1)
+    check_index_array("tile_end", tile_end, lead, 1)
+    check_index_array("tile_count", tile_count, lead, 0)
     check_index_array("column_index", column_index, lead, 1)
     check_index_array("column_count", column_count, lead, 0)
-    if range_start.shape != range_end.shape:
+    if tile_start.shape != tile_end.shape:
         raise ValueError(
-            f"range_start and range_end must share a shape, got {range_start.shape}, {range_end.shape}"
+            f"tile_start and tile_end must share a shape, got {tile_start.shape}, {tile_end.shape}"
         )
-    if range_start.shape[-1] < 1 or column_index.shape[-1] < 1:
+    if tile_start.shape[-1] < 1 or column_index.shape[-1] < 1:
         raise ValueError(
-            f"range and column capacities must be >= 1, got {range_start.shape[-1]}, {column_index.shape[-1]}"
+            f"tile and column capacities must be >= 1, got {tile_start.shape[-1]}, {column_index.shape[-1]}"
         )
     return lead
 
@@ -128,9 +143,9 @@ def vertical_slash_prefill(
     q_BHTGD: jax.Array,
     k_BHTD: jax.Array,
     v_BHTD: jax.Array,
-    range_start: jax.Array,
-    range_end: jax.Array,
-    range_count: jax.Array,
+    tile_start: jax.Array,
+    tile_end: jax.Array,
+    tile_count: jax.Array,
     column_index: jax.Array,
     column_count: jax.Array,
     *,
@@ -142,17 +157,17 @@ def vertical_slash_prefill(
     num_warps: int | None = None,
     num_stages: int = 2,
 ) -> tuple[jax.Array, jax.Array]:
-    """Causal prefill where query block i attends its key ranges and key columns.
+    """Causal prefill where query block i attends its key tiles and key columns.
 
     `q_BHTGD` (query head h*G+g uses KV head h), `k_BHTD`, `v_BHTD`. Per query block (nQ =
-    ceil(T / block_q)): `range_start/range_end[B, H, nQ, Mr]` with `range_count[B, H, nQ]` key ranges
-    `[start, end)`, and `column_index[B, H, nQ, Mc]` with `column_count[B, H, nQ]` key positions (in
-    [0, T)); leading index dims may be broadcast. A key covered twice counts twice, so ranges must be
-    disjoint and columns outside them (the MInference index builders guarantee both).
+    ceil(T / block_q)): `tile_start/tile_end[B, H, nQ, Mt]` with `tile_count[B, H, nQ]` key tiles
+    `[start, min(end, start + block_k))`, and `column_index[B, H, nQ, Mc]` with `column_count[B, H, nQ]`
+    key positions (in [0, T)); leading index dims may be broadcast. A key covered twice counts twice,
+    so tiles must be disjoint and columns outside them (the MInference index builders guarantee both).
     Returns `out_BHTGD` (q's dtype) and `lse_BHTG` (float32, natural log, `-inf` where no key is seen).
     """
     check_qkv(q_BHTGD, k_BHTD, v_BHTD, block_q, block_k)
-    lead = _check_vs_index(q_BHTGD, range_start, range_end, range_count, column_index, column_count, block_q)
+    lead = _check_vs_index(q_BHTGD, tile_start, tile_end, tile_count, column_index, column_count, block_q)
     B, H, T, G, D = q_BHTGD.shape
     nq = lead[2]
     t_pad = nq * block_q
@@ -160,14 +175,22 @@ def vertical_slash_prefill(
     gp, rows, tiles = tile_layout(block_q, G, block_rows)
     n_programs = nq * tiles
 
-    mr = range_start.shape[-1]
-    rs = jnp.clip(broadcast_index(range_start, lead, 1), 0, t_keys)
-    re = jnp.clip(broadcast_index(range_end, lead, 1), 0, t_keys)
-    n_ranges = jnp.clip(broadcast_index(range_count, lead, 0), 0, mr)
+    mt = tile_start.shape[-1]
+    ts = jnp.clip(broadcast_index(tile_start, lead, 1), 0, t_keys)
+    te = jnp.clip(broadcast_index(tile_end, lead, 1), ts, ts + block_k)
+    n_tiles = jnp.clip(broadcast_index(tile_count, lead, 0), 0, mt)
     mc = round_up(column_index.shape[-1], block_k)
     cols = pad_axis(jnp.clip(broadcast_index(column_index, lead, 1), 0, t_keys - 1), 3, mc)
     n_cols = jnp.clip(broadcast_index(column_count, lead, 0), 0, column_index.shape[-1])
-    meta = jnp.stack([n_ranges, n_cols], axis=-1)
+    meta = jnp.stack(
+        [
+            n_tiles,
+            n_cols,
+            full_prefix(ts, te, n_tiles, block_q=block_q, block_k=block_k, t_keys=t_keys),
+            jnp.zeros_like(n_tiles),
+        ],
+        axis=-1,
+    )
 
     q = pack_queries(q_BHTGD, t_pad, gp)
     k = pad_axis(k_BHTD, 2, t_keys)
@@ -187,9 +210,9 @@ def vertical_slash_prefill(
         kernel,
         grid=(H, B, n_programs),
         in_specs=[
-            pl.BlockSpec((None, None, None, 2), index_map),
-            pl.BlockSpec((None, None, None, mr), index_map),
-            pl.BlockSpec((None, None, None, mr), index_map),
+            pl.BlockSpec((None, None, None, 4), index_map),
+            pl.BlockSpec((None, None, None, mt), index_map),
+            pl.BlockSpec((None, None, None, mt), index_map),
             pl.BlockSpec((None, None, None, mc), index_map),
             pl.BlockSpec((None, None, rows, D), lambda h, b, p: (b, h, last - p, 0)),
             pl.BlockSpec((None, None, t_keys, D), lambda h, b, p: (b, h, 0, 0)),
@@ -206,24 +229,26 @@ def vertical_slash_prefill(
         compiler_params=compiler_params(default_num_warps(rows, D, num_warps), num_stages),
         interpret=resolve_interpret(interpret),
         name="vertical_slash_prefill",
-    )(meta, rs, re, cols, q, k, v)
+    )(meta, ts, te, cols, q, k, v)
     return unpack_outputs(o, lse, q_BHTGD.shape, t_pad, gp)
 
 
-@functools.partial(jax.jit, static_argnames=("seq_len",))
+@functools.partial(jax.jit, static_argnames=("seq_len", "block_k"))
 def vertical_slash_key_counts(
-    range_start: jax.Array,
-    range_end: jax.Array,
-    range_count: jax.Array,
+    tile_start: jax.Array,
+    tile_end: jax.Array,
+    tile_count: jax.Array,
     column_index: jax.Array,
     column_count: jax.Array,
     seq_len: int,
+    *,
+    block_k: int = 64,
 ) -> jax.Array:
     """How many times each key position is covered for each query block: int32 `[..., nQ, seq_len]`."""
-    r_ok = (jnp.arange(range_start.shape[-1]) < range_count[..., None]) & (range_end > range_start)
-    starts = jnp.clip(range_start, 0, seq_len)
-    ends = jnp.clip(range_end, 0, seq_len)
-    # +1 at each range start, -1 at its end, running sum = ranges covering a position (O(T) memory)
+    starts = jnp.clip(tile_start, 0, seq_len)
+    ends = jnp.clip(jnp.minimum(tile_end, tile_start + block_k), starts, seq_len)
+    r_ok = (jnp.arange(tile_start.shape[-1]) < tile_count[..., None]) & (ends > starts)
+    # +1 at each tile start, -1 at its end, running sum = tiles covering a position (O(T) memory)
     diff = scatter_counts(
         jnp.concatenate([starts, ends], axis=-1),
         jnp.concatenate([r_ok, -r_ok.astype(jnp.int32)], axis=-1),
@@ -238,9 +263,9 @@ def vertical_slash_prefill_ref(
     q_BHTGD: jax.Array,
     k_BHTD: jax.Array,
     v_BHTD: jax.Array,
-    range_start: jax.Array,
-    range_end: jax.Array,
-    range_count: jax.Array,
+    tile_start: jax.Array,
+    tile_end: jax.Array,
+    tile_count: jax.Array,
     column_index: jax.Array,
     column_count: jax.Array,
     *,
@@ -255,15 +280,16 @@ def vertical_slash_prefill_ref(
     """Pure-jnp reference of `vertical_slash_prefill` (same signature; tiling arguments are ignored)."""
     del block_rows, interpret, num_warps, num_stages
     check_qkv(q_BHTGD, k_BHTD, v_BHTD, block_q, block_k)
-    lead = _check_vs_index(q_BHTGD, range_start, range_end, range_count, column_index, column_count, block_q)
+    lead = _check_vs_index(q_BHTGD, tile_start, tile_end, tile_count, column_index, column_count, block_q)
     T = q_BHTGD.shape[2]
     mult = vertical_slash_key_counts(
-        broadcast_index(range_start, lead, 1),
-        broadcast_index(range_end, lead, 1),
-        broadcast_index(range_count, lead, 0),
+        broadcast_index(tile_start, lead, 1),
+        broadcast_index(tile_end, lead, 1),
+        broadcast_index(tile_count, lead, 0),
         broadcast_index(column_index, lead, 1),
         broadcast_index(column_count, lead, 0),
         T,
+        block_k=block_k,
     )
     return masked_attention_ref(
         q_BHTGD, k_BHTD, v_BHTD, mult[:, :, jnp.arange(T) // block_q], jnp.arange(T), causal=True, scale=scale

@@ -19,10 +19,11 @@ from squeeze_jax.index import IndexConfig, build_index
 def prompt_parts(context: str, question: str) -> tuple[str, str]:
     """Split one prompt into its fixed part (the context) and its user part (the question).
 
-    Plain completion format: `context + "\n\n" + question`; questions end with an answer cue
-    ("... The pass key is"), which small instruction-tuned models follow more reliably than a chat turn.
+    Plain completion format `context + " " + question`, the question ending with an answer cue
+    ("... The pass key is"): small instruction-tuned models follow it more reliably than a chat turn. The space
+    belongs to the user part so that both parts tokenize exactly as the joined prompt does.
     """
-    return context + "\n\n", question
+    return context.rstrip(), " " + question.strip()
 
 
 def context_tokens(tokenizer, context: str) -> list[int]:

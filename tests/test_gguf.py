@@ -18,9 +18,20 @@ RNG = np.random.default_rng(0)
 
 # --------------------------------------------------------------------------------------- a tiny GGUF writer
 
-_VT = {"u8": (0, "<B"), "i8": (1, "<b"), "u16": (2, "<H"), "i16": (3, "<h"), "u32": (4, "<I"),
-       "i32": (5, "<i"), "f32": (6, "<f"), "bool": (7, "<?"), "str": (8, None), "u64": (10, "<Q"),
-       "i64": (11, "<q"), "f64": (12, "<d")}
+_VT = {
+    "u8": (0, "<B"),
+    "i8": (1, "<b"),
+    "u16": (2, "<H"),
+    "i16": (3, "<h"),
+    "u32": (4, "<I"),
+    "i32": (5, "<i"),
+    "f32": (6, "<f"),
+    "bool": (7, "<?"),
+    "str": (8, None),
+    "u64": (10, "<Q"),
+    "i64": (11, "<q"),
+    "f64": (12, "<d"),
+}
 
 
 def _str(s: str) -> bytes:
@@ -42,9 +53,14 @@ def _vtid(vt) -> int:
     return 9 if isinstance(vt, tuple) else _VT[vt][0]
 
 
-def write_gguf(path: Path, meta: list[tuple[str, object, object]],
-               tensors: list[tuple[str, list[int], int, bytes]], version: int = 3, alignment: int = 32,
-               magic: bytes = b"GGUF") -> Path:
+def write_gguf(
+    path: Path,
+    meta: list[tuple[str, object, object]],
+    tensors: list[tuple[str, list[int], int, bytes]],
+    version: int = 3,
+    alignment: int = 32,
+    magic: bytes = b"GGUF",
+) -> Path:
     """meta: (key, value type, value); tensors: (name, ne (fastest dim first), ggml type id, packed bytes)."""
     out = bytearray(magic + struct.pack("<IQQ", version, len(tensors), len(meta)))
     for key, vt, v in meta:
@@ -65,6 +81,7 @@ def write_gguf(path: Path, meta: list[tuple[str, object, object]],
 
 
 # ------------------------------------------------------------------------- packed blocks + scalar reference
+
 
 def pack(type_name: str, n: int, rng=RNG) -> bytes:
     """Random packed data of `n` elements of one ggml type (scales are finite fp16 values)."""
@@ -143,18 +160,35 @@ def test_dequantize_rejects_other_types_and_bad_sizes():
 
 # ------------------------------------------------------------------------------------------- file round trip
 
+
 def test_roundtrip_metadata_shapes_values(tmp_path):
     meta = [
-        ("general.architecture", "str", "llama"), ("a.u8", "u8", 250), ("a.i8", "i8", -5),
-        ("a.u16", "u16", 60000), ("a.i16", "i16", -30000), ("a.u32", "u32", 4_000_000_000),
-        ("a.i32", "i32", -2_000_000_000), ("a.f32", "f32", 1e-5), ("a.bool", "bool", True),
-        ("a.u64", "u64", 2**63 + 5), ("a.i64", "i64", -(2**40)),
-        ("a.f64", "f64", 0.1), ("a.str", "str", "héllo ✓"), ("a.arr_i32", ("arr", "i32"), [1, -2, 3]),
-        ("a.arr_str", ("arr", "str"), ["x", "", "Ġz"]), ("a.nested", ("arr", ("arr", "u8")), [[1, 2], [3]]),
+        ("general.architecture", "str", "llama"),
+        ("a.u8", "u8", 250),
+        ("a.i8", "i8", -5),
+        ("a.u16", "u16", 60000),
+        ("a.i16", "i16", -30000),
+        ("a.u32", "u32", 4_000_000_000),
+        ("a.i32", "i32", -2_000_000_000),
+        ("a.f32", "f32", 1e-5),
+        ("a.bool", "bool", True),
+        ("a.u64", "u64", 2**63 + 5),
+        ("a.i64", "i64", -(2**40)),
+        ("a.f64", "f64", 0.1),
+        ("a.str", "str", "héllo ✓"),
+        ("a.arr_i32", ("arr", "i32"), [1, -2, 3]),
+        ("a.arr_str", ("arr", "str"), ["x", "", "Ġz"]),
+        ("a.nested", ("arr", ("arr", "u8")), [[1, 2], [3]]),
         ("general.alignment", "u32", 64),
     ]
-    specs = {"t.f32": ([5], "F32"), "t.f16": ([3, 2], "F16"), "t.bf16": ([4, 2, 3], "BF16"),
-             "t.q8": ([64, 3], "Q8_0"), "t.q40": ([32, 2], "Q4_0"), "t.q41": ([96, 2], "Q4_1")}
+    specs = {
+        "t.f32": ([5], "F32"),
+        "t.f16": ([3, 2], "F16"),
+        "t.bf16": ([4, 2, 3], "BF16"),
+        "t.q8": ([64, 3], "Q8_0"),
+        "t.q40": ([32, 2], "Q4_0"),
+        "t.q41": ([96, 2], "Q4_1"),
+    }
     raws = {k: pack(t, int(np.prod(ne))) for k, (ne, t) in specs.items()}
     tensors = [(k, ne, G.GGML_TYPE_IDS[t], raws[k]) for k, (ne, t) in specs.items()]
     f = G.read_gguf(write_gguf(tmp_path / "t.gguf", meta, tensors, alignment=64))
@@ -170,12 +204,14 @@ def test_roundtrip_metadata_shapes_values(tmp_path):
 
 
 def test_version_2_is_read(tmp_path):
-    f = G.read_gguf(write_gguf(tmp_path / "v2.gguf", [("k", "str", "v")], [("t", [4], 0, pack("F32", 4))],
-                               version=2))
+    f = G.read_gguf(
+        write_gguf(tmp_path / "v2.gguf", [("k", "str", "v")], [("t", [4], 0, pack("F32", 4))], version=2)
+    )
     assert f.version == 2 and f.metadata == {"k": "v"} and f.tensor("t").shape == (4,)
 
 
 # ---------------------------------------------------------------------------------------------------- errors
+
 
 def _small_file(tmp_path, **kw) -> Path:
     meta = [("general.architecture", "str", "llama"), ("some.list", ("arr", "str"), ["a", "bb", "ccc"] * 20)]
@@ -225,28 +261,52 @@ def converter_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def tiny_hf_weights(tied: bool, bias: bool = False, rng=RNG) -> dict[str, np.ndarray]:
     t = TINY
-    config = ModelConfig(name="t", vocab_size=t["vocab"], d_model=t["d"], n_layers=t["layers"],
-                         n_heads=t["heads"], n_kv_heads=t["kv"], head_dim=t["hd"], ffn_dim=t["ffn"],
-                         max_context=256, tie_embeddings=tied, qkv_bias=bias)
+    config = ModelConfig(
+        name="t",
+        vocab_size=t["vocab"],
+        d_model=t["d"],
+        n_layers=t["layers"],
+        n_heads=t["heads"],
+        n_kv_heads=t["kv"],
+        head_dim=t["hd"],
+        ffn_dim=t["ffn"],
+        max_context=256,
+        tie_embeddings=tied,
+        qkv_bias=bias,
+    )
     return {k: rng.standard_normal(s).astype(np.float32) for k, s in G.expected_hf_shapes(config).items()}
 
 
 _TO_GGUF = {v: k for k, v in G._LAYER_MAP.items()}
 
 
-def tiny_llama_gguf(tmp_path: Path, hf: dict[str, np.ndarray], arch: str = "llama", extra_meta=(),
-                    quantize_ffn: bool = False, extra_tensors=()) -> Path:
+def tiny_llama_gguf(
+    tmp_path: Path,
+    hf: dict[str, np.ndarray],
+    arch: str = "llama",
+    extra_meta=(),
+    quantize_ffn: bool = False,
+    extra_tensors=(),
+) -> Path:
     t = TINY
     p = arch + "."
-    meta = [("general.architecture", "str", arch), ("general.name", "str", "tiny"),
-            (p + "block_count", "u32", t["layers"]), (p + "embedding_length", "u32", t["d"]),
-            (p + "feed_forward_length", "u32", t["ffn"]), (p + "attention.head_count", "u32", t["heads"]),
-            (p + "attention.head_count_kv", "u32", t["kv"]),
-            (p + "attention.layer_norm_rms_epsilon", "f32", 1e-6),
-            (p + "rope.freq_base", "f32", 500000.0), (p + "context_length", "u32", 256),
-            ("tokenizer.ggml.tokens", ("arr", "str"), [f"t{i}" for i in range(t["vocab"])]),
-            ("tokenizer.ggml.bos_token_id", "u32", 1), ("tokenizer.ggml.eos_token_id", "u32", 2),
-            ("tokenizer.ggml.eot_token_id", "u32", 3), *extra_meta]
+    meta = [
+        ("general.architecture", "str", arch),
+        ("general.name", "str", "tiny"),
+        (p + "block_count", "u32", t["layers"]),
+        (p + "embedding_length", "u32", t["d"]),
+        (p + "feed_forward_length", "u32", t["ffn"]),
+        (p + "attention.head_count", "u32", t["heads"]),
+        (p + "attention.head_count_kv", "u32", t["kv"]),
+        (p + "attention.layer_norm_rms_epsilon", "f32", 1e-6),
+        (p + "rope.freq_base", "f32", 500000.0),
+        (p + "context_length", "u32", 256),
+        ("tokenizer.ggml.tokens", ("arr", "str"), [f"t{i}" for i in range(t["vocab"])]),
+        ("tokenizer.ggml.bos_token_id", "u32", 1),
+        ("tokenizer.ggml.eos_token_id", "u32", 2),
+        ("tokenizer.ggml.eot_token_id", "u32", 3),
+        *extra_meta,
+    ]
     tensors = []
     for name, w in hf.items():
         if name == "model.embed_tokens.weight":
@@ -274,8 +334,16 @@ def test_state_dict_hf_names_orientation_and_unpermute(tmp_path, tied):
     hf = tiny_hf_weights(tied)
     config, state, f = G.load_gguf(tiny_llama_gguf(tmp_path, hf))
     assert config.tie_embeddings is tied and ("lm_head.weight" in state) is not tied
-    assert (config.n_layers, config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
-            config.ffn_dim, config.vocab_size, config.max_context) == (2, 64, 4, 2, 16, 96, 40, 256)
+    assert (
+        config.n_layers,
+        config.d_model,
+        config.n_heads,
+        config.n_kv_heads,
+        config.head_dim,
+        config.ffn_dim,
+        config.vocab_size,
+        config.max_context,
+    ) == (2, 64, 4, 2, 16, 96, 40, 256)
     assert config.rope_theta == 500000.0 and config.rms_eps == 1e-6 and config.rope_layout == "rotate_half"
     assert config.bos_token_id == 1 and config.eos_token_ids == (2, 3) and config.name == "tiny"
     assert set(state) == set(hf)
@@ -307,7 +375,7 @@ def rope_rotate_half(x_TD: np.ndarray, pos_T: np.ndarray, theta: float) -> np.nd
     D = x_TD.shape[-1]
     ang = pos_T[:, None] * theta ** (-np.arange(0, D, 2) / D)[None]
     cos, sin = np.concatenate([np.cos(ang)] * 2, -1), np.concatenate([np.sin(ang)] * 2, -1)
-    rot = np.concatenate([-x_TD[:, D // 2:], x_TD[:, : D // 2]], -1)
+    rot = np.concatenate([-x_TD[:, D // 2 :], x_TD[:, : D // 2]], -1)
     return (x_TD * cos + rot * sin).astype(x_TD.dtype)
 
 
@@ -336,8 +404,9 @@ def test_converter_permutation_maps_rotate_half_to_interleaved_rope():
     pq, pk = converter_permute(wq_DX, 1), converter_permute(wk_DX, 1)
     np.testing.assert_allclose(scores(pq, pk, rope_interleaved), hf, atol=1e-9)
     assert not np.allclose(scores(pq, pk, rope_rotate_half), hf, atol=1e-3)
-    np.testing.assert_allclose(scores(G.unpermute_qk(pq, 1), G.unpermute_qk(pk, 1), rope_rotate_half), hf,
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        scores(G.unpermute_qk(pq, 1), G.unpermute_qk(pk, 1), rope_rotate_half), hf, atol=1e-9
+    )
 
 
 def test_config_rope_scaling_and_errors(tmp_path):
@@ -355,8 +424,15 @@ def test_config_rope_scaling_and_errors(tmp_path):
     with pytest.raises(ValueError, match="architecture 'gpt2'"):
         G.config_from_gguf({"general.architecture": "gpt2"}, [])
     with pytest.raises(ValueError, match="block_count"):
-        G.config_from_gguf({"general.architecture": "llama", "llama.embedding_length": 64,
-                            "llama.attention.head_count": 4, "tokenizer.ggml.tokens": ["a"]}, [])
+        G.config_from_gguf(
+            {
+                "general.architecture": "llama",
+                "llama.embedding_length": 64,
+                "llama.attention.head_count": 4,
+                "tokenizer.ggml.tokens": ["a"],
+            },
+            [],
+        )
 
 
 def test_state_dict_validates_before_dequantising(tmp_path):
@@ -376,8 +452,9 @@ def test_state_dict_validates_before_dequantising(tmp_path):
     # a known but unsupported quant type is named before any work
     f = G.read_gguf(tiny_llama_gguf(tmp_path, hf))
     info = f.tensors["blk.1.ffn_up.weight"]
-    f.tensors["blk.1.ffn_up.weight"] = G.TensorInfo(info.name, info.shape, G.GGML_TYPE_IDS["Q4_K"],
-                                                     info.offset, info.n_bytes)
+    f.tensors["blk.1.ffn_up.weight"] = G.TensorInfo(
+        info.name, info.shape, G.GGML_TYPE_IDS["Q4_K"], info.offset, info.n_bytes
+    )
     with pytest.raises(ValueError, match="Q4_K"):
         G.gguf_to_state_dict(f, config)
 
@@ -393,6 +470,7 @@ def test_quantised_matrices_land_in_hf_orientation(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- cache + locating
+
 
 def test_state_dict_cache_roundtrip_and_key(tmp_path, monkeypatch):
     hf = tiny_hf_weights(tied=True)
@@ -456,8 +534,15 @@ def smollm2():
 def test_smollm2_config_matches_preset(smollm2):
     f, config, _ = smollm2
     assert config == load_preset("smollm2-135m")
-    assert (config.n_layers, config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
-            config.vocab_size, config.rope_theta) == (30, 576, 9, 3, 64, 49152, 100000.0)
+    assert (
+        config.n_layers,
+        config.d_model,
+        config.n_heads,
+        config.n_kv_heads,
+        config.head_dim,
+        config.vocab_size,
+        config.rope_theta,
+    ) == (30, 576, 9, 3, 64, 49152, 100000.0)
     counts = {}
     for info in f.tensors.values():
         counts[info.type_name] = counts.get(info.type_name, 0) + 1
@@ -504,8 +589,11 @@ def numpy_logits(state, config, ids, rope) -> np.ndarray:
         x = x + o @ state[p + "self_attn.o_proj.weight"].T
         h = _rms(x, state[p + "post_attention_layernorm.weight"], config.rms_eps)
         g = h @ state[p + "mlp.gate_proj.weight"].T
-        x = x + (g / (1 + np.exp(-g)) * (h @ state[p + "mlp.up_proj.weight"].T)) @ state[
-            p + "mlp.down_proj.weight"].T
+        x = (
+            x
+            + (g / (1 + np.exp(-g)) * (h @ state[p + "mlp.up_proj.weight"].T))
+            @ state[p + "mlp.down_proj.weight"].T
+        )
     return _rms(x, state["model.norm.weight"], config.rms_eps) @ state["model.embed_tokens.weight"].T
 
 
@@ -523,8 +611,10 @@ def test_smollm2_weights_predict_text(smollm2):
 
     f, config, state = smollm2
     tok = Tokenizer.from_gguf(f)
-    text = ("The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome. "
-            "One, two, three, four, five, six, seven, eight, nine, ten.")
+    text = (
+        "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome. "
+        "One, two, three, four, five, six, seven, eight, nine, ten."
+    )
     ids = np.array(tok.encode(text))
     hf_logits = numpy_logits(state, config, ids, rope_rotate_half)
     raw = dict(state)
@@ -564,8 +654,14 @@ def test_load_pretrained_smollm2_matches_numpy_reference(smollm2):
     ids = np.array(tok.encode("The pass key is 12345. Remember it. 12345 is the pass key."))
     n = len(ids)
     cache = KVCache.init(config, 1, n)
-    logits, _, _ = model(jnp.asarray(ids)[None], jnp.arange(n)[None], jnp.array([n]), cache, DenseAttention(),
-                         logits_mode="all")
+    logits, _, _ = model(
+        jnp.asarray(ids)[None],
+        jnp.arange(n)[None],
+        jnp.array([n]),
+        cache,
+        DenseAttention(),
+        logits_mode="all",
+    )
     ref = numpy_logits(state, config, ids, rope_rotate_half)
     np.testing.assert_allclose(np.asarray(logits[0]), ref, atol=2e-3, rtol=2e-3)
 

@@ -22,8 +22,20 @@ from models.hf_checkpoint import (
 from models.llama import hf_param_shapes, to_state_dict
 
 CONFIG = ModelConfig(
-    name="tiny-qwen", vocab_size=50, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48,
-    max_context=128, rms_eps=1e-6, rope_theta=1e6, qkv_bias=True, bos_token_id=None, eos_token_ids=(3, 4),
+    name="tiny-qwen",
+    vocab_size=50,
+    d_model=32,
+    n_layers=3,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    ffn_dim=48,
+    max_context=128,
+    rms_eps=1e-6,
+    rope_theta=1e6,
+    qkv_bias=True,
+    bos_token_id=None,
+    eos_token_ids=(3, 4),
 )
 
 
@@ -85,7 +97,9 @@ def test_bf16_single_file_and_official_reader(tmp_path):
 
 def test_config_round_trip_and_transformers5_layout():
     llama3 = CONFIG.replace(
-        name="l3", qkv_bias=False, bos_token_id=1,
+        name="l3",
+        qkv_bias=False,
+        bos_token_id=1,
         rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
     )
     for config in (CONFIG, llama3, CONFIG.replace(rope_scaling=RopeScaling("linear", 2.0))):

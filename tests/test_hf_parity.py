@@ -27,25 +27,64 @@ DENSE = DenseAttention()
 _APPLY = jax.jit(apply, static_argnames=("graphdef", "backend", "logits_mode"))
 
 COMMON = dict(
-    vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256,
-    rms_norm_eps=1e-5, hidden_act="silu",
+    vocab_size=131,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
 )
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 CASES = {
-    "llama_gqa_untied": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                       tie_word_embeddings=False), 10000.0, None),
-    "llama_gqa3_tied": ("llama", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
-                                      head_dim=16, tie_word_embeddings=True), 100000.0, None),
-    "llama3_rope_scaling": ("llama", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8,
-                                          tie_word_embeddings=False), 500000.0, LLAMA3_ROPE),
-    "llama_linear_rope_mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4, head_dim=16,
-                                            tie_word_embeddings=False), 10000.0,
-                              {"rope_type": "linear", "factor": 4.0}),
-    "qwen2_bias_tied": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=1,
-                                      tie_word_embeddings=True), 1000000.0, None),
-    "qwen2_bias_untied": ("qwen2", dict(num_attention_heads=8, num_key_value_heads=2,
-                                        tie_word_embeddings=False), 10000.0, None),
+    "llama_gqa_untied": (
+        "llama",
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
+        10000.0,
+        None,
+    ),
+    "llama_gqa3_tied": (
+        "llama",
+        dict(
+            hidden_size=96,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=16,
+            tie_word_embeddings=True,
+        ),
+        100000.0,
+        None,
+    ),
+    "llama3_rope_scaling": (
+        "llama",
+        dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False),
+        500000.0,
+        LLAMA3_ROPE,
+    ),
+    "llama_linear_rope_mha": (
+        "llama",
+        dict(num_attention_heads=4, num_key_value_heads=4, head_dim=16, tie_word_embeddings=False),
+        10000.0,
+        {"rope_type": "linear", "factor": 4.0},
+    ),
+    "qwen2_bias_tied": (
+        "qwen2",
+        dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True),
+        1000000.0,
+        None,
+    ),
+    "qwen2_bias_untied": (
+        "qwen2",
+        dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False),
+        10000.0,
+        None,
+    ),
 }
 
 
@@ -87,8 +126,16 @@ def our_logits(llama, tokens_BT, seq_lens_B, mode="all"):
     positions = jnp.broadcast_to(jnp.arange(Tn, dtype=jnp.int32), (B, Tn))
     cache = KVCache.init(llama.config, B, Tn + 4)
     with jax.default_matmul_precision("highest"):
-        out, cache, _ = _APPLY(graphdef, state, jnp.asarray(tokens_BT, jnp.int32), positions,
-                               jnp.asarray(seq_lens_B, jnp.int32), cache, DENSE, logits_mode=mode)
+        out, cache, _ = _APPLY(
+            graphdef,
+            state,
+            jnp.asarray(tokens_BT, jnp.int32),
+            positions,
+            jnp.asarray(seq_lens_B, jnp.int32),
+            cache,
+            DENSE,
+            logits_mode=mode,
+        )
     return np.asarray(out), cache
 
 

@@ -21,31 +21,54 @@ LAYOUT = dict(n_fixed=1000, fixed_pad=1024, n_clustered=7000)
 
 @pytest.mark.parametrize(
     "G,D,dtype,block_k,P,splits",
-    [(4, 128, jnp.bfloat16, 16, 8, None), (1, 128, jnp.bfloat16, 16, 4, 8), (3, 64, jnp.float32, 32, 2, 3),
-     (8, 64, jnp.bfloat16, 64, 1, 1)],
+    [
+        (4, 128, jnp.bfloat16, 16, 8, None),
+        (1, 128, jnp.bfloat16, 16, 4, 8),
+        (3, 64, jnp.float32, 32, 2, 3),
+        (8, 64, jnp.bfloat16, 64, 1, 1),
+    ],
 )
 def test_sparse_decode_lowers(G, D, dtype, block_k, P, splits):
     B, H, N, M = 2, 8, 8192, 100
     text = lower_for_h100(
-        sparse_decode, S((B, H, G, D), dtype), S((H, N, D), dtype), S((H, N, D), dtype),
-        S((B, H, M), jnp.int32), S((B, H), jnp.int32), block_k=block_k, blocks_per_step=P,
-        num_splits=splits, interpret=False, **LAYOUT,
+        sparse_decode,
+        S((B, H, G, D), dtype),
+        S((H, N, D), dtype),
+        S((H, N, D), dtype),
+        S((B, H, M), jnp.int32),
+        S((B, H), jnp.int32),
+        block_k=block_k,
+        blocks_per_step=P,
+        num_splits=splits,
+        interpret=False,
+        **LAYOUT,
     )
     assert has_triton_call(text)
 
 
 @pytest.mark.parametrize(
     "T,G,D,dtype,block_q,rows,warps",
-    [(1000, 4, 128, jnp.bfloat16, 64, 128, 8), (1024, 1, 128, jnp.bfloat16, 128, None, 4),
-     (77, 3, 64, jnp.float32, 16, None, 4)],
+    [
+        (1000, 4, 128, jnp.bfloat16, 64, 128, 8),
+        (1024, 1, 128, jnp.bfloat16, 128, None, 4),
+        (77, 3, 64, jnp.float32, 16, None, 4),
+    ],
 )
 def test_sparse_prefill_lowers(T, G, D, dtype, block_q, rows, warps):
     B, H, N, M = 1, 8, 8192, 64
     nQ = -(-T // block_q)
     text = lower_for_h100(
-        sparse_prefill, S((B, H, T, G, D), dtype), S((H, N, D), dtype), S((H, N, D), dtype),
-        S((B, H, nQ, M), jnp.int32), S((B, H, nQ), jnp.int32), block_q=block_q, block_rows=rows,
-        num_warps=warps, interpret=False, **LAYOUT,
+        sparse_prefill,
+        S((B, H, T, G, D), dtype),
+        S((H, N, D), dtype),
+        S((H, N, D), dtype),
+        S((B, H, nQ, M), jnp.int32),
+        S((B, H, nQ), jnp.int32),
+        block_q=block_q,
+        block_rows=rows,
+        num_warps=warps,
+        interpret=False,
+        **LAYOUT,
     )
     assert has_triton_call(text)
 
@@ -57,15 +80,23 @@ def test_lowering_check_catches_non_power_of_two_arrays():
         o_ref[...] = x_ref[...] + jnp.arange(3, dtype=jnp.float32)[:, None]
 
     def f(x):
-        return pl.pallas_call(bad_kernel, out_shape=jax.ShapeDtypeStruct((3, 16), jnp.float32),
-                              compiler_params=compiler_params(4, 1), interpret=False)(x)
+        return pl.pallas_call(
+            bad_kernel,
+            out_shape=jax.ShapeDtypeStruct((3, 16), jnp.float32),
+            compiler_params=compiler_params(4, 1),
+            interpret=False,
+        )(x)
 
     def good_kernel(x_ref, o_ref):
         o_ref[...] = x_ref[...] * 2.0
 
     def g(x):
-        return pl.pallas_call(good_kernel, out_shape=jax.ShapeDtypeStruct((4, 16), jnp.float32),
-                              compiler_params=compiler_params(4, 1), interpret=False)(x)
+        return pl.pallas_call(
+            good_kernel,
+            out_shape=jax.ShapeDtypeStruct((4, 16), jnp.float32),
+            compiler_params=compiler_params(4, 1),
+            interpret=False,
+        )(x)
 
     assert has_triton_call(lower_for_h100(g, S((4, 16), jnp.float32)))
     with pytest.raises(Exception, match="power of 2|power of two"):

@@ -75,7 +75,7 @@ def test_merge_huge_lse_is_stable():
 def test_combine_partials_many_splits():
     q, k, v = _qkv(3, S=32)
     out_all, lse_all = dense_attention_lse(q, k, v)
-    parts = [dense_attention_lse(q, k[:, :, i:i + 8], v[:, :, i:i + 8]) for i in range(0, 32, 8)]
+    parts = [dense_attention_lse(q, k[:, :, i : i + 8], v[:, :, i : i + 8]) for i in range(0, 32, 8)]
     empty = (jnp.zeros_like(parts[0][0]), jnp.full_like(parts[0][1], -jnp.inf))
     parts.append(empty)
     o_S = jnp.stack([p[0] for p in parts], axis=2)
@@ -91,8 +91,11 @@ def test_fully_masked_rows_give_zero_and_neg_inf():
     out, lse = dense_attention_lse(q, k, v, mask)
     assert np.all(np.asarray(out[:, :, 1]) == 0) and np.all(np.isneginf(np.asarray(lse[:, :, 1])))
     assert np.isfinite(np.asarray(out)).all() and np.isfinite(np.asarray(lse[:, :, [0, 2]])).all()
-    np.testing.assert_allclose(np.asarray(out[:, :, 0]), np.broadcast_to(np.asarray(v[:, :, 0])[:, :, None],
-                                                                        out[:, :, 0].shape), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out[:, :, 0]),
+        np.broadcast_to(np.asarray(v[:, :, 0])[:, :, None], out[:, :, 0].shape),
+        atol=1e-6,
+    )
 
 
 def test_shape_errors():

@@ -28,7 +28,7 @@ from squeeze_jax.minference.search import (
 def _vs_arrays(idx):
     return {
         f: np.asarray(getattr(idx, f))
-        for f in ("range_start", "range_end", "range_count", "column_index", "column_count")
+        for f in ("tile_start", "tile_end", "tile_count", "column_index", "column_count")
     }
 
 
@@ -110,13 +110,19 @@ def test_index_from_selection_matches_numpy(T, bq, bk, n_cols, n_offs, near):
     for name, want in ref.items():
         np.testing.assert_array_equal(got[name], want, err_msg=name)
     assert got["column_index"].shape[-1] % bk == 0
-    # invariants: sorted disjoint ranges inside [0, q1), columns visible, outside every range, no duplicates
+    # invariants: sorted disjoint tiles of <= block_k keys inside [0, q1); columns visible, outside every
+    # tile, no duplicates
     nq = -(-T // bq)
     for b, h, i in np.ndindex(2, 3, nq):
         q1 = min(i * bq + bq, T)
-        n = got["range_count"][b, h, i]
-        s, e = got["range_start"][b, h, i, :n], got["range_end"][b, h, i, :n]
-        assert np.all(s < e) and np.all(e <= q1) and np.all(s[1:] > e[:-1])
+        n = got["tile_count"][b, h, i]
+        s, e = got["tile_start"][b, h, i, :n], got["tile_end"][b, h, i, :n]
+        full = (e - s == bk) & (s + bk - 1 <= i * bq)
+        assert np.all(full[: full.sum()]) and not np.any(full[full.sum() :])  # full tiles first
+        assert np.all(np.diff(s[full]) > 0) and np.all(np.diff(s[~full]) > 0)
+        order = np.argsort(s)
+        s, e = s[order], e[order]
+        assert np.all(s < e) and np.all(e - s <= bk) and np.all(e <= q1) and np.all(s[1:] >= e[:-1])
         c = got["column_index"][b, h, i, : got["column_count"][b, h, i]]
         assert np.all(c < q1) and np.all(np.diff(c) > 0)
         assert not np.any((c[:, None] >= s[None]) & (c[:, None] < e[None]))
@@ -124,9 +130,10 @@ def test_index_from_selection_matches_numpy(T, bq, bk, n_cols, n_offs, near):
         vertical_slash_key_counts(
             *(
                 getattr(idx, f)
-                for f in ("range_start", "range_end", "range_count", "column_index", "column_count")
+                for f in ("tile_start", "tile_end", "tile_count", "column_index", "column_count")
             ),
             T,
+            block_k=bk,
         )
     )
     assert counts.max() <= 1
@@ -140,7 +147,7 @@ def test_full_budget_covers_every_causal_key_once():
     idx = P.vertical_slash_index(q, k, n_vertical=T, n_slash=T, n_sink_cols=30, n_local_diags=100)
     counts = np.asarray(
         vertical_slash_key_counts(
-            idx.range_start, idx.range_end, idx.range_count, idx.column_index, idx.column_count, T
+            idx.tile_start, idx.tile_end, idx.tile_count, idx.column_index, idx.column_count, T
         )
     )
     q1 = np.minimum(np.arange(3) * 64 + 64, T)
@@ -208,15 +215,15 @@ def test_a_shape_matches_brute_force(T, n_sink, n_local, block):
         assert np.all(ids[i, cnt[i] :] == blocks[-1])
 
 
-def test_block_index_as_ranges_has_the_same_keys():
+def test_block_index_as_tiles_has_the_same_keys():
     idx = P.a_shape_index(700, n_sink=100, n_local=150, block=64)
     vs = P.block_sparse_to_vertical_slash(idx)
     want = block_key_counts(idx.block_ids, idx.block_count, 700, block_k=64)
     got = vertical_slash_key_counts(
-        vs.range_start, vs.range_end, vs.range_count, vs.column_index, vs.column_count, 700
+        vs.tile_start, vs.tile_end, vs.tile_count, vs.column_index, vs.column_count, 700
     )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    assert np.all(np.asarray(vs.range_count) <= 2)  # sinks + one local run
+    np.testing.assert_array_equal(np.asarray(vs.tile_count), np.asarray(idx.block_count))
     np.testing.assert_array_equal(np.asarray(P.index_cost(vs)), np.asarray(P.index_cost(idx)))
 
 
@@ -290,7 +297,13 @@ def test_layer_index_reproduces_each_head_pattern(searched):
     )
     got = np.asarray(
         vertical_slash_key_counts(
-            layer.range_start, layer.range_end, layer.range_count, layer.column_index, layer.column_count, T
+            layer.tile_start,
+            layer.tile_end,
+            layer.tile_count,
+            layer.column_index,
+            layer.column_count,
+            T,
+            block_k=16,
         )
     )
     for h, p in enumerate(config.layers[0]):
@@ -305,7 +318,13 @@ def test_layer_index_reproduces_each_head_pattern(searched):
             )
         else:
             want = vertical_slash_key_counts(
-                idx.range_start, idx.range_end, idx.range_count, idx.column_index, idx.column_count, T
+                idx.tile_start,
+                idx.tile_end,
+                idx.tile_count,
+                idx.column_index,
+                idx.column_count,
+                T,
+                block_k=16,
             )
         np.testing.assert_array_equal(got[:, h], np.asarray(want)[:, h], err_msg=f"head {h} ({p.pattern})")
     assert got.max() == 1

@@ -22,8 +22,17 @@ DENSE = DenseAttention()
 
 def tiny_config(**changes) -> ModelConfig:
     base = ModelConfig(
-        name="tiny", vocab_size=97, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, ffn_dim=80,
-        max_context=64, rms_eps=1e-5, rope_theta=10000.0,
+        name="tiny",
+        vocab_size=97,
+        d_model=48,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=12,
+        ffn_dim=80,
+        max_context=64,
+        rms_eps=1e-5,
+        rope_theta=10000.0,
     )
     return base.replace(**changes)
 
@@ -124,8 +133,9 @@ def np_forward(config: ModelConfig, sd: dict[str, np.ndarray], tokens_T: np.ndar
 _APPLY = jax.jit(apply, static_argnames=("graphdef", "backend", "logits_mode"))
 
 
-def run(model, tokens_BT, cache, positions_BT=None, seq_lens_B=None, logits_mode="all", backend=DENSE,
-        state=None):
+def run(
+    model, tokens_BT, cache, positions_BT=None, seq_lens_B=None, logits_mode="all", backend=DENSE, state=None
+):
     """Checked on the host, then the jitted functional forward (as generation does it)."""
     tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
     B, T = tokens_BT.shape
@@ -135,8 +145,9 @@ def run(model, tokens_BT, cache, positions_BT=None, seq_lens_B=None, logits_mode
     seq_lens_B = jnp.full((B,), T, jnp.int32) if seq_lens_B is None else jnp.asarray(seq_lens_B, jnp.int32)
     check_inputs(model.config, tokens_BT, positions_BT, seq_lens_B, cache, logits_mode)
     graphdef, params = nnx.split(model)
-    return _APPLY(graphdef, params, tokens_BT, positions_BT, seq_lens_B, cache, backend, state,
-                  logits_mode=logits_mode)
+    return _APPLY(
+        graphdef, params, tokens_BT, positions_BT, seq_lens_B, cache, backend, state, logits_mode=logits_mode
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -148,14 +159,24 @@ ROPE_CASES = {
     "default_interleaved": tiny_config(rope_layout="interleaved"),
     "llama3": tiny_config(
         rope_theta=500000.0,
-        rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                 original_max_position_embeddings=64),
+        rope_scaling=RopeScaling(
+            "llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
     ),
     "linear": tiny_config(rope_scaling=RopeScaling("linear", factor=4.0)),
     "llama3_interleaved": tiny_config(
         rope_layout="interleaved",
-        rope_scaling=RopeScaling("llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=2.0,
-                                 original_max_position_embeddings=128),
+        rope_scaling=RopeScaling(
+            "llama3",
+            factor=4.0,
+            low_freq_factor=1.0,
+            high_freq_factor=2.0,
+            original_max_position_embeddings=128,
+        ),
     ),
 }
 
@@ -275,8 +296,7 @@ def test_dense_attention_rejects_unknown_implementation():
         dict(n_heads=4, n_kv_heads=4),  # G = 1 (MHA)
         dict(n_heads=6, n_kv_heads=2, tie_embeddings=True),  # G = 3, tied
         dict(n_heads=4, n_kv_heads=1, qkv_bias=True),  # G = 4 (MQA), bias
-        dict(qkv_bias=True, rope_layout="interleaved",
-             rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 16)),
+        dict(qkv_bias=True, rope_layout="interleaved", rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 16)),
     ],
     ids=["gqa1", "gqa3_tied", "gqa4_bias", "llama3_interleaved"],
 )
@@ -381,8 +401,14 @@ def test_backend_state_is_sliced_per_layer_and_aux_stacked(base):
     same, _, _ = run(model, tokens, cache, backend=ScaledDense(), state={"scale": jnp.ones(2)})
     np.testing.assert_allclose(np.asarray(same), np.asarray(full), atol=1e-6)
     with pytest.raises(ValueError, match=r"backend_state leaf \['scale'\] has shape \(3,\)"):
-        model(jnp.asarray(tokens, jnp.int32), jnp.zeros((B2, 12), jnp.int32), jnp.array([12, 12]), cache,
-              ScaledDense(), {"scale": jnp.ones(3)})
+        model(
+            jnp.asarray(tokens, jnp.int32),
+            jnp.zeros((B2, 12), jnp.int32),
+            jnp.array([12, 12]),
+            cache,
+            ScaledDense(),
+            {"scale": jnp.ones(3)},
+        )
     _, _, captured = run(model, tokens, cache, backend=DenseAttention(capture_queries=True))
     assert captured["q"].shape == (BASE.n_layers, B2, 12, BASE.n_heads, BASE.head_dim)
 
@@ -399,12 +425,14 @@ def test_bf16_model_close_to_f32(base):
 
 def test_scan_compiles_one_layer_body():
     """The traced program does not grow with depth (layers are scanned, not unrolled)."""
+
     def n_dots(n_layers):
         config = tiny_config(n_layers=n_layers)
         graphdef, state = nnx.split(init_model(config, 0))
         tokens = jnp.zeros((1, 4), jnp.int32)
         jaxpr = jax.make_jaxpr(apply, static_argnums=(0, 6))(
-            graphdef, state, tokens, tokens, jnp.array([4]), KVCache.init(config, 1, 4), DENSE)
+            graphdef, state, tokens, tokens, jnp.array([4]), KVCache.init(config, 1, 4), DENSE
+        )
         return str(jaxpr).count("dot_general")
 
     assert n_dots(2) == n_dots(7)

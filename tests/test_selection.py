@@ -69,7 +69,7 @@ def _bscores(rng, B, H, NB, fixed=2, n_neg_inf=5, ties=True):
     if ties:
         s = np.round(s, 1)  # many equal values: exercises tie-breaking
     s[..., :fixed] = np.inf
-    s[..., NB - n_neg_inf:] = -np.inf
+    s[..., NB - n_neg_inf :] = -np.inf
     return s
 
 

@@ -48,8 +48,15 @@ def test_matches_reference(case):
     counts.flat[0] = 1  # a single selected block
     counts.flat[-1] = min(M, len(cand))  # a full selection
     ids, cnt = random_block_selection(rng, (B, H), cand, counts, M)
-    kw = dict(n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered, block_k=block_k,
-              blocks_per_step=P, num_splits=S, interpret=True)
+    kw = dict(
+        n_fixed=n_fixed,
+        fixed_pad=fixed_pad,
+        n_clustered=n_clustered,
+        block_k=block_k,
+        blocks_per_step=P,
+        num_splits=S,
+        interpret=True,
+    )
     out, lse = sparse_decode(q, k, v, jnp.asarray(ids), jnp.asarray(cnt), **kw)
     out_r, lse_r = sparse_decode_ref(q, k, v, jnp.asarray(ids), jnp.asarray(cnt), **kw)
     assert out.shape == (B, H, G, D) and out.dtype == dtype
@@ -87,9 +94,20 @@ def test_all_blocks_equals_dense(G, dtype):
     ids = np.concatenate([cand, np.full(M - len(cand), cand[-1])]).astype(np.int32)
     ids = np.broadcast_to(ids, (B, H, M))
     cnt = np.full((B, H), len(cand), np.int32)
-    out, lse = sparse_decode(q, k, v, jnp.asarray(ids), jnp.asarray(cnt), n_fixed=n_fixed,
-                             fixed_pad=fixed_pad, n_clustered=n_clustered, block_k=block_k,
-                             blocks_per_step=4, num_splits=3, interpret=True)
+    out, lse = sparse_decode(
+        q,
+        k,
+        v,
+        jnp.asarray(ids),
+        jnp.asarray(cnt),
+        n_fixed=n_fixed,
+        fixed_pad=fixed_pad,
+        n_clustered=n_clustered,
+        block_k=block_k,
+        blocks_per_step=4,
+        num_splits=3,
+        interpret=True,
+    )
     out_d, lse_d = _dense_valid(q, k, v, n_fixed, fixed_pad, n_clustered)
     assert _rel_err(out, out_d) < _tol(dtype)
     np.testing.assert_allclose(np.asarray(lse), lse_d, atol=1e-3, rtol=1e-4)
@@ -101,8 +119,14 @@ def test_huge_logits_no_nan():
     rng = np.random.default_rng(7)
     cand = valid_blocks(n_fixed, 64, n_clustered, 16)
     ids, cnt = random_block_selection(rng, (B, H), cand, np.array([[1, 9]]), 9)
-    kw = dict(n_fixed=n_fixed, fixed_pad=64, n_clustered=n_clustered, num_splits=2, blocks_per_step=2,
-              interpret=True)
+    kw = dict(
+        n_fixed=n_fixed,
+        fixed_pad=64,
+        n_clustered=n_clustered,
+        num_splits=2,
+        blocks_per_step=2,
+        interpret=True,
+    )
     out, lse = sparse_decode(q, k, v, jnp.asarray(ids), jnp.asarray(cnt), **kw)
     out_r, lse_r = sparse_decode_ref(q, k, v, jnp.asarray(ids), jnp.asarray(cnt), **kw)
     assert np.isfinite(np.asarray(out)).all() and np.isfinite(np.asarray(lse)).all()

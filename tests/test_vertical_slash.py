@@ -51,7 +51,7 @@ def _tol(dtype):
 
 
 def _args(idx):
-    return (idx.range_start, idx.range_end, idx.range_count, idx.column_index, idx.column_count)
+    return (idx.tile_start, idx.tile_end, idx.tile_count, idx.column_index, idx.column_count)
 
 
 # (seed, B, H, T, G, D, dtype, n_vertical, n_slash)
@@ -73,7 +73,7 @@ def test_estimated_index_matches_reference(case):
     q, k = q[0], k[0]
     v = jnp.asarray(np.random.default_rng(seed).standard_normal(k.shape), dtype)
     idx = vertical_slash_index(q, k, n_vertical=nv, n_slash=ns, n_sink_cols=4, n_local_diags=10)
-    assert int(jnp.max(idx.range_count)) >= 2 and int(jnp.max(idx.column_count)) >= 1  # both paths used
+    assert int(jnp.max(idx.tile_count)) >= 2 and int(jnp.max(idx.column_count)) >= 1  # both paths used
     out, lse = vertical_slash_prefill(q, k, v, *_args(idx), interpret=True)
     out_r, lse_r = vertical_slash_prefill_ref(q, k, v, *_args(idx))
     assert (
@@ -99,25 +99,29 @@ def test_full_budget_equals_dense():
 
 
 def _hand_index():
-    """Ranges that run into the future and past the padded end, and columns at or after the query rows."""
+    """Tiles (<= 64 keys, unaligned) that run into the future and past the padded end, and columns at or
+    after the query rows."""
     nq = 4  # T = 200
-    rs = np.zeros((1, 1, nq, 3), np.int32)
-    re = np.zeros_like(rs)
-    rc = np.zeros((1, 1, nq), np.int32)
+    ts = np.zeros((1, 1, nq, 5), np.int32)
+    te = np.zeros_like(ts)
+    tc = np.zeros((1, 1, nq), np.int32)
     cols = np.zeros((1, 1, nq, 4), np.int32)
     cc = np.zeros((1, 1, nq), np.int32)
-    spec = {  # query block: (ranges, columns)
-        0: ([(0, 10), (20, 130)], [15, 150, 199]),
-        1: ([(5, 6), (60, 200)], [0, 1, 2, 30]),
-        2: ([(100, 117), (190, 200)], [3, 140, 185]),
-        3: ([(0, 3), (50, 70), (195, 200)], [10, 100, 150, 199]),  # [195, 200): tile shifted back to 192
+    spec = {  # query block: (tiles, columns)
+        0: ([(0, 10), (20, 84), (84, 130)], [15, 150, 199]),
+        1: ([(5, 6), (60, 124), (124, 188)], [0, 1, 2, 30]),
+        2: ([(0, 64), (100, 117), (150, 200)], [70, 140, 185]),  # (0, 64): full, walked without a mask
+        3: (
+            [(64, 128), (0, 3), (40, 50), (130, 194), (195, 200)],
+            [10, 55, 129, 194],
+        ),  # (195, 200): from 192
     }
-    for i, (ranges, c) in spec.items():
-        rc[0, 0, i], cc[0, 0, i] = len(ranges), len(c)
-        rs[0, 0, i, : len(ranges)] = [a for a, _ in ranges]
-        re[0, 0, i, : len(ranges)] = [b for _, b in ranges]
+    for i, (tiles, c) in spec.items():
+        tc[0, 0, i], cc[0, 0, i] = len(tiles), len(c)
+        ts[0, 0, i, : len(tiles)] = [a for a, _ in tiles]
+        te[0, 0, i, : len(tiles)] = [b for _, b in tiles]
         cols[0, 0, i, : len(c)] = c
-    return tuple(jnp.asarray(x) for x in (rs, re, rc, cols, cc))
+    return tuple(jnp.asarray(x) for x in (ts, te, tc, cols, cc))
 
 
 def test_future_keys_never_change_outputs():
@@ -138,7 +142,7 @@ def test_future_keys_never_change_outputs():
         np.testing.assert_array_equal(np.asarray(lse1)[:, :, : t0 + 1], np.asarray(lse2)[:, :, : t0 + 1])
 
 
-def test_block_pattern_as_ranges_matches_block_sparse():
+def test_block_pattern_as_tiles_matches_block_sparse():
     B, H, T, G, D = 1, 2, 200, 4, 64
     _, q, k, v = _qkv(8, B, H, T, G, D, jnp.float32)
     a = a_shape_index(T, n_sink=40, n_local=70)
@@ -159,7 +163,7 @@ def test_bad_inputs_raise():
         vertical_slash_prefill(q, k, v, r, r[..., :2], c, r, c)
     with pytest.raises(ValueError, match="column_count"):
         vertical_slash_prefill(q, k, v, r, r, c, r, c[:, :, :1])
-    with pytest.raises(TypeError, match="range_end must be an integer"):
+    with pytest.raises(TypeError, match="tile_end must be an integer"):
         vertical_slash_prefill(q, k, v, r, r.astype(jnp.float32), c, r, c)
     with pytest.raises(ValueError, match="block_k"):
         vertical_slash_prefill(q, k, v, r, r, c, r, c, block_k=8)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from models.attention import write_kv
 from models.kv_cache import LayerKV
 from pallas_kernels import centroid_lookup, selection
+from pallas_kernels.common import has_gpu
 from pallas_kernels.merge import dense_attention_lse, merge_attention
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref
 from pallas_kernels.sparse_prefill import sparse_prefill, sparse_prefill_ref
@@ -86,7 +87,8 @@ class LayerIndex:
 class ContextAttention:
     """Attention backend for prompts that continue a pre-indexed fixed context.
 
-    `max_budget` (static) sizes the selection capacity; each request's budget (fraction of context keys kept,
+    `use_pallas=None` runs the Pallas kernels on a GPU and their jnp references elsewhere (interpret mode is for
+    tests: it runs grid programs one by one). `max_budget` (static) sizes the selection capacity; each request's budget (fraction of context keys kept,
     always-attended sinks + window included) comes from `ContextState.budget_B` and must be <= max_budget.
     """
 
@@ -99,7 +101,7 @@ class ContextAttention:
     agg: str = "max"
     hierarchical: bool = False
     coarse_keep_fraction: float = 0.25
-    use_pallas: bool = True
+    use_pallas: bool | None = None
     interpret: bool | None = None
     fidelity: bool = False
 
@@ -112,6 +114,11 @@ class ContextAttention:
             raise ValueError(f"unknown score {self.score!r}; expected 'mean' or 'radius'")
         if self.agg not in ("max", "mean"):
             raise ValueError(f"unknown agg {self.agg!r}; expected 'max' or 'mean'")
+
+    def _pallas(self) -> bool:
+        if self.use_pallas is None:
+            return has_gpu() or bool(self.interpret)
+        return self.use_pallas
 
     # ------------------------------------------------------------------ the interface
     def __call__(self, q_BTHqD, k_BTHD, v_BTHD, layer_kv: LayerKV, lengths_B, seq_lens_B, positions_BT,
@@ -158,6 +165,8 @@ class ContextAttention:
         B, H, T, G, D = q_BHTGD.shape
         if self.policy in KEY_POLICIES:
             return self._key_policy(q_BHTGD, idx, budget_B)
+        if self.policy == "dense" and not self._pallas():
+            return self._dense(q_BHTGD, idx)
         decode = T == 1
         k_B, capacity = self._k_blocks(idx, budget_B)
         nb = idx.keys.shape[1] // self.block_k
@@ -181,8 +190,9 @@ class ContextAttention:
         if self.policy == "dense":
             k_rows = jnp.full((rows, H), capacity, jnp.int32)
         ids, count = selection.select_topk(bscores, k_rows, capacity)
-        attend_decode = sparse_decode if self.use_pallas else sparse_decode_ref
-        attend_prefill = sparse_prefill if self.use_pallas else sparse_prefill_ref
+        pallas = self._pallas()
+        attend_decode = sparse_decode if pallas else sparse_decode_ref
+        attend_prefill = sparse_prefill if pallas else sparse_prefill_ref
         if decode:
             o, lse = attend_decode(rows_BHRD, idx.keys, idx.values, ids, count, interpret=self.interpret, **kw)
             o, lse = o[:, :, None], lse[:, :, None]
@@ -206,14 +216,15 @@ class ContextAttention:
             log_sizes = jnp.log(jnp.maximum(idx.cluster_size, 1).astype(jnp.float32))
             if self.hierarchical and idx.coarse_centroids is not None:
                 n_coarse = idx.coarse_centroids.shape[1]
-                scores = centroid_lookup.hierarchical_scores(
+                hfn = centroid_lookup.hierarchical_scores if self._pallas() else centroid_lookup.hierarchical_scores_ref
+                scores = hfn(
                     rows_BHRD, idx.coarse_centroids, jnp.log(jnp.maximum(idx.coarse_size, 1).astype(jnp.float32)),
                     idx.coarse_first, idx.coarse_count, idx.centroids, log_sizes, idx.radius,
                     coarse_keep=max(1, int(round(self.coarse_keep_fraction * n_coarse))),
                     max_fine_per_coarse=idx.max_fine_per_coarse, score=self.score,
                     radius_weight=self.radius_weight, agg=self.agg, interpret=self.interpret)
             else:
-                fn = centroid_lookup.centroid_scores if self.use_pallas else centroid_lookup.centroid_scores_ref
+                fn = centroid_lookup.centroid_scores if self._pallas() else centroid_lookup.centroid_scores_ref
                 scores = fn(rows_BHRD, idx.centroids, log_sizes, idx.radius, score=self.score,
                             radius_weight=self.radius_weight, agg=self.agg, interpret=self.interpret)
             return selection.block_scores(scores, idx.cluster_start, idx.cluster_size, n_blocks=nb,
@@ -224,6 +235,18 @@ class ContextAttention:
         key_score = jnp.where(_valid_keys(idx)[None], key_score, -jnp.inf)
         bs = jnp.max(key_score.reshape(key_score.shape[0], key_score.shape[1], nb, self.block_k), axis=-1)
         return jnp.where(jnp.arange(nb)[None, None] < fixed_blocks, jnp.inf, bs)
+
+    def _dense(self, q_BHTGD, idx):
+        """Every valid context key, without selection (the exact baseline off the GPU)."""
+        B, H, T, G, _ = q_BHTGD.shape
+        k_BHND = jnp.broadcast_to(idx.keys[None], (B,) + idx.keys.shape)
+        v_BHND = jnp.broadcast_to(idx.values[None], (B,) + idx.values.shape)
+        valid_N = _valid_keys(idx)[0]
+        o, lse = dense_attention_lse(q_BHTGD, k_BHND, v_BHND, valid_N[None, None, None, :])
+        aux = {"kept_fraction": jnp.float32(idx.n_fixed + idx.n_clustered) / idx.context_len}
+        if self.fidelity:
+            aux["_kept_BHTN"] = jnp.broadcast_to(valid_N[None, None, None, :], (B, H, T, valid_N.shape[0]))
+        return o, lse, aux
 
     # ------------------------------------------------------------------ key-granular baselines
     def _key_policy(self, q_BHTGD, idx, budget_B):

@@ -3,8 +3,9 @@
 Three per-head patterns, each turned into the compact index its kernel walks:
 - **vertical-slash** (`vertical_slash_index`): the last `last_q` queries estimate which key columns
   ("verticals") and which query-key offsets ("slashes") carry attention mass; per block of `block_q`
-  queries the slashes become disjoint contiguous key ranges and the verticals not already inside a range
-  become gathered columns (`VerticalSlashIndex`, for `pallas_kernels.vertical_slash`).
+  queries the slashes become disjoint contiguous key ranges, cut into tiles of `block_k` keys, and the
+  verticals not already inside a range become gathered columns (`VerticalSlashIndex`, for
+  `pallas_kernels.vertical_slash`).
 - **block-sparse** (`block_sparse_index`): mean-pooled blocks score each other; the top key blocks per
   query block, diagonal always kept (`BlockSparseIndex`, for `pallas_kernels.block_sparse`).
 - **A-shape** (`a_shape_index`): sinks plus a local window, as a block-sparse index.
@@ -79,18 +80,20 @@ class BlockSparseIndex:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["range_start", "range_end", "range_count", "column_index", "column_count"],
+    data_fields=["tile_start", "tile_end", "tile_count", "column_index", "column_count"],
     meta_fields=["block_q", "block_k", "seq_len"],
 )
 @dataclasses.dataclass(frozen=True)
 class VerticalSlashIndex:
-    """Per query block: disjoint key ranges `[range_start, range_end)` (`[..., nQ, Mr]`, ascending,
-    `range_count[..., nQ]` valid) and key columns `column_index[..., nQ, Mc]` outside every range
-    (ascending, `column_count[..., nQ]` valid; `Mc` is a multiple of `block_k`). Padding entries are 0."""
+    """Per query block: key tiles `[tile_start, tile_end)` of at most `block_k` keys (`[..., nQ, Mt]`,
+    disjoint, `tile_count[..., nQ]` valid; the slash ranges cut into tiles, full tiles below the block's
+    first query first, each group ascending) and key
+    columns `column_index[..., nQ, Mc]` outside every tile (ascending, `column_count[..., nQ]` valid;
+    `Mc` is a multiple of `block_k`). Padding entries are 0."""
 
-    range_start: jax.Array
-    range_end: jax.Array
-    range_count: jax.Array
+    tile_start: jax.Array
+    tile_end: jax.Array
+    tile_count: jax.Array
     column_index: jax.Array
     column_count: jax.Array
     block_q: int
@@ -201,13 +204,55 @@ def select_vertical_slash(
     return jnp.sort(cols, axis=-1), -jnp.sort(-offs, axis=-1)
 
 
-def vs_capacities(n_columns: int, n_offsets: int, seq_len: int, block_k: int) -> tuple[int, int]:
-    """Static (range capacity, column capacity) of a vertical-slash index.
+def vs_capacities(
+    n_columns: int, n_offsets: int, seq_len: int, block_q: int, block_k: int
+) -> tuple[int, int, int]:
+    """Static (merged-range, tile, column) capacities of a vertical-slash index.
 
-    Merged ranges are disjoint and non-adjacent inside [0, T), so there are at most ceil(T / 2) of them
-    and at most one per offset; columns are at most the selected ones, rounded up to `block_k`.
+    Merged ranges are disjoint and non-adjacent inside [0, T): at most ceil(T / 2) of them and at most
+    one per offset. A merged range of m slashes is at most m * block_q wide, so the tiles are at most
+    `n_offsets * ceil(block_q / block_k)`, and at most one partial tile per range beyond T / block_k.
+    Columns are at most the selected ones, rounded up to `block_k`.
     """
-    return max(1, min(n_offsets, (seq_len + 1) // 2)), _round_up(max(1, min(n_columns, seq_len)), block_k)
+    cap_r = max(1, min(n_offsets, (seq_len + 1) // 2))
+    cap_t = max(1, min(n_offsets * _cdiv(block_q, block_k), _cdiv(seq_len, block_k) + cap_r))
+    return cap_r, cap_t, _round_up(max(1, min(n_columns, seq_len)), block_k)
+
+
+def ranges_to_tiles(
+    start: jax.Array, end: jax.Array, count: jax.Array, capacity: int, block_k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Cuts ranges `[start, end)` (`[..., M]`, `count` valid) into consecutive tiles of `block_k` keys.
+
+    Returns `tile_start, tile_end [..., capacity]` and `tile_count [...]` (0-padded): range r owns the
+    tile slots from the exclusive running sum of tiles per range, filled by a scatter + running max.
+    """
+    lead, M = start.shape[:-1], start.shape[-1]
+    ok = jnp.arange(M) < count[..., None]
+    n_t = jnp.where(ok, (jnp.maximum(end - start, 0) + block_k - 1) // block_k, 0).reshape(-1, M)
+    first = jnp.cumsum(n_t, axis=-1) - n_t
+    rows = jnp.arange(n_t.shape[0])[:, None]
+    slot_of = jnp.where(n_t > 0, first, capacity)
+    owner = (
+        jnp.full((n_t.shape[0], capacity), -1, jnp.int32)
+        .at[rows, slot_of]
+        .max(jnp.broadcast_to(jnp.arange(M, dtype=jnp.int32), n_t.shape), mode="drop")
+    )
+    owner = jnp.maximum(lax.cummax(owner, axis=1), 0)
+    total = jnp.sum(n_t, axis=-1)
+    s2, e2 = start.reshape(-1, M), end.reshape(-1, M)
+    t_start = (
+        jnp.take_along_axis(s2, owner, axis=1)
+        + (jnp.arange(capacity) - jnp.take_along_axis(first, owner, axis=1)) * block_k
+    )
+    t_end = jnp.minimum(t_start + block_k, jnp.take_along_axis(e2, owner, axis=1))
+    live = jnp.arange(capacity) < total[:, None]
+    shape = lambda x: x.reshape(*lead, capacity)
+    return (
+        shape(jnp.where(live, t_start, 0)),
+        shape(jnp.where(live, t_end, 0)),
+        total.reshape(lead).astype(jnp.int32),
+    )
 
 
 def _compact(values: jax.Array, slot: jax.Array, capacity: int, op: str = "set") -> jax.Array:
@@ -219,6 +264,25 @@ def _compact(values: jax.Array, slot: jax.Array, capacity: int, op: str = "set")
     return out.set(values, mode="drop") if op == "set" else out.max(values, mode="drop")
 
 
+def _full_tiles_first(
+    ts: jax.Array, te: jax.Array, count: jax.Array, q0: jax.Array, block_k: int
+) -> tuple[jax.Array, jax.Array]:
+    """Reorders tiles `[N, nQ, Mt]`: full tiles (`block_k` keys, all before the block's first query) first,
+    then the rest (partial or crossing the diagonal), each group ascending, so the kernel can walk the
+    first group without masks."""
+    cap = ts.shape[-1]
+    live = jnp.arange(cap) < count[..., None]
+    full = live & (te - ts == block_k) & (ts + block_k - 1 <= q0)
+    rest = live & ~full
+    n_full = jnp.sum(full, axis=-1, keepdims=True, dtype=jnp.int32)
+    slot = jnp.where(
+        full,
+        jnp.cumsum(full, axis=-1, dtype=jnp.int32) - 1,
+        jnp.where(rest, n_full + jnp.cumsum(rest, axis=-1, dtype=jnp.int32) - 1, cap),
+    )
+    return _compact(ts, slot, cap), _compact(te, slot, cap)
+
+
 @functools.partial(jax.jit, static_argnames=("seq_len", "block_q", "block_k"))
 def vertical_slash_index_from_selection(
     columns: jax.Array, offsets: jax.Array, seq_len: int, *, block_q: int = 64, block_k: int = 64
@@ -227,7 +291,9 @@ def vertical_slash_index_from_selection(
 
     For query block [q0, q1) an offset o covers keys [max(q0 - o, 0), q1 - o); these ranges come in
     ascending start order for every block, so merging is a running max of their ends (one pass, no sort).
-    A column is kept for a block if some row can see it (< q1) and no merged range holds it.
+    A column is kept for a block if some row can see it (< q1) and no merged range holds it. The merged
+    ranges are then cut into `block_k`-key tiles, the unit the kernel walks in a flat (pipelined) loop;
+    full tiles below the block's first query come first (the kernel needs no mask for them).
     """
     _check_pow2_block("block_q", block_q)
     _check_pow2_block("block_k", block_k)
@@ -241,7 +307,7 @@ def vertical_slash_index_from_selection(
     offs = offsets.astype(jnp.int32).reshape(-1, offsets.shape[-1])
     N = cols.shape[0]
     nq = _cdiv(seq_len, block_q)
-    cap_r, cap_c = vs_capacities(cols.shape[-1], offs.shape[-1], seq_len, block_k)
+    cap_r, cap_t, cap_c = vs_capacities(cols.shape[-1], offs.shape[-1], seq_len, block_q, block_k)
 
     q0 = (jnp.arange(nq, dtype=jnp.int32) * block_q)[None, :, None]
     q1 = jnp.minimum(q0 + block_q, seq_len)
@@ -269,12 +335,14 @@ def vertical_slash_index_from_selection(
     column_count = jnp.sum(keep, axis=2, dtype=jnp.int32)
     slot_c = jnp.where(keep, jnp.cumsum(keep, axis=2, dtype=jnp.int32) - 1, cap_c)
     column_index = _compact(c, slot_c, cap_c)
+    tile_start, tile_end, tile_count = ranges_to_tiles(range_start, range_end, range_count, cap_t, block_k)
+    tile_start, tile_end = _full_tiles_first(tile_start, tile_end, tile_count, q0, block_k)
 
     shape = lambda x: x.reshape(*lead, nq, *x.shape[2:])
     return VerticalSlashIndex(
-        range_start=shape(range_start),
-        range_end=shape(range_end),
-        range_count=shape(range_count),
+        tile_start=shape(tile_start),
+        tile_end=shape(tile_end),
+        tile_count=shape(tile_count),
         column_index=shape(column_index),
         column_count=shape(column_count),
         block_q=block_q,
@@ -420,25 +488,16 @@ def full_causal_index(seq_len: int, *, block: int = 64) -> BlockSparseIndex:
 
 
 def block_sparse_to_vertical_slash(index: BlockSparseIndex) -> VerticalSlashIndex:
-    """The same key set as ranges (runs of consecutive blocks merged) and no columns, so heads with
-    different patterns can share one `vertical_slash_prefill` call. Block ids must be ascending."""
+    """The same key set as tiles (one per listed block) and no columns, so heads with different patterns
+    can share one `vertical_slash_prefill` call."""
     bk, T = index.block_k, index.seq_len
     ids = index.block_ids.astype(jnp.int32)
-    M = ids.shape[-1]
-    valid = jnp.arange(M) < index.block_count[..., None]
-    prev = jnp.concatenate([jnp.full(ids.shape[:-1] + (1,), -2, jnp.int32), ids[..., :-1]], axis=-1)
-    new = valid & (ids != prev + 1) & (ids != prev)
-    seg = jnp.cumsum(new, axis=-1, dtype=jnp.int32) - 1
-    flat = lambda x: x.reshape(-1, 1, M)
-    start = flat(ids * bk)
-    end = flat(jnp.minimum((ids + 1) * bk, T))
-    range_start = _compact(start, flat(jnp.where(new, seg, M)), M)
-    range_end = _compact(end, flat(jnp.where(valid, seg, M)), M, op="max")
     lead = ids.shape[:-1]
+    valid = jnp.arange(ids.shape[-1]) < index.block_count[..., None]
     return VerticalSlashIndex(
-        range_start=range_start.reshape(*lead, M),
-        range_end=range_end.reshape(*lead, M),
-        range_count=jnp.sum(new, axis=-1, dtype=jnp.int32),
+        tile_start=jnp.where(valid, ids * bk, 0),
+        tile_end=jnp.where(valid, jnp.minimum((ids + 1) * bk, T), 0),
+        tile_count=index.block_count.astype(jnp.int32),
         column_index=jnp.zeros(lead + (bk,), jnp.int32),
         column_count=jnp.zeros(lead, jnp.int32),
         block_q=index.block_q,
@@ -454,9 +513,7 @@ def index_cost(index: BlockSparseIndex | VerticalSlashIndex) -> jax.Array:
     if not isinstance(index, VerticalSlashIndex):
         raise TypeError(f"expected a BlockSparseIndex or VerticalSlashIndex, got {type(index).__name__}")
     bk = index.block_k
-    ok = jnp.arange(index.range_start.shape[-1]) < index.range_count[..., None]
-    tiles = jnp.where(ok, (jnp.maximum(index.range_end - index.range_start, 0) + bk - 1) // bk, 0)
-    return (jnp.sum(tiles, axis=-1) + (index.column_count + bk - 1) // bk).astype(jnp.int32)
+    return (index.tile_count + (index.column_count + bk - 1) // bk).astype(jnp.int32)
 
 
 def dense_causal_tiles(seq_len: int, *, block_q: int = 64, block_k: int = 64) -> int:
@@ -520,15 +577,15 @@ def select_vertical_slash_np(
 def vertical_slash_index_from_selection_np(
     columns: np.ndarray, offsets: np.ndarray, seq_len: int, *, block_q: int = 64, block_k: int = 64
 ) -> dict[str, np.ndarray]:
-    """Reference of `vertical_slash_index_from_selection` (two-pointer merge per query block)."""
+    """Reference of `vertical_slash_index_from_selection` (two-pointer merge per query block, then tiles)."""
     columns, offsets = np.asarray(columns), np.asarray(offsets)
     lead = columns.shape[:-1]
     nq = _cdiv(seq_len, block_q)
-    cap_r, cap_c = vs_capacities(columns.shape[-1], offsets.shape[-1], seq_len, block_k)
+    _, cap_t, cap_c = vs_capacities(columns.shape[-1], offsets.shape[-1], seq_len, block_q, block_k)
     out = {
-        "range_start": np.zeros(lead + (nq, cap_r), np.int32),
-        "range_end": np.zeros(lead + (nq, cap_r), np.int32),
-        "range_count": np.zeros(lead + (nq,), np.int32),
+        "tile_start": np.zeros(lead + (nq, cap_t), np.int32),
+        "tile_end": np.zeros(lead + (nq, cap_t), np.int32),
+        "tile_count": np.zeros(lead + (nq,), np.int32),
         "column_index": np.zeros(lead + (nq, cap_c), np.int32),
         "column_count": np.zeros(lead + (nq,), np.int32),
     }
@@ -547,12 +604,15 @@ def vertical_slash_index_from_selection_np(
             cols = [
                 c for c in sorted(columns[idx].tolist()) if c < q1 and not any(s <= c < e for s, e in ranges)
             ]
-            n_r, n_c = len(ranges), len(cols)
+            tiles = [(t, min(t + block_k, e)) for s, e in ranges for t in range(s, e, block_k)]
+            full = [b - a == block_k and a + block_k - 1 <= q0 for a, b in tiles]
+            tiles = [t for t, f in zip(tiles, full) if f] + [t for t, f in zip(tiles, full) if not f]
+            n_t, n_c = len(tiles), len(cols)
             key = idx + (i,)
-            out["range_count"][key], out["column_count"][key] = n_r, n_c
-            if n_r:
-                out["range_start"][key][:n_r] = [s for s, _ in ranges]
-                out["range_end"][key][:n_r] = [e for _, e in ranges]
+            out["tile_count"][key], out["column_count"][key] = n_t, n_c
+            if n_t:
+                out["tile_start"][key][:n_t] = [a for a, _ in tiles]
+                out["tile_end"][key][:n_t] = [b for _, b in tiles]
             out["column_index"][key][:n_c] = cols
     return out
 

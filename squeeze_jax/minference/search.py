@@ -303,7 +303,7 @@ def build_layer_index(
     """One vertical-slash-format index for all KV heads of a layer (`q[B, H, T, G, D]`, `k[B, H, T, D]`).
 
     Each head gets its own pattern (budgets scaled from `ref_len` to T); block patterns are turned into
-    ranges, so the whole layer runs in a single `vertical_slash_prefill` call. Heads sharing a pattern
+    key tiles, so the whole layer runs in a single `vertical_slash_prefill` call. Heads sharing a pattern
     are built together.
     """
     B, H, T = k.shape[:3]
@@ -333,16 +333,16 @@ def build_layer_index(
             idx = block_sparse_to_vertical_slash(dataclasses.replace(idx, block_ids=ids, block_count=cnt))
         parts.append(idx)
         order.extend(hs)
-    cap_r = max(p.range_start.shape[-1] for p in parts)
+    cap_t = max(p.tile_start.shape[-1] for p in parts)
     cap_c = max(p.column_index.shape[-1] for p in parts)
     inv = np.argsort(np.asarray(order))
     cat = lambda f, cap=None: jnp.concatenate(
         [getattr(p, f) if cap is None else _pad_last(getattr(p, f), cap) for p in parts], axis=1
     )[:, inv]
     return VerticalSlashIndex(
-        range_start=cat("range_start", cap_r),
-        range_end=cat("range_end", cap_r),
-        range_count=cat("range_count"),
+        tile_start=cat("tile_start", cap_t),
+        tile_end=cat("tile_end", cap_t),
+        tile_count=cat("tile_count"),
         column_index=cat("column_index", cap_c),
         column_count=cat("column_count"),
         block_q=block,
@@ -379,9 +379,9 @@ def attend(
             q,
             k,
             v,
-            index.range_start,
-            index.range_end,
-            index.range_count,
+            index.tile_start,
+            index.tile_end,
+            index.tile_count,
             index.column_index,
             index.column_count,
             block_q=index.block_q,
