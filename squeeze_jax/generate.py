@@ -173,6 +173,14 @@ def _encode_prompts(prompts: Sequence[str] | Sequence[Sequence[int]], tokenizer)
     return out
 
 
+def _check_token_range(ids: list[list[int]], vocab_size: int) -> None:
+    for i, x in enumerate(ids):
+        lo, hi = min(x), max(x)
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"prompt {i} has token ids in [{lo}, {hi}], outside the model vocabulary "
+                             f"[0, {vocab_size})")
+
+
 def generate(
     model: Llama,
     prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -193,6 +201,7 @@ def generate(
     backend = backend or DenseAttention()
     cfg = model.config
     ids = _encode_prompts(prompts, tokenizer)
+    _check_token_range(ids, cfg.vocab_size)
     if tokenizer is not None and getattr(tokenizer, "vocab_size", cfg.vocab_size) > cfg.vocab_size:
         raise ValueError(f"tokenizer vocab ({tokenizer.vocab_size}) is larger than the model's ({cfg.vocab_size})")
     longest = max(len(x) for x in ids)

@@ -20,6 +20,9 @@ from squeeze_jax.index.io import (
     weights_fingerprint,
 )
 
+# orbax leaves an asyncio callback behind after a failed restore; it surfaces later as an unraisable warning
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 def _synthetic_index(hierarchical: bool = True, calibrated: bool = True) -> ContextIndex:
     """A consistent index with random contents (every dtype the real one uses, bf16 K/V included)."""
@@ -91,7 +94,6 @@ def test_fingerprint_mismatch_is_reported_before_reading_arrays(tmp_path):
         load_index(tmp_path / "idx")
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's event loop on errors
 def test_truncated_or_corrupt_arrays_are_errors(tmp_path):
     save_index(_synthetic_index(), tmp_path / "idx")
     files = sorted(p for p in (tmp_path / "idx" / "arrays").rglob("*") if p.is_file())

@@ -1,8 +1,8 @@
 """Seeded, deterministic long-context task generators.
 
 Every task is a fixed context (the part a context index is built for) plus one or more questions with exact
-answers. Lengths are controlled in tokens through a `count_tokens` callable so the generators stay independent of
-any tokenizer implementation. The haystack is public-domain text bundled with the package
+answers. Lengths are controlled in tokens through a `count_tokens` callable so the generators stay independent
+of any tokenizer implementation. The haystack is public-domain text bundled with the package
 (`squeeze_jax/data/tinyshakespeare.txt`) or neutral filler sentences.
 """
 
@@ -23,17 +23,19 @@ ADJECTIVES = (
     "zesty", "bold", "crisp", "dim", "faint", "grand",
 )
 NOUNS = (
-    "anchor", "badger", "candle", "dolphin", "engine", "falcon", "garden", "harbor", "island", "jacket", "kettle",
-    "lantern", "meadow", "needle", "orchard", "pebble", "quarry", "river", "saddle", "tunnel", "umbrella", "violin",
-    "walrus", "yacht", "zebra", "bridge", "castle", "desert", "forest", "glacier",
+    "anchor", "badger", "candle", "dolphin", "engine", "falcon", "garden", "harbor", "island", "jacket",
+    "kettle", "lantern", "meadow", "needle", "orchard", "pebble", "quarry", "river", "saddle", "tunnel",
+    "umbrella", "violin", "walrus", "yacht", "zebra", "bridge", "castle", "desert", "forest", "glacier",
 )
 FIRST_NAMES = (
-    "Alice", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hector", "Ingrid", "Jonas", "Keiko", "Lorenzo",
-    "Mira", "Nikolai", "Olga", "Pablo", "Quentin", "Rosa", "Samir", "Tamsin", "Ulrich", "Vera", "Walter", "Xenia",
+    "Alice", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hector", "Ingrid", "Jonas", "Keiko",
+    "Lorenzo", "Mira", "Nikolai", "Olga", "Pablo", "Quentin", "Rosa", "Samir", "Tamsin", "Ulrich", "Vera",
+    "Walter", "Xenia",
     "Yusuf", "Zora", "Anton", "Beatrix", "Cyrus", "Delia",
 )
 CITIES = (
-    "Lisbon", "Oslo", "Cairo", "Lima", "Hanoi", "Dublin", "Nairobi", "Quito", "Prague", "Seoul", "Tunis", "Vienna",
+    "Lisbon", "Oslo", "Cairo", "Lima", "Hanoi", "Dublin", "Nairobi", "Quito", "Prague", "Seoul", "Tunis",
+    "Vienna",
     "Zagreb", "Madrid", "Helsinki", "Bogota", "Manila", "Athens", "Warsaw", "Santiago", "Ottawa", "Canberra",
     "Reykjavik", "Havana", "Tbilisi", "Riga", "Sofia", "Lusaka", "Muscat", "Bern",
 )
@@ -42,7 +44,8 @@ COLORS = (
     "golden", "crimson", "violet", "teal", "maroon", "olive", "navy", "ivory",
 )
 ANIMALS = (
-    "cat", "dog", "horse", "rabbit", "parrot", "turtle", "goat", "camel", "tiger", "owl", "fox", "deer", "wolf",
+    "cat", "dog", "horse", "rabbit", "parrot", "turtle", "goat", "camel", "tiger", "owl", "fox", "deer",
+    "wolf",
     "bear", "swan", "frog", "lizard", "otter", "moose", "heron",
 )
 
@@ -57,7 +60,7 @@ class Question:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """A fixed context and the questions asked against it."""
+    """A fixed context and the questions asked against it; `meta["needles"]` lists the planted sentences."""
 
     kind: str
     context: str
@@ -117,7 +120,8 @@ def passkey(n_tokens: int, depth: float, seed: int, count_tokens: CountTokens) -
     context = ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                + _insert_at_depth(hay, needle, depth))
     q = Question("What is the pass key? The pass key is", key)
-    return Task("passkey", context, (q,), {"depth": depth, "seed": seed, "n_tokens": n_tokens})
+    meta = {"depth": depth, "seed": seed, "n_tokens": n_tokens, "needles": [needle]}
+    return Task("passkey", context, (q,), meta)
 
 
 def _magic_key(rng: random.Random, used: set[str]) -> str:
@@ -132,8 +136,8 @@ def needles(n_tokens: int, seed: int, count_tokens: CountTokens, *, n_keys: int 
             n_queries: int = 1, depths: tuple[float, ...] | None = None) -> Task:
     """RULER-style magic-number needles in the natural-text haystack.
 
-    `n_keys` distinct keys are planted (the first `n_queries` are asked about); the first key carries `n_values`
-    values (multi-value). With defaults this is the single-needle task.
+    `n_keys` distinct keys are planted (the first `n_queries` are asked about); the first key carries
+    `n_values` values (multi-value). With defaults this is the single-needle task.
     """
     _check_len(n_tokens)
     if not 1 <= n_queries <= n_keys:
@@ -154,17 +158,19 @@ def needles(n_tokens: int, seed: int, count_tokens: CountTokens, *, n_keys: int 
         raise ValueError(f"got {len(depths)} depths for {len(sentences)} needles")
     for s, d in sorted(zip(sentences, depths), key=lambda p: -p[1]):
         body = _insert_at_depth(body, s, d)
-    context = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n" + body
+    intro = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n"
+    context = intro + body
     questions = []
     for key, vals in planted[:n_queries]:
         if len(vals) == 1:
-            questions.append(Question(f"What is the special magic number for {key}? The special magic number for "
-                                      f"{key} is:", vals[0]))
+            questions.append(Question(f"What is the special magic number for {key}? The special magic number "
+                                      f"for {key} is:", vals[0]))
         else:
             questions.append(Question(f"What are all the special magic numbers for {key}? They are:",
                                       ", ".join(vals)))
     kind = "needle" if (n_keys, n_values, n_queries) == (1, 1, 1) else "multi_needle"
-    return Task(kind, context, tuple(questions), {"seed": seed, "n_tokens": n_tokens, "depths": list(depths)})
+    return Task(kind, context, tuple(questions), {"seed": seed, "n_tokens": n_tokens, "depths": list(depths),
+                                                "needles": sentences})
 
 
 def variable_tracking(n_tokens: int, seed: int, count_tokens: CountTokens, *, n_hops: int = 3) -> Task:
@@ -181,7 +187,7 @@ def variable_tracking(n_tokens: int, seed: int, count_tokens: CountTokens, *, n_
         body = _insert_at_depth(body, s, d)
     q = Question(f"Find all variables that are assigned the value {value}. Answer: VAR", " ".join(names))
     return Task("variable_tracking", "Memorize and track the chain(s) of variable assignment.\n" + body, (q,),
-                {"seed": seed, "n_hops": n_hops})
+                {"seed": seed, "n_hops": n_hops, "needles": stmts})
 
 
 _FACT_TEMPLATES = (
@@ -221,7 +227,7 @@ def many_facts(n_tokens: int, seed: int, count_tokens: CountTokens, *, n_facts: 
     for f, d in sorted(zip(facts, depths), key=lambda p: -p[1]):
         body = _insert_at_depth(body, f, d)
     return Task("many_facts", "Read the document. It contains facts about people.\n" + body, tuple(questions),
-                {"seed": seed, "n_facts": n_facts, "depths": depths})
+                {"seed": seed, "n_facts": n_facts, "depths": depths, "needles": facts})
 
 
 def mqar(n_pairs: int, n_queries: int, seed: int) -> Task:
