@@ -16,6 +16,7 @@ from squeeze_jax.attention.context import POLICIES, ContextAttention, ContextSta
 from squeeze_jax.generate import GenerationResult, SamplingConfig, generate
 from squeeze_jax.index import IndexConfig, build_index
 
+
 def prompt_parts(context: str, question: str) -> tuple[str, str]:
     """Split one prompt into its fixed part (the context) and its user part (the question).
 

@@ -26,7 +26,13 @@ def main() -> int:
     from models.pretrained import load_pretrained
     from squeeze_jax.api import ask, context_tokens, index_context
     from squeeze_jax.eval.tasks import many_facts, score_answer
-    from squeeze_jax.index.io import IndexFormatError, IndexMismatchError, load_index, model_fingerprint, save_index
+    from squeeze_jax.index.io import (
+        IndexFormatError,
+        IndexMismatchError,
+        load_index,
+        model_fingerprint,
+        save_index,
+    )
 
     t0 = time.perf_counter()
     cfg, model, tok = load_pretrained("smollm2-135m")

@@ -316,7 +316,7 @@ def _blocks_to_key_mask(ids_BHQM, count_BHQ, block_k, N, T, block_q):
     live = jnp.arange(M) < count_BHQ[..., None]
     nb = N // block_k
     sel_BHQ_nb = jnp.zeros(ids_BHQM.shape[:-1] + (nb,), bool)
-    sel_BHQ_nb = jax.vmap(jax.vmap(jax.vmap(lambda s, i, l: s.at[i].max(l))))(sel_BHQ_nb, ids_BHQM, live)
+    sel_BHQ_nb = jax.vmap(jax.vmap(jax.vmap(lambda s, i, live: s.at[i].max(live))))(sel_BHQ_nb, ids_BHQM, live)
     key_BHQN = jnp.repeat(sel_BHQ_nb, block_k, axis=-1)
     if ids_BHQM.shape[2] == T:
         return key_BHQN
