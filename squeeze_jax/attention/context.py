@@ -88,8 +88,9 @@ class ContextAttention:
     """Attention backend for prompts that continue a pre-indexed fixed context.
 
     `use_pallas=None` runs the Pallas kernels on a GPU and their jnp references elsewhere (interpret mode is for
-    tests: it runs grid programs one by one). `max_budget` (static) sizes the selection capacity; each request's budget (fraction of context keys kept,
-    always-attended sinks + window included) comes from `ContextState.budget_B` and must be <= max_budget.
+    tests: it runs grid programs one by one). `max_budget` (static) sizes the selection capacity; each request's
+    budget (fraction of context keys kept, always-attended sinks + window included) comes from
+    `ContextState.budget_B` and must be <= max_budget.
     """
 
     policy: str = "squeezed"
