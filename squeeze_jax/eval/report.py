@@ -1,0 +1,172 @@
+"""Markdown tables from evaluation records (results.jsonl) and from the selection-fidelity study summary."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# (record key, column title, format)
+SUMMARY_COLUMNS = (
+    ("em", "exact match", "{:.2f}"),
+    ("prefill_recall", "recall (prefill)", "{:.3f}"),
+    ("decode_recall", "recall (decode)", "{:.3f}"),
+    ("decode_out_rel_err", "out err (decode)", "{:.3f}"),
+    ("top1", "top-1 agree", "{:.3f}"),
+    ("kl", "KL (nats)", "{:.4f}"),
+    ("top1_answer", "top-1 agree (answer)", "{:.3f}"),
+    ("kl_answer", "KL (answer)", "{:.4f}"),
+)
+
+
+def _budget_label(b: float) -> str:
+    inv = 1.0 / b
+    return f"1/{round(inv)}" if abs(inv - round(inv)) < 1e-6 else f"{b:.4g}"
+
+
+def _fmt(x: float | None, fmt: str) -> str:
+    return "–" if x is None or not np.isfinite(x) else fmt.format(x)
+
+
+def group_mean(records: Sequence[dict[str, Any]], keys: Sequence[str], metric: str) -> dict[tuple, float]:
+    """Mean of `metric` over the records of each group (records lacking the metric are skipped)."""
+    acc: dict[tuple, list[float]] = {}
+    for r in records:
+        if metric in r and r[metric] is not None:
+            acc.setdefault(tuple(r[k] for k in keys), []).append(float(r[metric]))
+    return {k: float(np.mean(v)) for k, v in acc.items()}
+
+
+def summary_rows(records: Sequence[dict[str, Any]], methods: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per (method, budget): every SUMMARY_COLUMNS metric averaged over contexts, plus counts."""
+    methods = list(methods or dict.fromkeys(r["method"] for r in records))
+    budgets = sorted({r["budget"] for r in records}, reverse=True)
+    means = {key: group_mean(records, ("method", "budget"), key) for key, _, _ in SUMMARY_COLUMNS}
+    rows = []
+    for m in methods:
+        for b in budgets:
+            n = sum(1 for r in records if r["method"] == m and r["budget"] == b)
+            if n == 0:
+                continue
+            row = {"method": m, "budget": b, "n_contexts": n,
+                   "n_questions": sum(r.get("n_questions", 1) for r in records
+                                      if r["method"] == m and r["budget"] == b)}
+            row.update({key: means[key].get((m, b)) for key, _, _ in SUMMARY_COLUMNS})
+            rows.append(row)
+    return rows
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table."""
+    if any(len(r) != len(header) for r in rows):
+        raise ValueError("every row needs one cell per header column")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def summary_table(records: Sequence[dict[str, Any]], methods: Sequence[str] | None = None) -> str:
+    rows = summary_rows(records, methods)
+    header = ["method", "budget"] + [title for _, title, _ in SUMMARY_COLUMNS] + ["contexts"]
+    body = [[r["method"], _budget_label(r["budget"])] + [_fmt(r[k], f) for k, _, f in SUMMARY_COLUMNS]
+            + [str(r["n_contexts"])] for r in rows]
+    return markdown_table(header, body)
+
+
+def by_task_table(records: Sequence[dict[str, Any]], metric: str, fmt: str, budget: float,
+                  methods: Sequence[str] | None = None) -> str:
+    """Rows: methods; columns: (task, length); cells: `metric` averaged over seeds at one budget."""
+    recs = [r for r in records if abs(r["budget"] - budget) < 1e-9]
+    methods = list(methods or dict.fromkeys(r["method"] for r in recs))
+    cols = sorted({(r["task"], r["length"]) for r in recs})
+    means = group_mean(recs, ("method", "task", "length"), metric)
+    header = ["method"] + [f"{t} {n}" for t, n in cols]
+    body = [[m] + [_fmt(means.get((m, t, n)), fmt) for t, n in cols] for m in methods
+            if any((m, t, n) in means for t, n in cols)]
+    return markdown_table(header, body)
+
+
+def report_markdown(records: Sequence[dict[str, Any]], title: str, methods: Sequence[str] | None = None) -> str:
+    """The whole report: summary per method x budget, then exact match and recall per task and length."""
+    if not records:
+        raise ValueError("no records to report")
+    budgets = sorted({r["budget"] for r in records}, reverse=True)
+    tasks = sorted({(r["task"], r["length"], r["seed"]) for r in records})
+    parts = [
+        f"# Evaluation: {title}",
+        "",
+        f"{len(records)} records; {len(tasks)} contexts (task, length, seed); model context tokens: "
+        f"{sorted({r['context_len'] for r in records})}.",
+        "Budget = fraction of the fixed context's keys attended (sinks and window included). Recall = attention "
+        "mass over the context kept, mean over layers, heads and tokens (prefill: the question; decode: the "
+        "generated tokens). top-1 / KL: teacher-forced question + answer tokens against dense attention.",
+        "",
+        "## Summary (mean over contexts)",
+        "",
+        summary_table(records, methods),
+    ]
+    for b in budgets:
+        parts += ["", f"## Exact match by task and length, budget {_budget_label(b)}", "",
+                  by_task_table(records, "em", "{:.2f}", b, methods),
+                  "", f"## Decode recall by task and length, budget {_budget_label(b)}", "",
+                  by_task_table(records, "decode_recall", "{:.3f}", b, methods)]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(records: Sequence[dict[str, Any]], out_dir: str | Path, *, title: str,
+                 methods: Sequence[str] | None = None) -> Path:
+    """Write `report.md` and `summary.json` (summary rows) into `out_dir`; returns the report path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.md"
+    path.write_text(report_markdown(records, title, methods))
+    (out / "summary.json").write_text(json.dumps(summary_rows(records, methods), indent=1, sort_keys=True))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ fidelity study
+
+
+def study_markdown(summary: dict[str, Any]) -> str:
+    """Tables of the selection-fidelity study: recall at the target key budgets and at equal bytes read."""
+    targets = summary["targets"]
+    parts = [f"# Selection fidelity: {summary['name']}", "",
+             f"Contexts: {', '.join(summary['contexts'])}.",
+             "Recall = attention mass over the fixed context kept by the selection, for the queries of a dense "
+             "run of the user tokens (question + answer, or a plain-text continuation), mean over layers, "
+             "heads, tokens and contexts. Bytes = context rows read per query relative to dense (a selected "
+             "key costs K + V, a centroid one K row). 'decode': every token selects its own keys; 'prefill': "
+             "the user tokens of a 64-token query block share one selection.", ""]
+    for mode in summary["modes"]:
+        header = (["variant"] + [f"recall @ keys {_budget_label(t)}" for t in targets]
+                  + [f"bytes @ keys {_budget_label(t)}" for t in targets]
+                  + [f"recall @ bytes {_budget_label(t)}" for t in targets])
+        body = []
+        for name, v in summary["variants"].items():
+            m = v["modes"].get(mode)
+            if m is None:
+                continue
+            curve = {round(c["budget"], 8): c for c in m["curve"]}
+            row = [name]
+            row += [_fmt(m["recall_at_key_budget"].get(str(t)), "{:.3f}") for t in targets]
+            row += [_fmt(curve.get(round(t, 8), {}).get("bytes_fraction"), "{:.3f}") for t in targets]
+            row += [_fmt(m["recall_at_bytes"].get(str(t)), "{:.3f}") for t in targets]
+            body.append(row)
+        parts += [f"## Mode: {mode}", "", markdown_table(header, body), ""]
+    return "\n".join(parts)
+
+
+__all__ = [
+    "SUMMARY_COLUMNS",
+    "by_task_table",
+    "group_mean",
+    "markdown_table",
+    "report_markdown",
+    "study_markdown",
+    "summary_rows",
+    "summary_table",
+    "write_report",
+]
