@@ -1,7 +1,8 @@
-"""`make demo`: index a bundled public-domain document with planted facts once, then ask it questions.
+"""`make demo`: index a filler document with a planted pass key once, then ask for the key.
 
-Answers with Squeezed Attention (1/8 of the context keys) and with dense attention over the same stored KV, and
-prints answers, kept fraction and timings. The index is cached on disk and reused by the next run.
+Answers with Squeezed Attention (1/8 of the context keys), with dense attention over the same stored KV, and with
+StreamingLLM at the same budget, and prints answers, kept fraction and timings. The index is cached on disk and
+reused by the next run.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import time
 from pathlib import Path
 
 DOC_TOKENS = 3000
-N_FACTS = 8
-SEED = 7
+SEED = 5
 BUDGET = 0.125
+POLICIES = ("squeezed", "dense", "streaming")
 
 
 def _cache_dir() -> Path:
@@ -25,7 +26,7 @@ def _cache_dir() -> Path:
 def main() -> int:
     from models.pretrained import load_pretrained
     from squeeze_jax.api import ask, context_tokens, index_context
-    from squeeze_jax.eval.tasks import many_facts, score_answer
+    from squeeze_jax.eval.tasks import passkey, score_answer
     from squeeze_jax.index.io import (
         IndexFormatError,
         IndexMismatchError,
@@ -37,7 +38,7 @@ def main() -> int:
     t0 = time.perf_counter()
     cfg, model, tok = load_pretrained("smollm2-135m")
     print(f"model {cfg.name} loaded in {time.perf_counter() - t0:.1f} s")
-    task = many_facts(DOC_TOKENS, SEED, lambda s: len(tok.encode(s)), n_facts=N_FACTS)
+    task = passkey(DOC_TOKENS, 0.5, SEED, lambda s: len(tok.encode(s)))
     ids = context_tokens(tok, task.context)
     key = hashlib.sha256(repr((ids, model_fingerprint(model))).encode()).hexdigest()[:12]
     path = _cache_dir() / f"demo_index_{key}"
@@ -55,7 +56,7 @@ def main() -> int:
         save_index(index, path, overwrite=True)
     questions = [q.text for q in task.questions]
     results = {}
-    for policy in ("squeezed", "dense"):
+    for policy in POLICIES:
         t = time.perf_counter()
         res = ask(model, tok, index, questions, policy=policy, budget=BUDGET, max_new_tokens=6)
         results[policy] = (res, time.perf_counter() - t)
@@ -73,7 +74,7 @@ def main() -> int:
         print(f"{policy:>8s}: {n_right[policy]}/{len(questions)} right, kept {kept:.3f} of the context keys, "
               f"prefill {res.prefill_s:.2f} s, decode {res.decode_ms_per_token:.0f} ms/token "
               f"(CPU; {wall:.1f} s wall incl. compilation)")
-    return 0 if n_right["squeezed"] >= n_right["dense"] - 1 else 1
+    return 0 if n_right["squeezed"] >= n_right["dense"] else 1
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ class ContextAttention:
     policy: str = "squeezed"
     max_budget: float = 0.125
     block_k: int = 16
-    block_q: int = 64
+    block_q: int = 1  # user tokens sharing one selection in prefill; per token keeps needle recall
     score: str = "mean"
     radius_weight: float = 1.0
     agg: str = "max"

@@ -90,15 +90,17 @@ def plot_study(summary: dict[str, Any], path: str | Path) -> Path:
     plt = _pyplot()
     modes = summary["modes"]
     fig, axes = plt.subplots(1, len(modes), figsize=(6.4 * len(modes), 4.8), squeeze=False)
+    cmap = plt.get_cmap("tab20")
     for ax, mode in zip(axes[0], modes):
-        for name, v in summary["variants"].items():
+        for i, (name, v) in enumerate(summary["variants"].items()):
             m = v["modes"].get(mode)
             if not m:
                 continue
             xs = [c["bytes_fraction"] for c in m["curve"]]
             ys = [c["recall"] for c in m["curve"]]
-            style = "--" if v["options"].get("policy", "squeezed") != "squeezed" else "-"
-            ax.plot(xs, ys, style, marker=".", label=name)
+            ref = v["options"].get("policy", "squeezed") != "squeezed"
+            ax.plot(xs, ys, "--" if ref else "-", marker="x" if ref else ".", color=cmap(i % 20),
+                    lw=1.6 if name == "base" else 1.0, label=name)
         for t in summary["targets"]:
             ax.axvline(t, color="grey", lw=0.8, alpha=0.6)
         ax.set_xscale("log", base=2)

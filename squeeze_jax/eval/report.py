@@ -151,12 +151,58 @@ def study_markdown(summary: dict[str, Any]) -> str:
                 continue
             curve = {round(c["budget"], 8): c for c in m["curve"]}
             row = [name]
-            row += [_fmt(m["recall_at_key_budget"].get(str(t)), "{:.3f}") for t in targets]
+            row += [_fmt(m["recall_at_key_budget"].get(str(t)), "{:.3f}") + ("*" if _over_budget(m, t) else "")
+                    for t in targets]
             row += [_fmt(curve.get(round(t, 8), {}).get("bytes_fraction"), "{:.3f}") for t in targets]
             row += [_fmt(m["recall_at_bytes"].get(str(t)), "{:.3f}") for t in targets]
             body.append(row)
-        parts += [f"## Mode: {mode}", "", markdown_table(header, body), ""]
+        parts += [f"## Mode: {mode}", "", markdown_table(header, body), "",
+                  "\\* the always-kept keys (sinks + window) exceed this budget: more than it was kept.", ""]
+        parts += _study_verdict(summary, mode)
     return "\n".join(parts)
+
+
+def _over_budget(mode_summary: dict[str, Any], t: float) -> bool:
+    """True when the selection at key budget `t` kept clearly more than `t` (always-kept keys exceed it)."""
+    c = next((c for c in mode_summary["curve"] if abs(c["budget"] - t) < 1e-9), None)
+    return c is not None and c["kept_fraction"] > 1.05 * t
+
+
+def _is_squeezed(v: dict[str, Any]) -> bool:
+    return v["options"].get("policy", "squeezed") == "squeezed"
+
+
+def _study_verdict(summary: dict[str, Any], mode: str) -> list[str]:
+    """Best squeezed variant per target (at equal key budget and at equal bytes) against the goals."""
+    goals = summary.get("goals") or {}
+    ref_name = summary.get("reference")
+    max_gap = summary.get("max_gap")
+    lines = []
+    for t in summary["targets"]:
+        key = str(t)
+        cands = [(name, v["modes"][mode]) for name, v in summary["variants"].items()
+                 if _is_squeezed(v) and mode in v["modes"]]
+        if not cands:
+            continue
+        ref = summary["variants"].get(ref_name, {}).get("modes", {}).get(mode) if ref_name else None
+        ref_keys = ref["recall_at_key_budget"].get(key) if ref else None
+        for basis, field in (("key budget", "recall_at_key_budget"), ("bytes", "recall_at_bytes")):
+            scored = [(m[field].get(key), name) for name, m in cands if m[field].get(key) is not None
+                      and (field == "recall_at_bytes" or not _over_budget(m, t))]
+            if not scored:
+                continue
+            best, name = max(scored)
+            msg = f"- {mode}, {basis} {_budget_label(t)}: best squeezed variant **{name}** recall {best:.3f}"
+            if ref_keys is not None:
+                msg += f"; {ref_name} at key budget {_budget_label(t)}: {ref_keys:.3f} (gap {ref_keys - best:+.3f})"
+            if key in goals:
+                ok = best >= goals[key] and (ref_keys is None or max_gap is None or t != max(summary["targets"])
+                                             or ref_keys - best <= max_gap)
+                msg += f"; goal >= {goals[key]:.2f}" + (f" and gap <= {max_gap}" if max_gap is not None and
+                                                        t == max(summary["targets"]) else "")
+                msg += ": met" if ok else ": NOT met"
+            lines.append(msg)
+    return (["### Verdict", ""] + lines + [""]) if lines else []
 
 
 __all__ = [

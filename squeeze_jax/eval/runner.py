@@ -354,6 +354,14 @@ def get_index(model, ids: Sequence[int], index_cfg, cache_dir: Path | None, labe
     return index, False
 
 
+def default_index_cache() -> Path:
+    """`<squeeze_jax cache>/eval_indexes` (`$SQUEEZE_JAX_CACHE_DIR` or ~/.cache/squeeze_jax): indexes are
+    hundreds of MB, so they never go next to the results."""
+    from models.pretrained import default_cache_dir
+
+    return default_cache_dir() / "eval_indexes"
+
+
 def context_state(index, batch: int, budget: float):
     """`ContextState` for `batch` rows at one budget (leaves carry the layer axis)."""
     from squeeze_jax.attention.context import ContextState
@@ -393,7 +401,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     """Append records (one JSON object per line), flushed to disk before returning."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
     with path.open("a") as f:
+        if torn:  # an interrupted write left a partial line: end it so the next record is parseable
+            f.write("\n")
         for rec in records:
             f.write(json.dumps(rec, sort_keys=True, default=_json_default) + "\n")
         f.flush()
@@ -489,7 +504,7 @@ def run_eval(cfg: EvalConfig, out_dir: Path, *, cache_dir: Path | None = None, p
         model_bundle = load_pretrained(cfg.model)
     _, model, tokenizer = model_bundle
     index_cfg = cfg.index_config()
-    cache_dir = cache_dir if cache_dir is not None else out_dir / "cache"
+    cache_dir = cache_dir if cache_dir is not None else default_index_cache()
 
     by_context: dict[tuple, list] = {}
     for e in pending:
@@ -674,11 +689,14 @@ class StudyConfig:
     index: tuple[tuple[str, Any], ...] = ()
     modes: tuple[str, ...] = ("decode", "prefill")
     model: str = "smollm2-135m"
+    goals: tuple[tuple[float, float], ...] = ()
+    reference: str | None = None
+    max_gap: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudyConfig:
         known = {"name", "study", "contexts", "variants", "budgets", "targets", "index", "modes", "model",
-                 "description"}
+                 "description", "goals", "reference", "max_gap"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"study config has unknown fields {sorted(unknown)}; allowed: {sorted(known)}")
@@ -705,7 +723,12 @@ class StudyConfig:
         cfg = cls(name=str(data["name"]), contexts=tuple(data["contexts"]), variants=variants, budgets=budgets,
                   targets=tuple(float(t) for t in data.get("targets", (0.125, 0.0625))),
                   index=tuple(sorted(data.get("index", {}).items())), modes=modes,
-                  model=str(data.get("model", "smollm2-135m")))
+                  model=str(data.get("model", "smollm2-135m")),
+                  goals=tuple(sorted((float(k), float(v)) for k, v in data.get("goals", {}).items())),
+                  reference=data.get("reference"),
+                  max_gap=None if data.get("max_gap") is None else float(data["max_gap"]))
+        if cfg.reference is not None and cfg.reference not in names:
+            raise ValueError(f"reference {cfg.reference!r} is not one of the variants {names}")
         for v in variants:
             cfg.variant_index_config(v)
         return cfg
@@ -751,8 +774,8 @@ def run_fidelity_study(cfg: StudyConfig, out_dir: Path, *, cache_dir: Path | Non
             if not todo:
                 continue
             bar.set_postfix_str(f"{sctx.label}: capture")
-            window_max = max(cfg.variant_index_config(v).window for v in cfg.variants)
-            cap = capture_context(model, np.asarray(sctx.ids, np.int32), window=max(window_max, 1))
+            # the selection uses uniform budgets, so the index needs no calibration (no window queries)
+            cap = capture_context(model, np.asarray(sctx.ids, np.int32), window=1)
             indexes: dict[str, Any] = {}
             q_cache: dict[str, Any] = {}
             for v in todo:
@@ -760,9 +783,8 @@ def run_fidelity_study(cfg: StudyConfig, out_dir: Path, *, cache_dir: Path | Non
                 ikey = json.dumps(icfg.to_dict(), sort_keys=True)
                 if ikey not in indexes:
                     bar.set_postfix_str(f"{sctx.label}: index for {v['name']}")
-                    qw = cap.q_window_LTHqD[:, cap.q_window_LTHqD.shape[1] - icfg.window:] if icfg.window else None
                     t0 = time.perf_counter()
-                    indexes[ikey] = (build_index_from_kv(cap.k_LHSD, cap.v_LHSD, qw, icfg,
+                    indexes[ikey] = (build_index_from_kv(cap.k_LHSD, cap.v_LHSD, None, icfg,
                                                          model_fingerprint=fingerprint),
                                      time.perf_counter() - t0)
                 index, build_s = indexes[ikey]
@@ -833,7 +855,8 @@ def summarize_study(cfg: StudyConfig, rows: Sequence[dict[str, Any]]) -> dict[st
                                     "recall_at_bytes": at_bytes}
         variants[name] = entry
     return {"name": cfg.name, "budgets": list(cfg.budgets), "targets": list(cfg.targets), "modes": list(cfg.modes),
-            "contexts": sorted({r["context"] for r in rows}), "variants": variants}
+            "contexts": sorted({r["context"] for r in rows}), "variants": variants,
+            "goals": {str(b): r for b, r in cfg.goals}, "reference": cfg.reference, "max_gap": cfg.max_gap}
 
 
 # ===================================================================================================== CLI
@@ -843,7 +866,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="squeeze-jax eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="config file or bundled name (configs/eval/<name>.json)")
     p.add_argument("--out", required=True, help="output directory (results.jsonl, report.md, plots)")
-    p.add_argument("--cache-dir", help="where indexes are cached (default <out>/cache)")
+    p.add_argument("--cache-dir", help="where indexes are cached (default ~/.cache/squeeze_jax/eval_indexes)")
     p.add_argument("--report-only", action="store_true", help="only rewrite report and plots from the JSONL")
     p.add_argument("--no-progress", action="store_true")
     return p
