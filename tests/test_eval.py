@@ -292,6 +292,7 @@ def test_selection_fidelity_bounds(tiny):
     assert len(out["squeezed", "decode"]["recall_per_layer"]) == 2
     assert runner.centroid_reads(index, {"policy": "squeezed"}) == index.n_clusters
     assert runner.centroid_reads(index, {"policy": "oracle"}) == 0.0
+    assert runner.centroid_reads(index, {"policy": "quest"}) == 2 * (320 // 16)
 
 
 def test_study_summary_report_and_plot(tmp_path):

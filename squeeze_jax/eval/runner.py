@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -653,9 +654,15 @@ def selection_fidelity(index, q_LBTHqD: np.ndarray, seq_lens: np.ndarray, backen
 
 
 def centroid_reads(index, options: dict[str, Any]) -> float:
-    """Centroid rows read per selection (per KV head): all fine centroids (flat), or the coarse centroids
-    plus the fine ones under the kept coarse clusters (hierarchical; estimated as keep fraction x fine)."""
+    """Metadata rows (one K row each) read per selection and KV head: all fine centroids (flat squeezed), or
+    the coarse centroids plus the fine ones under the kept coarse clusters (hierarchical; estimated as keep
+    fraction x fine), or Quest's per-page min and max keys (2 rows per page). The oracles and streaming
+    read none (the oracles are unimplementable references)."""
+    from squeeze_jax.attention.context import QUEST_PAGE
+
     policy = options.get("policy", "squeezed")
+    if policy == "quest":
+        return 2.0 * math.ceil(index.context_len / QUEST_PAGE)
     if policy != "squeezed":
         return 0.0
     C = float(index.n_clusters)
