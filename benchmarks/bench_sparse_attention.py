@@ -20,10 +20,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
@@ -31,6 +29,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+from benchmarks.timing import (  # noqa: E402
+    Budget,
+    copy_and_read_bandwidth,
+    device_time_stats,
+    median_time,
+    rel_err,
+    torch_time,
+)
 from pallas_kernels.common import cdiv, random_block_selection, valid_blocks  # noqa: E402
 from pallas_kernels.merge import merge_attention  # noqa: E402
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref  # noqa: E402
@@ -45,102 +51,16 @@ SHAPES = {"gqa": (32, 8), "mha": (32, 32)}  # (query heads, KV heads)
 T_PREFILL = 1024
 
 
-class Budget:
-    """Wall-clock budget for the whole run; later sections are skipped when it runs out."""
-
-    def __init__(self, seconds: float):
-        self.end = time.perf_counter() + seconds
-
-    def left(self) -> float:
-        return self.end - time.perf_counter()
-
-
-def _median_time(fn: Callable[[], Any], reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def device_time(step: Callable[..., Any], args: tuple, est_s: float, reps: int = 5, target_s: float = 0.05,
-                unroll: int = 16, base_step: Callable[..., Any] | None = None) -> dict:
-    """Seconds per call of `step(i, x, *rest)`, timed as chained iterations inside one jit.
-
-    `x = args[0]` is perturbed by the sum of the previous iteration's outputs (so nothing is hoisted or
-    sliced away and the calls run back to back). The loop is unrolled `unroll` times, since XLA's GPU
-    while loop syncs with the host once per iteration (~15 us). The same loop with `step` replaced by
-    `base_step` (default: the identity on x; pass one that does the same input preparation, e.g. picking
-    this iteration's selection) is timed too and subtracted.
-    """
-    outer = int(min(50, max(2, target_s / max(est_s, 1e-6) / unroll)))
-    n = outer * unroll
-
-    def make(with_step: bool):
-        def loop(*a):
-            x0 = a[0]
-
-            def body(i, c):
-                x = x0 + (c * 1e-30).astype(x0.dtype)
-                if with_step:
-                    out = step(i, x, *a[1:])
-                else:
-                    out = x if base_step is None else base_step(i, x, *a[1:])
-                return c + sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(out)) * 1e-6
-
-            return lax.fori_loop(0, n, body, jnp.float32(0), unroll=unroll)
-
-        return jax.jit(loop)
-
-    run, base = make(True), make(False)
-    jax.block_until_ready(run(*args))
-    jax.block_until_ready(base(*args))
-    t_run = _median_time(lambda: run(*args), reps) / n
-    t_base = _median_time(lambda: base(*args), reps) / n
-    return {"s": max(t_run - t_base, 1e-9), "raw_s": t_run, "loop_overhead_s": t_base, "iters": n}
-
-
-def torch_time(fn: Callable[[], Any], est_s: float, reps: int = 5) -> float:
-    import torch
-
-    n = int(min(400, max(8, 0.05 / max(est_s, 1e-6))))
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3 / n)
-    return statistics.median(ts)
+def _median_time(fn, reps: int) -> float:
+    return median_time(fn, reps)
 
 
 def copy_bandwidth() -> tuple[float, float]:
-    """(copy, read) bandwidth in bytes/s: an elementwise pass over 1 GiB of bf16 (bytes read + written)
-    and a sum over it (bytes read)."""
-    x = jnp.ones((512, 1024, 1024), jnp.bfloat16)
-    f = jax.jit(lambda x: lax.fori_loop(0, 20, lambda i, y: y + jnp.bfloat16(1), x), donate_argnums=0)
-    x = jax.block_until_ready(f(x))
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        x = jax.block_until_ready(f(x))
-        ts.append((time.perf_counter() - t0) / 20)
-    copy = 2 * x.size * 2 / statistics.median(ts)
+    return copy_and_read_bandwidth()
 
-    def rd(x):
-        return lax.fori_loop(0, 20, lambda i, c: c + jnp.sum(x + c.astype(x.dtype), dtype=jnp.float32) * 1e-9,
-                             jnp.float32(0))
 
-    g = jax.jit(rd)
-    jax.block_until_ready(g(x))
-    read = x.size * 2 / (_median_time(lambda: g(x), 5) / 20)
-    return copy, read
+def device_time(step, args, est_s: float, **kw) -> dict:
+    return device_time_stats(step, args, est_s, **kw)
 
 
 def budget_selection(rng: np.random.Generator, lead: tuple[int, ...], n_keys: int, keep: float,
@@ -164,11 +84,6 @@ def budget_selection(rng: np.random.Generator, lead: tuple[int, ...], n_keys: in
         ids[r0:r1] = np.concatenate([head, np.sort(chosen, 1)], 1)
     ids = ids.reshape(rotations, *lead, count)
     return ids, np.full((rotations, *lead), count, np.int32), count
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def layout(n_keys: int) -> dict:

@@ -13,11 +13,21 @@ Policies evaluated at key granularity through the masked jnp path (for baselines
   oracle_key  exact top-k keys per KV group;  streaming  sinks + most recent keys;
   quest       pages of 16 consecutive tokens (original order) scored by per-channel min/max bounds;
   random      random keys (a lower bound).
+
+Budget allocation (`allocation`): "uniform" keeps the same number of keys in every layer and KV head;
+"calibrated" splits the same total over (layer, KV head) as the index's calibration decided (`budgets_LHF`,
+see squeeze_jax/index/calibrate.py). A request budget equal to one of the index's `budget_fractions` uses that
+column; any other budget scales the column of the nearest calibrated fraction.
+
+Fidelity aux (with `fidelity=True`): `recall` is the context-only attention-mass recall (softmax over the
+fixed context's keys alone), `recall_total` the total-mass recall (softmax over the context plus the user's
+own tokens, which are always attended): the fraction of the full attention mass the sparse computation covers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -27,6 +37,7 @@ import jax.numpy as jnp
 from models.attention import write_kv
 from models.kv_cache import LayerKV
 from pallas_kernels import centroid_lookup, selection
+from pallas_kernels.block_select import block_cluster_ranges, select_blocks
 from pallas_kernels.common import has_gpu
 from pallas_kernels.merge import dense_attention_lse, merge_attention
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref
@@ -35,16 +46,31 @@ from pallas_kernels.sparse_prefill import sparse_prefill, sparse_prefill_ref
 BLOCK_POLICIES = ("dense", "squeezed", "oracle")
 KEY_POLICIES = ("oracle_key", "streaming", "quest", "random")
 POLICIES = BLOCK_POLICIES + KEY_POLICIES
+ALLOCATIONS = ("uniform", "calibrated")
 QUEST_PAGE = 16
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ContextState:
-    """Backend state: the context index (leading layer axis) and a per-request kept fraction `budget_B`."""
+    """Backend state: the context index (leading layer axis) and a per-request kept fraction `budget_B`.
+
+    `block_lo_LHB, block_hi_LHB` (optional, from `ContextState.create`): per key block the range of clusters
+    overlapping it, precomputed once per index so that decode on the GPU runs the fused selection kernel.
+    """
 
     index: Any
     budget_B: jax.Array
+    block_lo_LHB: jax.Array | None = None
+    block_hi_LHB: jax.Array | None = None
+
+    @classmethod
+    def create(cls, index, budget_LB: jax.Array, block_k: int = 16) -> ContextState:
+        """State with the block -> cluster tables for `block_k` (the backend's key-block size) precomputed."""
+        n_blocks = index.keys_LHND.shape[2] // block_k
+        ranges = jax.jit(jax.vmap(functools.partial(block_cluster_ranges, n_blocks=n_blocks, block_k=block_k)))
+        lo, hi = ranges(index.cluster_start_LHC, index.cluster_size_LHC)
+        return cls(index=index, budget_B=budget_LB, block_lo_LHB=lo, block_hi_LHB=hi)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,18 +87,20 @@ class LayerIndex:
     coarse_centroids: jax.Array | None
     coarse_first: jax.Array | None
     coarse_count: jax.Array | None
+    budgets: jax.Array | None  # [H, F] calibrated clustered keys per head for each of budget_fractions
     context_len: int
     n_fixed: int
     fixed_pad: int
     n_clustered: int
     max_fine_per_coarse: int
+    budget_fractions: tuple[float, ...]
 
     @classmethod
     def of(cls, ix) -> LayerIndex:
         return cls(ix.keys_LHND, ix.values_LHND, ix.positions_LHN, ix.centroids_LHCD, ix.cluster_start_LHC,
                    ix.cluster_size_LHC, ix.radius_LHC, ix.coarse_centroids_LHCcD, ix.coarse_first_LHCc,
-                   ix.coarse_count_LHCc, ix.context_len, ix.n_fixed, ix.fixed_pad, ix.n_clustered,
-                   ix.max_fine_per_coarse)
+                   ix.coarse_count_LHCc, ix.budgets_LHF, ix.context_len, ix.n_fixed, ix.fixed_pad,
+                   ix.n_clustered, ix.max_fine_per_coarse, tuple(ix.budget_fractions))
 
     @property
     def coarse_size(self) -> jax.Array:
@@ -90,7 +118,9 @@ class ContextAttention:
     `use_pallas=None` runs the Pallas kernels on a GPU and their jnp references elsewhere (interpret mode is for
     tests: it runs grid programs one by one). `max_budget` (static) sizes the selection capacity; each request's
     budget (fraction of context keys kept, always-attended sinks + window included) comes from
-    `ContextState.budget_B` and must be <= max_budget.
+    `ContextState.budget_B` and must be <= max_budget. `allocation` ("uniform" | "calibrated", see the module
+    docstring) splits that budget over (layer, KV head); "calibrated" needs a calibrated index and lets one
+    head keep up to `max_head_share` x the uniform share (the static selection capacity grows accordingly).
     """
 
     policy: str = "squeezed"
@@ -105,10 +135,16 @@ class ContextAttention:
     use_pallas: bool | None = None
     interpret: bool | None = None
     fidelity: bool = False
+    allocation: str = "uniform"
+    max_head_share: float = 4.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; expected one of {ALLOCATIONS}")
+        if not self.max_head_share >= 1.0:
+            raise ValueError(f"max_head_share must be >= 1, got {self.max_head_share}")
         if not 0.0 < self.max_budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {self.max_budget}")
         if self.score not in ("mean", "radius"):
@@ -142,34 +178,45 @@ class ContextAttention:
         o_user, lse_user = dense_attention_lse(q_BHTGD, k_BHSD, v_BHSD, mask_BTS[:, None])
 
         # fixed context: sparse
-        o_ctx, lse_ctx, aux = self._context(q_BHTGD, seq_lens_B, idx, layer_state.budget_B)
+        o_ctx, lse_ctx, aux = self._context(q_BHTGD, seq_lens_B, idx, layer_state.budget_B,
+                                            (layer_state.block_lo_LHB, layer_state.block_hi_LHB))
         o, _ = merge_attention(o_ctx.astype(jnp.float32), lse_ctx, o_user.astype(jnp.float32), lse_user)
         out = o.transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D).astype(q_BTHqD.dtype)
         if self.fidelity:
-            aux.update(_fidelity(q_BHTGD, idx, seq_lens_B, aux.pop("_kept_BHTN")))
+            aux.update(_fidelity(q_BHTGD, idx, seq_lens_B, aux.pop("_kept_BHTN"), lse_user))
         return out, new_kv, aux
 
     # ------------------------------------------------------------------ context part
     def _k_blocks(self, idx, budget_B) -> tuple[jax.Array, int]:
+        """Blocks to select per (row, KV head) `[B, H]` (fixed blocks included) and the static capacity."""
+        H = idx.keys.shape[0]
         n_blocks_valid = math.ceil(idx.context_len / self.block_k)
         fixed_blocks = -(-idx.n_fixed // self.block_k)
         all_blocks = idx.keys.shape[1] // self.block_k
-        budget = 1.0 if self.policy == "dense" else self.max_budget
-        capacity = min(max(math.ceil(budget * idx.context_len / self.block_k), fixed_blocks + 1), all_blocks)
         if self.policy == "dense":
-            capacity = all_blocks
-        k_B = jnp.ceil(budget_B * idx.context_len / self.block_k).astype(jnp.int32)
-        k_B = jnp.clip(k_B, min(fixed_blocks + 1, capacity), min(capacity, n_blocks_valid + fixed_blocks))
-        return k_B, capacity
+            return jnp.full((budget_B.shape[0], H), all_blocks, jnp.int32), all_blocks
+        if self.allocation == "calibrated":
+            most_keys = self.max_head_share * max(self.max_budget * idx.context_len - idx.n_fixed, 0.0)
+            capacity = min(max(fixed_blocks + math.ceil(most_keys / self.block_k), fixed_blocks + 1), all_blocks)
+            keys_BH = calibrated_head_keys(idx.budgets, idx.budget_fractions, budget_B, idx.context_len,
+                                           idx.n_fixed)
+            k_BH = fixed_blocks + jnp.ceil(keys_BH / self.block_k).astype(jnp.int32)
+        else:
+            capacity = min(max(math.ceil(self.max_budget * idx.context_len / self.block_k), fixed_blocks + 1),
+                           all_blocks)
+            k_B = jnp.ceil(budget_B * idx.context_len / self.block_k).astype(jnp.int32)
+            k_BH = jnp.broadcast_to(k_B[:, None], (budget_B.shape[0], H))
+        k_BH = jnp.clip(k_BH, min(fixed_blocks + 1, capacity), min(capacity, n_blocks_valid + fixed_blocks))
+        return k_BH, capacity
 
-    def _context(self, q_BHTGD, seq_lens_B, idx, budget_B):
+    def _context(self, q_BHTGD, seq_lens_B, idx, budget_B, block_ranges=(None, None)):
         B, H, T, G, D = q_BHTGD.shape
         if self.policy in KEY_POLICIES:
             return self._key_policy(q_BHTGD, idx, budget_B)
         if self.policy == "dense" and not self._pallas():
             return self._dense(q_BHTGD, idx)
         decode = T == 1
-        k_B, capacity = self._k_blocks(idx, budget_B)
+        k_BH, capacity = self._k_blocks(idx, budget_B)
         nb = idx.keys.shape[1] // self.block_k
         kw = dict(n_fixed=idx.n_fixed, fixed_pad=idx.fixed_pad, n_clustered=idx.n_clustered,
                   block_k=self.block_k)
@@ -185,12 +232,19 @@ class ContextAttention:
             q_pad = jnp.take_along_axis(q_BHTGD, src_BT[:, None, :, None, None], axis=2)
             rows_BHRD = q_pad.reshape(B, H, nQ, self.block_q * G, D).transpose(0, 2, 1, 3, 4)
             rows_BHRD = rows_BHRD.reshape(B * nQ, H, self.block_q * G, D)
-        bscores = self._block_scores(rows_BHRD, idx, nb)
-        rows = bscores.shape[0]
-        k_rows = jnp.broadcast_to(jnp.repeat(k_B, rows // B)[:, None], (rows, H))
-        if self.policy == "dense":
-            k_rows = jnp.full((rows, H), capacity, jnp.int32)
-        ids, count = selection.select_topk(bscores, k_rows, capacity)
+        rows = rows_BHRD.shape[0]
+        k_rows = jnp.repeat(k_BH, rows // B, axis=0)
+        lo_HB, hi_HB = block_ranges
+        if self.policy == "squeezed" and self._pallas() and lo_HB is not None:
+            if lo_HB.shape != (H, nb):
+                raise ValueError(f"ContextState block tables are for {lo_HB.shape[-1]} blocks, the backend uses {nb} "
+                                 f"(block_k={self.block_k}); build the state with ContextState.create(..., block_k)")
+            ids, count = select_blocks(self._cluster_scores(rows_BHRD, idx), idx.cluster_size, lo_HB, hi_HB, k_rows,
+                                       n_blocks=nb, capacity=capacity, fixed_blocks=-(-idx.n_fixed // self.block_k),
+                                       interpret=self.interpret)
+        else:
+            bscores = self._block_scores(rows_BHRD, idx, nb)
+            ids, count = selection.select_topk(bscores, k_rows, capacity)
         pallas = self._pallas()
         attend_decode = sparse_decode if pallas else sparse_decode_ref
         attend_prefill = sparse_prefill if pallas else sparse_prefill_ref
@@ -211,25 +265,27 @@ class ContextAttention:
                                                     T, self.block_q)
         return o, lse, aux
 
+    def _cluster_scores(self, rows_BHRD, idx):
+        """Squeezed policy: the estimated log-probability of every fine cluster, [rows, H, C]."""
+        log_sizes = jnp.log(jnp.maximum(idx.cluster_size, 1).astype(jnp.float32))
+        if self.hierarchical and idx.coarse_centroids is not None:
+            n_coarse = idx.coarse_centroids.shape[1]
+            hfn = centroid_lookup.hierarchical_scores if self._pallas() else centroid_lookup.hierarchical_scores_ref
+            return hfn(
+                rows_BHRD, idx.coarse_centroids, jnp.log(jnp.maximum(idx.coarse_size, 1).astype(jnp.float32)),
+                idx.coarse_first, idx.coarse_count, idx.centroids, log_sizes, idx.radius,
+                coarse_keep=max(1, int(round(self.coarse_keep_fraction * n_coarse))),
+                max_fine_per_coarse=idx.max_fine_per_coarse, score=self.score,
+                radius_weight=self.radius_weight, agg=self.agg, interpret=self.interpret)
+        fn = centroid_lookup.centroid_scores if self._pallas() else centroid_lookup.centroid_scores_ref
+        return fn(rows_BHRD, idx.centroids, log_sizes, idx.radius, score=self.score,
+                  radius_weight=self.radius_weight, agg=self.agg, interpret=self.interpret)
+
     def _block_scores(self, rows_BHRD, idx, nb):
         fixed_blocks = -(-idx.n_fixed // self.block_k)
         if self.policy == "squeezed":
-            log_sizes = jnp.log(jnp.maximum(idx.cluster_size, 1).astype(jnp.float32))
-            if self.hierarchical and idx.coarse_centroids is not None:
-                n_coarse = idx.coarse_centroids.shape[1]
-                hfn = centroid_lookup.hierarchical_scores if self._pallas() else centroid_lookup.hierarchical_scores_ref
-                scores = hfn(
-                    rows_BHRD, idx.coarse_centroids, jnp.log(jnp.maximum(idx.coarse_size, 1).astype(jnp.float32)),
-                    idx.coarse_first, idx.coarse_count, idx.centroids, log_sizes, idx.radius,
-                    coarse_keep=max(1, int(round(self.coarse_keep_fraction * n_coarse))),
-                    max_fine_per_coarse=idx.max_fine_per_coarse, score=self.score,
-                    radius_weight=self.radius_weight, agg=self.agg, interpret=self.interpret)
-            else:
-                fn = centroid_lookup.centroid_scores if self._pallas() else centroid_lookup.centroid_scores_ref
-                scores = fn(rows_BHRD, idx.centroids, log_sizes, idx.radius, score=self.score,
-                            radius_weight=self.radius_weight, agg=self.agg, interpret=self.interpret)
-            return selection.block_scores(scores, idx.cluster_start, idx.cluster_size, n_blocks=nb,
-                                          block_k=self.block_k, fixed_blocks=fixed_blocks)
+            return selection.block_scores(self._cluster_scores(rows_BHRD, idx), idx.cluster_start, idx.cluster_size,
+                                          n_blocks=nb, block_k=self.block_k, fixed_blocks=fixed_blocks)
         # dense / oracle: exact per-key logits, max over the rows sharing the selection, max within a block
         logits_BHRN = jnp.einsum("bhrd,hnd->bhrn", rows_BHRD.astype(jnp.float32), idx.keys.astype(jnp.float32))
         key_score = jnp.max(logits_BHRN, axis=2)
@@ -277,10 +333,16 @@ class ContextAttention:
                                                                            (B, H, T, N)), axis=-1)
         score_BHTN = jnp.where(fixed_HN[None, :, None], jnp.inf, score_BHTN)
         score_BHTN = jnp.where(valid_HN[None, :, None], score_BHTN, -jnp.inf)
-        n_keep_B = jnp.clip(jnp.ceil(budget_B * idx.context_len), 1, idx.context_len).astype(jnp.int32)
+        if self.allocation == "calibrated":
+            keys_BH = calibrated_head_keys(idx.budgets, idx.budget_fractions, budget_B, idx.context_len,
+                                           idx.n_fixed)
+            n_keep_BH = idx.n_fixed + jnp.ceil(keys_BH)
+        else:
+            n_keep_BH = jnp.broadcast_to(jnp.ceil(budget_B * idx.context_len)[:, None], (B, H))
+        n_keep_BH = jnp.clip(n_keep_BH, 1, idx.context_len).astype(jnp.int32)
         order = jnp.argsort(-score_BHTN, axis=-1)
         rank = jnp.argsort(order, axis=-1)
-        kept_BHTN = (rank < n_keep_B[:, None, None, None]) & valid_HN[None, :, None]
+        kept_BHTN = (rank < n_keep_BH[:, :, None, None]) & valid_HN[None, :, None]
         mask_BHTGN = jnp.broadcast_to(kept_BHTN[:, :, :, None], (B, H, T, G, N))
         kv_BHND = jnp.broadcast_to(idx.keys[None], (B,) + idx.keys.shape)
         vv_BHND = jnp.broadcast_to(idx.values[None], (B,) + idx.values.shape)
@@ -289,6 +351,27 @@ class ContextAttention:
         if self.fidelity:
             aux["_kept_BHTN"] = kept_BHTN
         return o, lse, aux
+
+
+def calibrated_head_keys(budgets_HF: jax.Array | None, fractions: tuple[float, ...], budget_B: jax.Array,
+                         context_len: int, n_fixed: int) -> jax.Array:
+    """Clustered-region keys to keep per (row, KV head) `[B, H]` (f32) from one layer's calibrated budgets.
+
+    A row whose budget equals a calibrated fraction gets that column of `budgets_HF`; any other budget gets the
+    column of the nearest calibrated fraction scaled by the ratio of clustered keys the two budgets keep.
+    """
+    if budgets_HF is None or not fractions:
+        raise ValueError("allocation='calibrated' needs a calibrated index (built with window >= 1, it stores "
+                         "budgets_LHF); this index has none: rebuild it with calibration or use 'uniform'")
+    if budgets_HF.ndim != 2 or budgets_HF.shape[1] != len(fractions):
+        raise ValueError(f"budgets_HF must be [H, F={len(fractions)}], got {budgets_HF.shape}")
+    f_F = jnp.asarray(fractions, jnp.float32)
+    j_B = jnp.argmin(jnp.abs(f_F[None, :] - budget_B[:, None]), axis=1)
+    col_BH = budgets_HF.astype(jnp.float32).T[j_B]
+    f_B = f_F[j_B]
+    exact_B = jnp.abs(f_B - budget_B) <= 1e-5 * f_B
+    scale_B = jnp.maximum(budget_B * context_len - n_fixed, 0.0) / jnp.maximum(f_B * context_len - n_fixed, 1.0)
+    return jnp.where(exact_B[:, None], col_BH, col_BH * scale_B[:, None])
 
 
 def _valid_keys(idx) -> jax.Array:
@@ -324,21 +407,38 @@ def _blocks_to_key_mask(ids_BHQM, count_BHQ, block_k, N, T, block_q):
     return jnp.repeat(key_BHQN, block_q, axis=2)[:, :, :T]
 
 
-def _fidelity(q_BHTGD, idx, seq_lens_B, kept_BHTN):
-    """Attention-mass recall over the context keys and relative output error vs full context attention."""
+def _fidelity(q_BHTGD, idx, seq_lens_B, kept_BHTN, lse_user_BHTG):
+    """Attention-mass recall (context-only and total) and relative output error vs full context attention.
+
+    recall: kept share of the softmax mass over the fixed context's keys alone. recall_total: kept share of the
+    mass over the context plus the user's own (always attended) tokens, whose log-sum-exp is `lse_user_BHTG`.
+    """
     B, H, T, G, D = q_BHTGD.shape
     valid = _valid_keys(idx)
     kv = jnp.broadcast_to(idx.keys[None], (B,) + idx.keys.shape)
     vv = jnp.broadcast_to(idx.values[None], (B,) + idx.values.shape)
     full_mask = jnp.broadcast_to(valid[None, :, None, None, :], (B, H, T, G, valid.shape[-1]))
     s = jnp.einsum("bhtgd,bhnd->bhtgn", q_BHTGD.astype(jnp.float32), kv.astype(jnp.float32)) / math.sqrt(D)
-    p = jax.nn.softmax(jnp.where(full_mask, s, -jnp.inf), axis=-1)
+    s = jnp.where(full_mask, s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
     kept = jnp.broadcast_to(kept_BHTN[:, :, :, None, :], p.shape) & full_mask
     recall_BHTG = jnp.sum(jnp.where(kept, p, 0.0), axis=-1)
+    total_BHTG = total_mass_recall(recall_BHTG, jax.nn.logsumexp(s, axis=-1), lse_user_BHTG)
     o_full, _ = _masked_grouped_attention(q_BHTGD, kv, vv, full_mask)
     o_kept, _ = _masked_grouped_attention(q_BHTGD, kv, vv, kept)
     err = jnp.linalg.norm(o_kept - o_full, axis=-1) / jnp.maximum(jnp.linalg.norm(o_full, axis=-1), 1e-6)
     tok_ok = (jnp.arange(T)[None, :] < seq_lens_B[:, None]).astype(jnp.float32)  # [B, T]
     w = tok_ok[:, None, :, None]
     denom = jnp.sum(w) * H * G
-    return {"recall": jnp.sum(recall_BHTG * w) / denom, "out_rel_err": jnp.sum(err * w) / denom}
+    return {"recall": jnp.sum(recall_BHTG * w) / denom, "recall_total": jnp.sum(total_BHTG * w) / denom,
+            "out_rel_err": jnp.sum(err * w) / denom}
+
+
+def total_mass_recall(recall_ctx: jax.Array, lse_ctx: jax.Array, lse_user: jax.Array) -> jax.Array:
+    """Share of the full (context + user) attention mass covered when a `recall_ctx` share of the context mass
+    and all of the user mass are attended; `lse_*` are the natural-log masses of the two parts."""
+    m = jnp.maximum(lse_ctx, lse_user)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    a = jnp.exp(lse_ctx - m)
+    u = jnp.exp(lse_user - m)
+    return (recall_ctx * a + u) / jnp.maximum(a + u, 1e-30)

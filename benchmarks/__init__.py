@@ -1,0 +1,1 @@
+"""GPU benchmarks (run as scripts from the repository root with PYTHONPATH=.)."""

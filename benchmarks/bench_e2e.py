@@ -1,0 +1,309 @@
+"""End-to-end squeezed decode on the GPU: one attention layer's full pipeline, and whole-model token latency.
+
+1. `attention_rows`: per decode token and layer, centroid lookup (flat or hierarchical) + fused block
+   selection + sparse attention over the kept context blocks + dense attention over the user's own tokens +
+   the LSE merge, against dense attention over context + user keys (cuDNN and XLA through
+   `jax.nn.dot_product_attention`) in the same run. The bytes it must read (kept KV blocks, centroids,
+   selection tables, user KV) over the measured read bandwidth give the roofline fraction.
+2. `model_rows`: a random-weight Llama-3.1-8B-shaped model with a few layers; per-token decode latency of
+   `generate` with dense attention (cuDNN, XLA) over the whole prompt vs squeezed attention over a context
+   index built from the same context.
+
+    PYTHONPATH=. python3 benchmarks/bench_e2e.py --out benchmarks/results/e2e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.timing import Budget, device_info, device_time, read_bandwidth, rel_err
+from pallas_kernels.block_select import block_cluster_ranges, select_blocks, select_blocks_ref
+from pallas_kernels.centroid_lookup import centroid_scores, centroid_scores_ref, hierarchical_scores
+from pallas_kernels.merge import dense_attention_lse, merge_attention
+from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref
+
+D = 128
+ITEM = 2
+BLOCK_K = 16
+N_FIXED = 128  # sinks + window of the synthetic index (a multiple of the key block)
+USER = 512  # user/generated tokens attended densely
+SHAPES = {"gqa": (32, 8), "mha": (32, 32)}
+
+
+def synthetic_index(n_keys: int, H: int, seed: int, centroid_fraction: float = 0.05,
+                    coarse_fraction: float = 0.01) -> dict:
+    """One layer of a context index with realistic cluster-size spread (gamma sizes) and a 2-level tree."""
+    rng = np.random.default_rng(seed)
+    n_clustered = n_keys - N_FIXED
+    C = max(16, int(round(centroid_fraction * n_clustered)))
+    Cc = max(4, int(round(coarse_fraction * n_clustered)))
+    counts = 1 + rng.multinomial(C - Cc, np.ones(Cc) / Cc, size=H)
+    first = np.concatenate([np.zeros((H, 1), np.int64), np.cumsum(counts, 1)[:, :-1]], axis=1)
+    w = rng.gamma(2.0, 1.0, size=(H, C))
+    sizes = np.maximum(1, np.floor(w / w.sum(1, keepdims=True) * (n_clustered - C)).astype(np.int64) + 1)
+    sizes[:, -1] += n_clustered - sizes.sum(1)
+    starts = N_FIXED + np.concatenate([np.zeros((H, 1), np.int64), np.cumsum(sizes, 1)[:, :-1]], axis=1)
+    coarse = rng.normal(size=(H, Cc, D)).astype(np.float32)
+    fine = np.empty((H, C, D), np.float32)
+    for h in range(H):
+        fine[h] = np.repeat(coarse[h], counts[h], axis=0) + 0.5 * rng.normal(size=(C, D)).astype(np.float32)
+    log_sizes = np.log(sizes).astype(np.float32)
+    coarse_logn = np.stack([np.logaddexp.reduceat(log_sizes[h], first[h]) for h in range(H)])
+    key = jax.random.PRNGKey(seed)
+    n_blocks = n_keys // BLOCK_K
+    lo, hi = block_cluster_ranges(jnp.asarray(starts, jnp.int32), jnp.asarray(sizes, jnp.int32),
+                                  n_blocks=n_blocks, block_k=BLOCK_K)
+    return dict(
+        C=C, Cc=Cc, max_fine=int(counts.max()), n_blocks=n_blocks,
+        keys=jax.random.normal(key, (H, n_keys, D), jnp.bfloat16),
+        values=jax.random.normal(jax.random.fold_in(key, 1), (H, n_keys, D), jnp.bfloat16),
+        centroids=jnp.asarray(fine), log_sizes=jnp.asarray(log_sizes), radius=jnp.ones((H, C), jnp.float32),
+        coarse_centroids=jnp.asarray(coarse), coarse_log_sizes=jnp.asarray(coarse_logn, jnp.float32),
+        coarse_first=jnp.asarray(first, jnp.int32), coarse_count=jnp.asarray(counts, jnp.int32),
+        cluster_start=jnp.asarray(starts, jnp.int32), cluster_size=jnp.asarray(sizes, jnp.int32), lo=lo, hi=hi,
+    )
+
+
+def squeezed_step(q_BHGD, k_user_BHUD, v_user_BHUD, ix: dict, *, keep_blocks: int, hierarchical: bool,
+                  coarse_keep: int, n_keys: int, reference: bool = False):
+    """One layer's decode attention for one token: lookup, fused selection, sparse + user attention, merge."""
+    B, H, G, _ = q_BHGD.shape
+    fine = (ix["centroids"], ix["log_sizes"], ix["radius"])
+    if reference:
+        scores = centroid_scores_ref(q_BHGD, *fine)
+    else:
+        scores = _lookup(q_BHGD, ix, {}, dict(hierarchical=hierarchical, coarse_keep=coarse_keep))
+    k_BH = jnp.full((B, H), keep_blocks, jnp.int32)
+    sel = select_blocks_ref if reference else select_blocks
+    ids, count = sel(scores, ix["cluster_size"], ix["lo"], ix["hi"], k_BH, n_blocks=ix["n_blocks"],
+                     capacity=keep_blocks, fixed_blocks=N_FIXED // BLOCK_K)
+    attend = sparse_decode_ref if reference else sparse_decode
+    o_ctx, lse_ctx = attend(q_BHGD, ix["keys"], ix["values"], ids, count, n_fixed=N_FIXED, fixed_pad=N_FIXED,
+                            n_clustered=n_keys - N_FIXED)
+    o_u, lse_u = dense_attention_lse(q_BHGD[:, :, None], k_user_BHUD, v_user_BHUD)
+    o, _ = merge_attention(o_ctx[:, :, None].astype(jnp.float32), lse_ctx[:, :, None],
+                           o_u.astype(jnp.float32), lse_u)
+    return o[:, :, 0].astype(q_BHGD.dtype)
+
+
+def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, budget: Budget,
+                   check: bool = True) -> list[dict]:
+    """Dense vs squeezed (flat / hierarchical, each kept fraction) for one context length and head shape."""
+    Hq, H = SHAPES[shape]
+    G = Hq // H
+    ix = synthetic_index(n_keys, H, seed=n_keys + H)
+    key = jax.random.PRNGKey(7)
+    q = jax.random.normal(key, (1, H, G, D), jnp.bfloat16)
+    k_u = jax.random.normal(jax.random.fold_in(key, 1), (1, H, USER, D), jnp.bfloat16)
+    v_u = jax.random.normal(jax.random.fold_in(key, 2), (1, H, USER, D), jnp.bfloat16)
+    base = dict(section="attention_decode", shape=shape, n_keys=n_keys, user=USER)
+    rows = []
+    # dense over context + user keys, [B, S, H, D] layout
+    k_all = jnp.concatenate([ix["keys"], k_u[0]], axis=1).transpose(1, 0, 2)[None]
+    v_all = jnp.concatenate([ix["values"], v_u[0]], axis=1).transpose(1, 0, 2)[None]
+    q_dense = q.reshape(1, 1, Hq, D)
+    dense_bytes = 2 * H * (n_keys + USER) * D * ITEM
+    best = None
+    ref_out = None
+    for impl in ("cudnn", "xla"):
+        f = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(q, k, v, implementation=impl))
+        try:
+            out = f(q_dense, k_all, v_all)
+            ref_out = out if ref_out is None else ref_out
+            t = device_time(lambda i, q, k, v, f=f: f(q, k, v), (q_dense, k_all, v_all))
+            rows.append({**base, "method": f"dense_{impl}", "keep": 1.0, "us": t * 1e6, "bytes": dense_bytes,
+                         "read_roofline": dense_bytes / t / read_bw})
+            best = t if best is None else min(best, t)
+        except Exception as ex:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+            rows.append({**base, "method": f"dense_{impl}", "error": repr(ex)[:300]})
+    del k_all, v_all
+    for hierarchical in (False, True):
+        for keep in keeps:
+            if budget.left() < 10:
+                rows.append({**base, "method": "squeezed", "keep": keep, "skipped": "time budget"})
+                continue
+            keep_blocks = max(N_FIXED // BLOCK_K + 1, int(round(keep * ix["n_blocks"])))
+            coarse_keep = max(1, ix["Cc"] // 4)
+            kw = dict(keep_blocks=keep_blocks, hierarchical=hierarchical, coarse_keep=coarse_keep, n_keys=n_keys)
+            statics = {k: v for k, v in ix.items() if not isinstance(v, jax.Array)}
+            arrays = {k: v for k, v in ix.items() if isinstance(v, jax.Array)}
+            step = jax.jit(lambda q, ku, vu, arr, kw=kw, st=statics: squeezed_step(q, ku, vu, {**st, **arr}, **kw))
+            name = "squeezed_hier" if hierarchical else "squeezed_flat"
+            row = {**base, "method": name, "keep": keep, "blocks": keep_blocks}
+            try:
+                out = step(q, k_u, v_u, arrays)
+                if check:
+                    scores = _lookup(q, arrays, statics, kw)
+                    k_1H = jnp.full((1, H), keep_blocks, jnp.int32)
+                    args_sel = (scores, ix["cluster_size"], ix["lo"], ix["hi"], k_1H)
+                    sel_kw = dict(n_blocks=ix["n_blocks"], capacity=keep_blocks, fixed_blocks=N_FIXED // BLOCK_K)
+                    got, want = select_blocks(*args_sel, **sel_kw), select_blocks_ref(*args_sel, **sel_kw)
+                    row["selection_exact"] = bool(all(np.array_equal(a, b) for a, b in zip(got, want)))
+                if check and not hierarchical:
+                    want = squeezed_step(q[:, :2], k_u[:, :2], v_u[:, :2], _heads(ix, 2), reference=True, **kw)
+                    row["rel_err_vs_ref"] = rel_err(out[:, :2], want)
+                    if keep >= 1.0 and ref_out is not None:
+                        row["rel_err_vs_dense"] = rel_err(out.reshape(q_dense.shape), ref_out)
+                t = device_time(lambda i, q, ku, vu, arr, step=step: step(q, ku, vu, arr), (q, k_u, v_u, arrays))
+                nbytes = (2 * H * keep_blocks * BLOCK_K * D * ITEM + 2 * H * USER * D * ITEM
+                          + H * (ix["Cc"] if hierarchical else ix["C"]) * (D * 4 + 8) + H * ix["n_blocks"] * 8)
+                row.update(us=t * 1e6, bytes=nbytes, read_roofline=nbytes / t / read_bw,
+                           speedup_vs_best_dense=(best / t) if best else None)
+            except Exception as ex:  # noqa: BLE001
+                row["error"] = repr(ex)[:400]
+            rows.append(row)
+    for r in rows:
+        print(_fmt(r), flush=True)
+    return rows
+
+
+def _lookup(q, arrays: dict, statics: dict, kw: dict):
+    ix = {**statics, **arrays}
+    fine = (ix["centroids"], ix["log_sizes"], ix["radius"])
+    if kw["hierarchical"]:
+        return hierarchical_scores(q, ix["coarse_centroids"], ix["coarse_log_sizes"], ix["coarse_first"],
+                                   ix["coarse_count"], *fine, coarse_keep=kw["coarse_keep"],
+                                   max_fine_per_coarse=ix["max_fine"])
+    return centroid_scores(q, *fine)
+
+
+def _heads(ix: dict, n: int) -> dict:
+    out = dict(ix)
+    for name in ("keys", "values", "centroids", "log_sizes", "radius", "cluster_start", "cluster_size", "lo", "hi",
+                 "coarse_centroids", "coarse_log_sizes", "coarse_first", "coarse_count"):
+        out[name] = ix[name][:n]
+    return out
+
+
+def _fmt(r: dict) -> str:
+    head = f"{r.get('section', '')[:18]:18s} {r.get('shape', ''):4s} {r.get('n_keys', 0) // 1024:4d}K " \
+           f"{r.get('method', ''):16s} keep={r.get('keep', '')!s:6.6s}"
+    if "us" not in r:
+        return f"{head} {r.get('error', r.get('skipped', ''))}"
+    s = f"{head} {r['us']:9.1f} us"
+    if r.get("read_roofline") is not None:
+        s += f" roof={r['read_roofline']:.2f}"
+    if r.get("speedup_vs_best_dense"):
+        s += f" x{r['speedup_vs_best_dense']:.2f} vs dense"
+    if r.get("rel_err_vs_ref") is not None:
+        s += f" err={r['rel_err_vs_ref']:.1e}"
+    return s
+
+
+# ------------------------------------------------------------------------------------------------ whole model
+
+def model_rows(context: int, n_layers: int, keep: float, new_tokens: int, budget: Budget,
+               implementations: tuple[str, ...] = ("cudnn", "xla"), squeezed: bool = True,
+               preset: str = "llama-3.1-8b") -> list[dict]:
+    """Per-token decode latency of `generate` on a random-weight model: dense (each implementation) vs squeezed."""
+    from models.config import load_preset
+    from models.llama import init_model
+    from squeeze_jax.attention.context import ContextAttention, ContextState
+    from squeeze_jax.generate import SamplingConfig, generate
+    from squeeze_jax.index.build import IndexConfig, build_index_report
+
+    cfg = dataclasses.replace(load_preset(preset), n_layers=n_layers)
+    model = init_model(cfg, 0, dtype=jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    ctx = rng.integers(100, cfg.vocab_size - 100, size=context).astype(np.int32)
+    question = rng.integers(100, cfg.vocab_size - 100, size=64).astype(np.int32)
+    sampling = SamplingConfig(max_new_tokens=new_tokens, stop_tokens=())
+    base = dict(section="model_decode", model=f"{preset} x{n_layers} layers", n_keys=context, user=64,
+                new_tokens=new_tokens)
+    rows = []
+    prompt = np.concatenate([ctx, question])[None].astype(np.int32)
+    for impl in implementations:
+        if budget.left() < 30:
+            rows.append({**base, "method": f"dense_{impl}", "skipped": "time budget"})
+            continue
+        try:  # the prompt is prefilled with cuDNN (XLA cannot hold the logits), then decoded with `impl`
+            ms = _dense_decode_ms(model, prompt, sampling, impl)
+            rows.append({**base, "method": f"dense_{impl}", "ms_per_token": ms})
+        except Exception as ex:  # noqa: BLE001
+            rows.append({**base, "method": f"dense_{impl}", "error": repr(ex)[:300]})
+        print(rows[-1], flush=True)
+    if squeezed and budget.left() > 60:
+        try:
+            icfg = IndexConfig(budgets=(keep,), progress=False)
+            index, report = build_index_report(model, ctx, icfg)
+            backend = ContextAttention(policy="squeezed", max_budget=keep)
+            state = ContextState.create(index, jnp.full((index.n_layers, 1), keep, jnp.float32), backend.block_k)
+            kw = dict(sampling=sampling, backend=backend, backend_state=state, position_offset=context)
+            generate(model, [question.tolist()], **kw)
+            res = [generate(model, [question.tolist()], **kw) for _ in range(2)]
+            ms = min(r.decode_ms_per_token for r in res)
+            rows.append({**base, "method": "squeezed", "keep": keep, "ms_per_token": ms,
+                         "prefill_s": min(r.prefill_s for r in res),
+                         "index_build_s": float(sum(report.stage_seconds.values()))})
+        except Exception as ex:  # noqa: BLE001
+            rows.append({**base, "method": "squeezed", "error": repr(ex)[:400]})
+        print(rows[-1], flush=True)
+    dense = [r["ms_per_token"] for r in rows if r["method"].startswith("dense") and "ms_per_token" in r]
+    for r in rows:
+        if "ms_per_token" in r and dense:
+            r["speedup_vs_best_dense"] = min(dense) / r["ms_per_token"]
+    return rows
+
+
+def _dense_decode_ms(model, prompt_BT: np.ndarray, sampling, impl: str, reps: int = 2) -> float:
+    """Per-token latency of the jit'd dense decode loop after a cuDNN prefill of the whole prompt."""
+    from flax import nnx
+
+    from models.attention import DenseAttention
+    from squeeze_jax.generate import _decode, _prefill
+
+    graphdef, state = nnx.split(model)
+    T = prompt_BT.shape[1]
+    cache_len = T + -(-sampling.max_new_tokens // 64) * 64
+    args = (jnp.asarray(prompt_BT), jnp.full((1,), T, jnp.int32), jnp.int32(0), None)
+    times = []
+    for _ in range(reps + 1):
+        logits, cache, _ = _prefill(graphdef, state, *args, backend=DenseAttention(implementation="cudnn"),
+                                    cache_len=cache_len)
+        jax.block_until_ready(cache)
+        t0 = time.perf_counter()
+        out, _, steps, _ = _decode(graphdef, state, logits, cache, jnp.int32(0), None, jax.random.key(0),
+                                   backend=DenseAttention(implementation=impl), sampling=sampling)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / max(int(steps) - 1, 1))
+    return 1e3 * min(times[1:])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--contexts", default="32768,131072,524288")
+    ap.add_argument("--shapes", default="gqa,mha")
+    ap.add_argument("--keeps", default="0.125,0.0625,1.0")
+    ap.add_argument("--model-context", type=int, default=131072)
+    ap.add_argument("--model-layers", type=int, default=4)
+    ap.add_argument("--time-budget", type=float, default=300)
+    args = ap.parse_args(argv)
+    budget = Budget(args.time_budget)
+    read_bw = read_bandwidth()
+    keeps = [float(x) for x in args.keeps.split(",")]
+    rows = []
+    for n in [int(x) for x in args.contexts.split(",")]:
+        for shape in args.shapes.split(","):
+            if SHAPES[shape][1] * n * D * ITEM * 6 > 50e9 or budget.left() < 20:
+                continue
+            rows += attention_rows(n, shape, keeps, read_bw, budget)
+    rows += model_rows(args.model_context, args.model_layers, 0.125, 32, budget)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": {**device_info(), "read_bw_Bps": read_bw}, "rows": rows}, indent=1,
+                                   default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+

@@ -1,0 +1,229 @@
+"""The whole GPU benchmark suite in one command: results JSON, plots, and a regenerated BENCHMARKS.md.
+
+    PYTHONPATH=. python3 benchmarks/run_all.py                 # on the GPU machine, < 8 minutes on an H100
+    PYTHONPATH=. python3 benchmarks/run_all.py --smoke         # CPU: tiny shapes, interpret-mode kernels
+
+Sections (each checks its outputs against a reference before timing, then times on the device):
+  ceilings   measured read/copy bandwidth and bf16 matmul rate (the rooflines of every row)
+  kernels    sparse decode / prefill kernels vs dense (cuDNN, XLA, PyTorch SDPA when importable)
+  e2e        one layer's decode pipeline: lookup (flat / hierarchical) + fused selection + sparse attention +
+             user-token attention + merge, at 1/8, 1/16 and 100% kept, vs dense over context + user keys
+  lookup     centroid lookup alone, flat vs hierarchical
+  model      per-token decode latency of a Llama-3.1-8B-shaped model (random weights, 4 layers): dense cuDNN /
+             XLA vs squeezed at 128K; dense cuDNN vs XLA at 32K
+  index      full-model context-index build at 128K (32 layers x 8 KV heads), time per stage, peak memory
+  minference MInference causal prefill vs dense (subprocess of bench_minference.py)
+Writes benchmarks/results/<gpu>.json, benchmarks/results/plots/*.png and BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import bench_e2e, timing  # noqa: E402
+from benchmarks.report import write_benchmarks_md, write_plots  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+FULL = {
+    "e2e_contexts": [32768, 131072, 524288], "e2e_shapes": ["gqa", "mha"], "keeps": [0.125, 0.0625, 1.0],
+    "kernel_contexts": [131072, 524288], "model_context": 130048, "model_layers": 4, "model_short": 32768,
+    "index_context": 131072, "index_layers": 32, "minference_lengths": "8192,32768,131072,262144",
+    "lookup_contexts": [131072, 524288],
+}
+SMOKE = {
+    "e2e_contexts": [2048], "e2e_shapes": ["gqa"], "keeps": [0.125, 1.0], "kernel_contexts": [],
+    "model_context": 0, "model_layers": 2, "model_short": 0, "index_context": 0, "index_layers": 2,
+    "minference_lengths": "", "lookup_contexts": [2048],
+}
+
+
+def section(name: str, result: dict, fn, budget: timing.Budget, min_left: float) -> None:
+    """Runs one section, recording its rows, wall time, or the error (a failing section does not stop the run)."""
+    if budget.left() < min_left:
+        result["sections"][name] = {"skipped": f"time budget ({budget.left():.0f} s left)"}
+        return
+    t0 = time.perf_counter()
+    print(f"\n== {name} ==", flush=True)
+    try:
+        rows = fn()
+        result["sections"][name] = {"rows": rows, "wall_s": time.perf_counter() - t0}
+    except Exception as ex:  # noqa: BLE001
+        result["sections"][name] = {"error": repr(ex)[:500], "trace": traceback.format_exc()[-2000:],
+                                    "wall_s": time.perf_counter() - t0}
+        print(f"{name} failed: {ex!r}", flush=True)
+
+
+def lookup_rows(contexts: list[int], read_bw: float) -> list[dict]:
+    """Flat vs hierarchical centroid lookup alone (decode: G=4 query rows per KV head, 8 KV heads)."""
+    from pallas_kernels.centroid_lookup import centroid_scores, hierarchical_scores
+
+    rows = []
+    for n in contexts:
+        ix = bench_e2e.synthetic_index(n, 8, seed=n)
+        q = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 4, bench_e2e.D), jnp.bfloat16)
+        fine = (ix["centroids"], ix["log_sizes"], ix["radius"])
+        coarse_keep = max(1, ix["Cc"] // 4)
+        fns = {
+            "flat": lambda q, fine=fine: centroid_scores(q, *fine),
+            "hierarchical": lambda q, ix=ix, fine=fine, ck=coarse_keep: hierarchical_scores(
+                q, ix["coarse_centroids"], ix["coarse_log_sizes"], ix["coarse_first"], ix["coarse_count"], *fine,
+                coarse_keep=ck, max_fine_per_coarse=ix["max_fine"]),
+        }
+        for name, f in fns.items():
+            t = timing.device_time(lambda i, q, f=f: f(q), (q,))
+            c_read = ix["C"] if name == "flat" else ix["Cc"] + coarse_keep * ix["max_fine"]
+            nbytes = 8 * c_read * (bench_e2e.D * 4 + 8)
+            rows.append({"section": "lookup", "n_keys": n, "method": name, "us": t * 1e6, "C": ix["C"],
+                         "Cc": ix["Cc"], "bytes": nbytes, "read_roofline": nbytes / t / read_bw})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def kernel_rows(contexts: list[int], copy_bw: float, read_bw: float, budget: timing.Budget) -> list[dict]:
+    """Sparse decode (1/8, 100%) and prefill (1/8, 1K user tokens) kernels vs dense, no tuning sweeps."""
+    from benchmarks import bench_sparse_attention as bsa
+
+    torch_ok = _torch_cuda()
+    rows: list[dict] = []
+    rng = __import__("numpy").random.default_rng(0)
+    for n in contexts:
+        for shape in ("gqa", "mha"):
+            if budget.left() < 40 or bsa.SHAPES[shape][1] * n * bsa.D * 2 * bsa.ITEM * 3 > 60e9:
+                continue
+            q, k, v = bsa.make_inputs(shape, n, None)
+            best = bsa.decode_dense(rows, shape, n, q, k, v, copy_bw, read_bw, torch_ok)
+            bsa.decode_case(rows, shape, n, 1 / 8, [{}], copy_bw, read_bw, rng, q, k, v, best)
+            bsa.decode_case(rows, shape, n, 1.0, [{}], copy_bw, read_bw, rng, q, k, v, best)
+            if n == 131072:
+                q = bsa.make_inputs(shape, n, bsa.T_PREFILL)[0]
+                best_p = bsa.prefill_dense(rows, shape, n, q, k, v, torch_ok)
+                bsa.prefill_case(rows, shape, n, 1 / 8, [{"block_q": 64 if shape == "gqa" else 128}], copy_bw,
+                                 rng, q, k, v, best_p)
+            del q, k, v
+    for r in rows:
+        r["section"] = "kernels"
+    return rows
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def index_rows(context: int, layers: int, hierarchical: bool) -> list[dict]:
+    from benchmarks import bench_index_build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["--context", str(context), "--layers", str(layers), "--out", f"{tmp}/ix.json"]
+        if hierarchical:
+            argv.append("--hierarchical")
+        res = bench_index_build.main(argv)
+    return [{"section": "index", "hierarchical": hierarchical, **_flat(res)}]
+
+
+def _flat(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not isinstance(v, (list, tuple)) or len(v) < 64}
+
+
+def minference_rows(lengths: str, budget_s: float, smoke: bool) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "mi.json"
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_minference.py"), "--out", str(out),
+               "--budget-s", str(budget_s), "--no-tune"]
+        cmd += ["--smoke"] if smoke else ["--lengths", lengths]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget_s + 120)
+        print(proc.stdout[-4000:], proc.stderr[-2000:], flush=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench_minference exited {proc.returncode}: {proc.stderr[-800:]}")
+        data = json.loads(out.read_text())
+    return [{"section": "minference", "result": data}]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret-mode kernels (CPU CI)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<gpu>.json)")
+    ap.add_argument("--md", type=Path, default=None, help="markdown report (default BENCHMARKS.md; smoke: none)")
+    ap.add_argument("--time-budget", type=float, default=450.0, help="seconds for the whole run")
+    ap.add_argument("--sections", default="ceilings,e2e,lookup,model,kernels,index,minference")
+    args = ap.parse_args(argv)
+    cfg = SMOKE if args.smoke else FULL
+    if args.smoke:
+        timing.set_smoke(True)
+    budget = timing.Budget(args.time_budget)
+    wanted = set(args.sections.split(","))
+    slug = timing.device_slug()
+    out = args.out or ROOT / "benchmarks" / "results" / f"{slug}{'_smoke' if args.smoke else ''}.json"
+    result: dict = {"meta": {**timing.device_info(), "command": " ".join(["benchmarks/run_all.py"] + (argv or
+                                                                                                   sys.argv[1:])),
+                             "smoke": args.smoke, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+                    "sections": {}}
+    copy_bw, read_bw = timing.copy_and_read_bandwidth(0.0625 if args.smoke else 1.0)
+    result["meta"].update(copy_bw_Bps=copy_bw, read_bw_Bps=read_bw)
+    if "ceilings" in wanted:
+        result["meta"]["matmul_flops"] = timing.matmul_rate(256 if args.smoke else 8192)
+    print(f"{result['meta']}", flush=True)
+    if "e2e" in wanted:
+        def e2e():
+            rows = []
+            for n in cfg["e2e_contexts"]:
+                for shape in cfg["e2e_shapes"]:
+                    if bench_e2e.SHAPES[shape][1] * n * bench_e2e.D * 2 * 6 > 50e9:
+                        continue
+                    rows += bench_e2e.attention_rows(n, shape, cfg["keeps"], read_bw, budget)
+            return rows
+        section("e2e", result, e2e, budget, 20)
+    if "lookup" in wanted:
+        section("lookup", result, lambda: lookup_rows(cfg["lookup_contexts"], read_bw), budget, 20)
+    if "model" in wanted and cfg["model_context"]:
+        def model():
+            rows = bench_e2e.model_rows(cfg["model_context"], cfg["model_layers"], 0.125, 32, budget)
+            rows += bench_e2e.model_rows(cfg["model_short"], 2, 0.125, 32, budget, squeezed=False)
+            return rows
+        section("model", result, model, budget, 90)
+    if "kernels" in wanted and cfg["kernel_contexts"]:
+        section("kernels", result, lambda: kernel_rows(cfg["kernel_contexts"], copy_bw, read_bw, budget), budget,
+                60)
+    if "index" in wanted and cfg["index_context"]:
+        section("index", result, lambda: index_rows(cfg["index_context"], cfg["index_layers"], False), budget, 60)
+    if "minference" in wanted and (cfg["minference_lengths"] or args.smoke):
+        section("minference", result,
+                lambda: minference_rows(cfg["minference_lengths"], max(30.0, budget.left() - 20), args.smoke),
+                budget, 45)
+    result["meta"]["wall_s"] = args.time_budget - budget.left()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {out}")
+    if not args.smoke or args.md:
+        try:
+            plots = write_plots(result, out.parent / "plots", slug)
+        except ImportError as ex:  # matplotlib missing: tables only (re-render later with benchmarks/report.py)
+            print(f"no plots: {ex}")
+            plots = []
+        md = args.md or ROOT / "BENCHMARKS.md"
+        write_benchmarks_md(result, md, out, plots)
+        print(f"wrote {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""Fused block selection kernel (interpret mode) vs its jnp reference and the unfused selection path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.block_select import block_cluster_ranges, select_blocks, select_blocks_ref
+from pallas_kernels.common import has_triton_call, lower_for_h100
+from pallas_kernels.selection import block_scores, select_topk
+from tests.test_selection import _layout
+
+
+def _case(seed: int, *, ties: bool = False, dead_rows: bool = False):
+    rng = np.random.default_rng(seed)
+    B, H = int(rng.integers(1, 3)), int(rng.integers(1, 4))
+    C = int(rng.integers(2, 60))
+    block_k = int(rng.choice([4, 16]))
+    fixed = int(rng.integers(0, 3))
+    starts, sizes, nb = _layout(rng, H, C, block_k, fixed, max_size=int(rng.choice([3, 40])))
+    scores = rng.normal(size=(B, H, C)).astype(np.float32) * float(rng.choice([1.0, 30.0]))
+    if ties:
+        scores = np.round(scores)  # many equal scores: ties go to the lower block id
+    scores = np.where(np.asarray(sizes)[None] > 0, scores, -np.inf)
+    if dead_rows:
+        scores[0] = -np.inf  # nothing but the fixed blocks (or nothing at all) to select
+    capacity = int(rng.integers(1, nb + 1))
+    k = jnp.asarray(rng.integers(1, capacity + 3, size=(B, H)), jnp.int32)
+    lo, hi = block_cluster_ranges(starts, sizes, n_blocks=nb, block_k=block_k)
+    return dict(scores=jnp.asarray(scores), starts=starts, sizes=sizes, lo=lo, hi=hi, k=k,
+                kw=dict(n_blocks=nb, capacity=capacity, fixed_blocks=fixed), block_k=block_k)
+
+
+@pytest.mark.parametrize("seed,ties,dead", [(0, False, False), (1, True, False), (2, False, True), (3, True, True)])
+def test_select_blocks_matches_reference_and_unfused_path(seed, ties, dead):
+    c = _case(seed, ties=ties, dead_rows=dead)
+    args = (c["scores"], c["sizes"], c["lo"], c["hi"], c["k"])
+    ids, count = select_blocks(*args, interpret=True, **c["kw"])
+    ids_r, count_r = select_blocks_ref(*args, **c["kw"])
+    np.testing.assert_array_equal(np.asarray(count), np.asarray(count_r))
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_r))
+    bs = block_scores(c["scores"], c["starts"], c["sizes"], block_k=c["block_k"], **{
+        k: v for k, v in c["kw"].items() if k != "capacity"})
+    ids_u, count_u = select_topk(bs, c["k"], c["kw"]["capacity"])
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_u))
+    np.testing.assert_array_equal(np.asarray(count), np.asarray(count_u))
+    # invariants: ascending, in range, count in [1, capacity]
+    ids_np, cnt = np.asarray(ids), np.asarray(count)
+    assert (cnt >= 1).all() and (cnt <= c["kw"]["capacity"]).all()
+    assert (np.diff(ids_np, axis=-1) >= 0).all() and (ids_np < c["kw"]["n_blocks"]).all()
+
+
+def test_block_cluster_ranges_cover_exactly_the_overlapping_clusters():
+    rng = np.random.default_rng(7)
+    starts, sizes, nb = _layout(rng, 2, 30, 8, 1, max_size=20)
+    lo, hi = (np.asarray(x) for x in block_cluster_ranges(starts, sizes, n_blocks=nb, block_k=8))
+    st, sz = np.asarray(starts), np.asarray(sizes)
+    for h in range(2):
+        for b in range(nb):
+            want = [c for c in range(30) if sz[h, c] > 0 and st[h, c] < (b + 1) * 8 and st[h, c] + sz[h, c] > b * 8]
+            got = [c for c in range(lo[h, b], hi[h, b] + 1) if sz[h, c] > 0]
+            assert got == want, (h, b)
+
+
+def test_select_blocks_bad_input():
+    c = _case(0)
+    args = (c["scores"], c["sizes"], c["lo"], c["hi"], c["k"])
+    with pytest.raises(ValueError, match="capacity"):
+        select_blocks(*args, n_blocks=c["kw"]["n_blocks"], capacity=0, fixed_blocks=0, interpret=True)
+    with pytest.raises(ValueError, match="k_BH"):
+        select_blocks(*args[:4], c["k"][:, :0], interpret=True, **c["kw"])
+    with pytest.raises(TypeError, match="lo_HB"):
+        select_blocks(c["scores"], c["sizes"], c["lo"].astype(jnp.float32), c["hi"], c["k"], interpret=True,
+                      **c["kw"])
+
+
+def test_select_blocks_lowers_for_h100():
+    H, B, C, nb = 8, 1, 6554, 8192
+    S = jax.ShapeDtypeStruct
+    txt = lower_for_h100(select_blocks, S((B, H, C), jnp.float32), S((H, C), jnp.int32), S((H, nb), jnp.int32),
+                         S((H, nb), jnp.int32), S((B, H), jnp.int32), n_blocks=nb, capacity=1024, fixed_blocks=64,
+                         interpret=False)
+    assert has_triton_call(txt)
+
+
+def test_context_attention_fused_selection_matches_unfused():
+    """ContextAttention with precomputed block tables (fused kernel) == without them (block_scores + top-k)."""
+    from models.kv_cache import LayerKV
+    from squeeze_jax.attention.context import ContextAttention, ContextState
+    from squeeze_jax.index import IndexConfig, build_index_from_kv
+
+    L, N, H, G, D = 1, 640, 2, 2, 16
+    key = jax.random.key(0)
+    k = jax.random.normal(key, (L, H, N, D))
+    v = jax.random.normal(jax.random.fold_in(key, 1), (L, H, N, D))
+    q = jax.random.normal(jax.random.fold_in(key, 2), (L, 28, H * G, D))
+    cfg = IndexConfig(window=28, centroid_fraction=0.1, iters=3, budgets=(0.25,), progress=False)
+    index = build_index_from_kv(k, v, q, cfg)
+    backend = ContextAttention(max_budget=0.25, use_pallas=True, interpret=True)
+    budget = jnp.full((L, 1), 0.25, jnp.float32)
+    fused, plain = ContextState.create(index, budget, backend.block_k), ContextState(index, budget)
+    B, T = 1, 1
+    qq = jax.random.normal(jax.random.fold_in(key, 3), (B, T, H * G, D))
+    kk = jax.random.normal(jax.random.fold_in(key, 4), (B, T, H, D))
+    kv = LayerKV(jnp.zeros((B, 8, H, D)), jnp.zeros((B, 8, H, D)))
+    args = (qq, kk, kk, kv, jnp.zeros((B,), jnp.int32), jnp.ones((B,), jnp.int32), jnp.zeros((B, T), jnp.int32))
+    outs = [backend(*args, jax.tree.map(lambda a: a[0], st))[0] for st in (fused, plain)]
+    np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[1]), rtol=1e-5, atol=1e-5)
