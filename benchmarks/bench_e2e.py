@@ -95,7 +95,7 @@ def squeezed_step(q_BHGD, k_user_BHUD, v_user_BHUD, ix: dict, *, keep_blocks: in
 
 
 def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, budget: Budget,
-                   check: bool = True) -> list[dict]:
+                   check: bool = True, hier_keeps: tuple[float, ...] = (0.125,)) -> list[dict]:
     """Dense vs squeezed (flat / hierarchical, each kept fraction) for one context length and head shape."""
     Hq, H = SHAPES[shape]
     G = Hq // H
@@ -126,7 +126,7 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
             rows.append({**base, "method": f"dense_{impl}", "error": repr(ex)[:300]})
     del k_all, v_all
     for hierarchical in (False, True):
-        for keep in keeps:
+        for keep in (hier_keeps if hierarchical else keeps):
             if budget.left() < 10:
                 rows.append({**base, "method": "squeezed", "keep": keep, "skipped": "time budget"})
                 continue
@@ -141,18 +141,11 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
             try:
                 out = step(q, k_u, v_u, arrays)
                 if check:
-                    scores = _lookup(q, arrays, statics, kw)
-                    k_1H = jnp.full((1, H), keep_blocks, jnp.int32)
-                    args_sel = (scores, ix["cluster_size"], ix["lo"], ix["hi"], k_1H)
-                    sel_kw = dict(n_blocks=ix["n_blocks"], capacity=keep_blocks, fixed_blocks=N_FIXED // BLOCK_K)
-                    got, want = select_blocks(*args_sel, **sel_kw), select_blocks_ref(*args_sel, **sel_kw)
-                    row["selection_exact"] = bool(all(np.array_equal(a, b) for a, b in zip(got, want)))
-                if check and not hierarchical:
-                    want = squeezed_step(q[:, :2], k_u[:, :2], v_u[:, :2], _heads(ix, 2), reference=True, **kw)
-                    row["rel_err_vs_ref"] = rel_err(out[:, :2], want)
-                    if keep >= 1.0 and ref_out is not None:
+                    row.update(_check_step(q, k_u, v_u, arrays, statics, kw, H))
+                    if keep >= 1.0 and ref_out is not None and not hierarchical:
                         row["rel_err_vs_dense"] = rel_err(out.reshape(q_dense.shape), ref_out)
-                t = device_time(lambda i, q, ku, vu, arr, step=step: step(q, ku, vu, arr), (q, k_u, v_u, arrays))
+                t = device_time(lambda i, q, ku, vu, arr, step=step: step(q, ku, vu, arr), (q, k_u, v_u, arrays),
+                                unroll=4, reps=3)
                 nbytes = (2 * H * keep_blocks * BLOCK_K * D * ITEM + 2 * H * USER * D * ITEM
                           + H * (ix["Cc"] if hierarchical else ix["C"]) * (D * 4 + 8) + H * ix["n_blocks"] * 8)
                 row.update(us=t * 1e6, bytes=nbytes, read_roofline=nbytes / t / read_bw,
@@ -173,6 +166,22 @@ def _lookup(q, arrays: dict, statics: dict, kw: dict):
                                    ix["coarse_count"], *fine, coarse_keep=kw["coarse_keep"],
                                    max_fine_per_coarse=ix["max_fine"])
     return centroid_scores(q, *fine)
+
+
+def _check_step(q, k_u, v_u, arrays: dict, statics: dict, kw: dict, H: int) -> dict:
+    """The pipeline's pieces on the device against their references with the same inputs: the fused selection
+    (exact ids and counts) and the sparse attention over those ids (relative error, two heads)."""
+    ix = {**statics, **arrays}
+    scores = _lookup(q, arrays, statics, kw)
+    k_1H = jnp.full((1, H), kw["keep_blocks"], jnp.int32)
+    sel_kw = dict(n_blocks=ix["n_blocks"], capacity=kw["keep_blocks"], fixed_blocks=N_FIXED // BLOCK_K)
+    args = (scores, ix["cluster_size"], ix["lo"], ix["hi"], k_1H)
+    (ids, cnt), (ids_r, cnt_r) = select_blocks(*args, **sel_kw), select_blocks_ref(*args, **sel_kw)
+    exact = bool(np.array_equal(ids, ids_r) and np.array_equal(cnt, cnt_r))
+    lay = dict(n_fixed=N_FIXED, fixed_pad=N_FIXED, n_clustered=kw["n_keys"] - N_FIXED)
+    o, _ = sparse_decode(q, ix["keys"], ix["values"], ids, cnt, **lay)
+    o_r, _ = sparse_decode_ref(q[:, :2], ix["keys"][:2], ix["values"][:2], ids[:, :2], cnt[:, :2], **lay)
+    return {"selection_exact": exact, "rel_err_vs_ref": rel_err(o[:, :2], o_r)}
 
 
 def _heads(ix: dict, n: int) -> dict:

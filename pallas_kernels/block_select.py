@@ -188,13 +188,20 @@ def select_blocks_ref(
     num_warps: int = 8,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Pure-jnp reference: block scores as a masked max over each block's cluster range, then `select_topk`."""
+    """Pure-jnp reference: block score = max over each block's cluster range (a gather per range offset), then
+    `select_topk`. Memory O(rows x blocks), so it also checks 512K-key contexts."""
     del num_warps, interpret
     _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks)
-    C = scores_BHC.shape[-1]
-    c_C = jnp.arange(C, dtype=jnp.int32)
-    inside_HBC = (c_C >= lo_HB[..., None]) & (c_C <= hi_HB[..., None]) & (cluster_size_HC[:, None, :] > 0)
-    s_BHBC = jnp.where(inside_HBC[None], scores_BHC.astype(jnp.float32)[:, :, None, :], _NEG_INF)
-    bs_BHB = jnp.max(s_BHBC, axis=-1)
+    B, H, C = scores_BHC.shape
+    s_BHC = jnp.where(cluster_size_HC[None] > 0, scores_BHC.astype(jnp.float32), _NEG_INF)
+    span = jnp.max(hi_HB - lo_HB + 1)
+
+    def one_offset(j, acc_BHB):
+        c_HB = lo_HB + j
+        ok_HB = c_HB <= hi_HB
+        got = jnp.take_along_axis(s_BHC, jnp.broadcast_to(jnp.clip(c_HB, 0, C - 1)[None], (B, H, n_blocks)), axis=2)
+        return jnp.where(ok_HB[None], jnp.maximum(acc_BHB, got), acc_BHB)
+
+    bs_BHB = lax.fori_loop(0, jnp.maximum(span, 0), one_offset, jnp.full((B, H, n_blocks), _NEG_INF, jnp.float32))
     bs_BHB = jnp.where((jnp.arange(n_blocks) < fixed_blocks)[None, None], jnp.inf, bs_BHB)
     return select_topk(bs_BHB, k_BH, capacity)
