@@ -241,7 +241,7 @@ def model_rows(context: int, n_layers: int, keep: float, new_tokens: int, budget
         print(rows[-1], flush=True)
     if squeezed and budget.left() > 60:
         try:
-            icfg = IndexConfig(budgets=(keep,), progress=False)
+            icfg = IndexConfig(budgets=(keep,), progress=False, prefill_chunk=512)
             index, report = build_index_report(model, ctx, icfg)
             backend = ContextAttention(policy="squeezed", max_budget=keep)
             state = ContextState.create(index, jnp.full((index.n_layers, 1), keep, jnp.float32), backend.block_k)

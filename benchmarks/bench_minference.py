@@ -611,7 +611,8 @@ def backend_configs(T: int, H: int, s: int, tune_vs: tuple, interpret: bool | No
     """(name, MInferenceAttention, per-layer MInferenceState) pairs; budgets are absolute (ref_len = T)."""
     rows, warps, stages = tune_vs
     vs, ash, bs = (1000 // s, 6096 // s), (1024 // s, 4096 // s), max(2, 100 // s)
-    common = dict(ref_len=T, block=BLOCK, interpret=interpret, block_rows=rows, num_warps=warps, num_stages=stages)
+    common = dict(ref_len=T, block=BLOCK, interpret=interpret, block_rows=rows, num_warps=warps, num_stages=stages,
+                  attend_prefix=False)  # a prefill from an empty cache
     uniform = MInferenceAttention(max_vertical=vs[0], max_slash=vs[1], default_pattern=("vertical_slash", *vs),
                                   **common)
     mixed = MInferenceAttention(max_vertical=max(vs[0], ash[0]), max_slash=max(vs[1], ash[1]), max_blocks=bs,

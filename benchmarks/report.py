@@ -103,6 +103,21 @@ def _model_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _repro_table(run1: list[dict], run2: list[dict]) -> list[str]:
+    def key(r):
+        return r["shape"], r["n_keys"], r["method"], r.get("keep")
+
+    first = {key(r): r for r in run1 if r.get("speedup_vs_best_dense")}
+    out = ["| shape | context | method | kept | earlier run | this run | change |", "|---|---|---|---|---|---|---|"]
+    for r in run2:
+        a = first.get(key(r))
+        if a and r.get("speedup_vs_best_dense"):
+            x, y = a["speedup_vs_best_dense"], r["speedup_vs_best_dense"]
+            out.append(f"| {r['shape']} | {r['n_keys'] // 1024}K | {r['method']} | {r.get('keep'):g} | {x:.2f} | "
+                       f"{y:.2f} | {100 * (y / x - 1):+.1f}% |")
+    return out
+
+
 def _breakdown_table(rows: list[dict]) -> list[str]:
     out = ["| context | stage | µs |", "|---|---|---|"]
     for r in rows:
@@ -152,6 +167,11 @@ def write_benchmarks_md(result: dict, path: Path, json_path: Path, plots: list[P
     if mi:
         lines += ["## MInference prefill", "", "```", json.dumps(mi[0].get("result", {}), indent=1,
                                                                 default=str)[:6000], "```", ""]
+    if _rows(result, "e2e_run1"):
+        lines += ["## Reproducibility", "", "Speedup vs best dense of the same pipeline rows in an earlier run of the "
+                  "runner on the same machine:", "", *_repro_table(_rows(result, "e2e_run1"), _rows(result, "e2e")), ""]
+    for note in meta.get("notes", []):
+        lines.append(f"- {note}")
     for name, sec in result.get("sections", {}).items():
         if "error" in sec or "skipped" in sec:
             lines.append(f"- section `{name}`: {sec.get('error', sec.get('skipped'))}")

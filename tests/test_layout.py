@@ -207,3 +207,12 @@ def test_build_validates_before_work():
         IndexConfig.load("nope")
     with pytest.raises(ValueError, match="budgets"):
         IndexConfig(budgets=(0.0,))
+
+
+def test_capture_chunk_shrinks_for_long_contexts():
+    from squeeze_jax.index.capture import CHUNK_LOGIT_BYTES, effective_chunk
+
+    assert effective_chunk(2048, 9, 8192) == 2048  # small model, short context: unchanged
+    c = effective_chunk(2048, 32, 130048)  # 8B-class at 127K: the chunk's float32 logits must fit
+    assert c % 16 == 0 and 16 <= c < 2048 and 4 * 32 * 130048 * c <= CHUNK_LOGIT_BYTES
+    assert effective_chunk(2048, 64, 10**7) == 16  # never below one 16-token tile

@@ -68,6 +68,17 @@ def _prefill_chunk(graphdef, state, tokens_BT, positions_BT, seq_lens_B, cache, 
     return cache, aux["q"][:, 0]
 
 
+# Bytes the dense chunk attention may hold for its float32 logits (query heads x chunk x context); longer contexts
+# get shorter chunks so that a 128K-token capture fits next to an 8B-class model.
+CHUNK_LOGIT_BYTES = 2 << 30
+
+
+def effective_chunk(chunk_size: int, n_heads: int, context_len: int) -> int:
+    """`chunk_size`, shrunk (to a multiple of 16, at least 16) until one chunk's logits fit CHUNK_LOGIT_BYTES."""
+    fit = CHUNK_LOGIT_BYTES // max(1, 4 * n_heads * context_len)
+    return max(16, min(chunk_size, fit // 16 * 16)) if fit < chunk_size else chunk_size
+
+
 def capture_context(model, tokens, *, chunk_size: int = 2048, window: int = 124) -> CapturedContext:
     """Run the chunked dense prefill of `tokens` (1-D) and return K, V `[L, H, S, D]` and window queries."""
     from flax import nnx
@@ -82,6 +93,7 @@ def capture_context(model, tokens, *, chunk_size: int = 2048, window: int = 124)
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not 0 <= window <= S:
         raise ValueError(f"window ({window}) must be in [0, {S}]")
+    chunk_size = effective_chunk(chunk_size, cfg.n_heads, S)
     graphdef, state = nnx.split(model)
     cache = KVCache.init(cfg, 1, S, _param_dtype(state))
     backend = DenseAttention(capture_queries=True)
