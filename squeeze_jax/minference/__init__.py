@@ -1,5 +1,13 @@
-"""MInference dynamic sparse prefill: online index builders and offline per-head pattern search."""
+"""MInference dynamic sparse prefill: online index builders, offline per-head pattern search, and the
+`MInferenceAttention` backend (sparse prefill, dense decode) that `generate` takes."""
 
+from squeeze_jax.minference.backend import (
+    ContextMInference,
+    ContextMInferenceState,
+    MInferenceAttention,
+    MInferenceState,
+    pattern_counts,
+)
 from squeeze_jax.minference.patterns import (
     BlockSparseIndex,
     VerticalSlashIndex,
@@ -10,6 +18,7 @@ from squeeze_jax.minference.patterns import (
     full_causal_index,
     index_cost,
     select_vertical_slash,
+    select_vertical_slash_budgets,
     vertical_slash_index,
     vertical_slash_index_from_selection,
     vertical_slash_scores,
@@ -29,6 +38,10 @@ from squeeze_jax.minference.search import (
 
 __all__ = [
     "BlockSparseIndex",
+    "ContextMInference",
+    "ContextMInferenceState",
+    "MInferenceAttention",
+    "MInferenceState",
     "HeadPattern",
     "PatternConfig",
     "VerticalSlashIndex",
@@ -43,10 +56,12 @@ __all__ = [
     "index_cost",
     "load_pattern_config",
     "parse_pattern_config",
+    "pattern_counts",
     "planted_attention_sample",
     "save_pattern_config",
     "search_patterns",
     "select_vertical_slash",
+    "select_vertical_slash_budgets",
     "vertical_slash_index",
     "vertical_slash_index_from_selection",
     "vertical_slash_scores",

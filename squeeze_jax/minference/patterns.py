@@ -130,7 +130,12 @@ def _diagonal_sums(a_NRT: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("last_q", "scale"))
 def vertical_slash_scores(
-    q_last: jax.Array, k: jax.Array, *, last_q: int = 64, scale: float | None = None
+    q_last: jax.Array,
+    k: jax.Array,
+    n_valid: jax.Array | None = None,
+    *,
+    last_q: int = 64,
+    scale: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Estimated attention mass per key column and per query-key offset, from the last queries.
 
@@ -138,11 +143,19 @@ def vertical_slash_scores(
     the last `min(last_q, Lq)` are used. `softmax(Q_last K^T * scale)` with the causal corner masked is
     summed over the G heads of each KV group. Returns `vertical[B, H, T]` (column sums) and
     `slash[B, H, T]` (sums along each offset o = query - key), float32.
+
+    Right-padded rows: with `n_valid[B]` (tokens of each row, q must then be the full `[B, H, T, G, D]`)
+    the estimate uses the last `last_q` *valid* queries of each row and ignores keys past them.
     """
     _check_q_k(q_last, k, "q_last")
     _check_pos("last_q", last_q)
     B, H, Lq, G, D = q_last.shape
     T = k.shape[2]
+    if n_valid is not None:
+        if Lq != T or n_valid.shape != (B,):
+            raise ValueError(f"with n_valid[B], q must be the full [B, H, T, G, D]; got q {q_last.shape}, "
+                             f"k {k.shape}, n_valid {n_valid.shape}")
+        return _vs_scores_padded(q_last, k, n_valid.astype(jnp.int32), min(last_q, T), _scale(D, scale))
     R = min(last_q, Lq, T)
     q = q_last[:, :, Lq - R :]
     s = jnp.einsum("bhrgd,bhtd->bhgrt", q, k, preferred_element_type=jnp.float32) * _scale(D, scale)
@@ -151,6 +164,25 @@ def vertical_slash_scores(
     a = jnp.sum(p, axis=2)  # [B, H, R, T]
     vertical = jnp.sum(a, axis=2)
     slash = _diagonal_sums(a.reshape(B * H, R, T)).reshape(B, H, T)
+    return vertical, slash
+
+
+def _vs_scores_padded(
+    q: jax.Array, k: jax.Array, n_B: jax.Array, R: int, scale: float
+) -> tuple[jax.Array, jax.Array]:
+    """`vertical_slash_scores` for right-padded rows: row r of batch b is query position `n_B[b] - R + r`."""
+    B, H, T, G, D = q.shape
+    pos_BR = n_B[:, None] - R + jnp.arange(R, dtype=jnp.int32)[None, :]
+    ok_BR = pos_BR >= 0
+    rows = jnp.take_along_axis(q, jnp.maximum(pos_BR, 0)[:, None, :, None, None], axis=2)
+    s = jnp.einsum("bhrgd,bhtd->bhgrt", rows, k, preferred_element_type=jnp.float32) * scale
+    visible_BRT = jnp.arange(T)[None, None, :] <= pos_BR[:, :, None]
+    p = jax.nn.softmax(jnp.where(visible_BRT[:, None, None], s, -jnp.inf), axis=-1)
+    a = jnp.sum(jnp.where(ok_BR[:, None, None, :, None], p, 0.0), axis=2)  # [B, H, R, T]
+    vertical = jnp.sum(a, axis=2)
+    sheared = _diagonal_sums(a.reshape(B * H, R, T)).reshape(B, H, T)  # offsets as if row r sat at T - R + r
+    src_BT = jnp.arange(T)[None, :] + (T - n_B)[:, None]
+    slash = jnp.where(src_BT[:, None] < T, jnp.take_along_axis(sheared, jnp.minimum(src_BT, T - 1)[:, None], 2), 0.0)
     return vertical, slash
 
 
@@ -201,6 +233,43 @@ def select_vertical_slash(
         total = jnp.sum(vertical.astype(jnp.float32), axis=-1, keepdims=True)
         cols = jnp.where(v_val >= min_mass * total, cols, T)
         offs = jnp.where(s_val >= min_mass * total, offs, T)
+    return jnp.sort(cols, axis=-1), -jnp.sort(-offs, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("cap_vertical", "cap_slash"))
+def select_vertical_slash_budgets(
+    vertical: jax.Array,
+    slash: jax.Array,
+    n_vertical: jax.Array,
+    n_slash: jax.Array,
+    n_sink_cols: jax.Array,
+    n_local_diags: jax.Array,
+    *,
+    cap_vertical: int,
+    cap_slash: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`select_vertical_slash` with per-row (traced) budgets under static capacities.
+
+    The four budget arrays broadcast to `vertical.shape[:-1]` (e.g. `[B, H]` from per-head values). Row i
+    forces columns `[0, n_sink_cols[i])` and offsets `[0, n_local_diags[i])` (each capped at its budget)
+    and keeps the `n_vertical[i]` / `n_slash[i]` best; the other capacity slots read T (select nothing),
+    so an A-shape head is `n_vertical = n_sink_cols` sinks and `n_slash = n_local_diags` local diagonals.
+    """
+    _check_pos("cap_vertical", cap_vertical)
+    _check_pos("cap_slash", cap_slash)
+    if vertical.shape != slash.shape:
+        raise ValueError(f"vertical and slash scores must share a shape, got {vertical.shape}, {slash.shape}")
+    lead, T = vertical.shape[:-1], vertical.shape[-1]
+    budget = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), lead)[..., None]
+    n_v, n_s = budget(n_vertical), budget(n_slash)
+    f_v, f_s = jnp.minimum(budget(n_sink_cols), n_v), jnp.minimum(budget(n_local_diags), n_s)
+    pos = jnp.arange(T, dtype=jnp.int32)
+    v = jnp.where(pos < f_v, jnp.inf, vertical.astype(jnp.float32))
+    s = jnp.where(pos < f_s, jnp.inf, slash.astype(jnp.float32))
+    _, cols = lax.top_k(v, min(cap_vertical, T))
+    _, offs = lax.top_k(s, min(cap_slash, T))
+    cols = jnp.where(jnp.arange(cols.shape[-1]) < n_v, cols.astype(jnp.int32), T)
+    offs = jnp.where(jnp.arange(offs.shape[-1]) < n_s, offs.astype(jnp.int32), T)
     return jnp.sort(cols, axis=-1), -jnp.sort(-offs, axis=-1)
 
 
@@ -417,13 +486,20 @@ def _pool_blocks(x: jax.Array, block: int, axis: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("top_k_blocks", "block", "scale"))
 def block_sparse_index(
-    q: jax.Array, k: jax.Array, *, top_k_blocks: int, block: int = 64, scale: float | None = None
+    q: jax.Array,
+    k: jax.Array,
+    n_blocks: jax.Array | None = None,
+    *,
+    top_k_blocks: int,
+    block: int = 64,
+    scale: float | None = None,
 ) -> BlockSparseIndex:
     """Top `top_k_blocks` causal key blocks per query block from mean-pooled q/k blocks (diagonal forced).
 
     `q[B, H, T, G, D]`, `k[B, H, T, D]`; the pooled scores are softmaxed over the causal key blocks per
     query head and summed over the G heads of the group. Capacity `min(top_k_blocks, nB)`; counts are
-    `min(top_k_blocks, i + 1)` for query block i.
+    `min(top_k_blocks, i + 1)` for query block i. Optional traced `n_blocks` (broadcasting to `[B, H]`,
+    each in [1, top_k_blocks]) keeps fewer blocks per head under the same static capacity.
     """
     _check_q_k(q, k, "q")
     _check_pos("top_k_blocks", top_k_blocks)
@@ -442,6 +518,9 @@ def block_sparse_index(
     kk = min(top_k_blocks, nb)
     vals, idx = lax.top_k(p, kk)
     valid = vals > -jnp.inf
+    if n_blocks is not None:
+        n_BH = jnp.broadcast_to(jnp.asarray(n_blocks, jnp.int32), q.shape[:2])
+        valid &= jnp.arange(kk) < jnp.maximum(n_BH, 1)[:, :, None, None]
     ids = jnp.sort(jnp.where(valid, idx.astype(jnp.int32), nb), axis=-1)
     count = jnp.sum(valid, axis=-1, dtype=jnp.int32)
     last = jnp.take_along_axis(ids, count[..., None] - 1, axis=-1)
@@ -528,7 +607,12 @@ def dense_causal_tiles(seq_len: int, *, block_q: int = 64, block_k: int = 64) ->
 
 
 def vertical_slash_scores_np(
-    q_last: np.ndarray, k: np.ndarray, *, last_q: int = 64, scale: float | None = None
+    q_last: np.ndarray,
+    k: np.ndarray,
+    n_valid: np.ndarray | None = None,
+    *,
+    last_q: int = 64,
+    scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference of `vertical_slash_scores` (float64)."""
     q_last, k = np.asarray(q_last, np.float64), np.asarray(k, np.float64)
@@ -538,8 +622,12 @@ def vertical_slash_scores_np(
     vertical = np.zeros((B, H, T))
     slash = np.zeros((B, H, T))
     for b, h, g, r in np.ndindex(B, H, G, R):
-        pos = T - R + r
-        s = k[b, h, : pos + 1] @ q_last[b, h, Lq - R + r, g] * _scale(D, scale)
+        n = T if n_valid is None else int(n_valid[b])
+        pos = n - R + r
+        if pos < 0:
+            continue
+        row = pos if n_valid is not None else Lq - T + pos  # full q (absolute) or the last Lq queries
+        s = k[b, h, : pos + 1] @ q_last[b, h, row, g] * _scale(D, scale)
         p = np.exp(s - s.max())
         p /= p.sum()
         vertical[b, h, : pos + 1] += p
@@ -570,6 +658,34 @@ def select_vertical_slash_np(
             if min_mass > 0:
                 top = np.where(x[top] >= floor, top, T)
             out[idx] = np.sort(top)
+        offs[idx] = offs[idx][::-1]
+    return cols, offs
+
+
+def select_vertical_slash_budgets_np(
+    vertical: np.ndarray,
+    slash: np.ndarray,
+    n_vertical: np.ndarray,
+    n_slash: np.ndarray,
+    n_sink_cols: np.ndarray,
+    n_local_diags: np.ndarray,
+    *,
+    cap_vertical: int,
+    cap_slash: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reference of `select_vertical_slash_budgets` (per-row loops)."""
+    lead, T = vertical.shape[:-1], vertical.shape[-1]
+    budgets = [np.broadcast_to(np.asarray(x), lead) for x in (n_vertical, n_slash, n_sink_cols, n_local_diags)]
+    cols = np.full(lead + (min(cap_vertical, T),), T, np.int32)
+    offs = np.full(lead + (min(cap_slash, T),), T, np.int32)
+    for idx in np.ndindex(*lead):
+        n_v, n_s, f_v, f_s = (int(x[idx]) for x in budgets)
+        for scores, n, forced, out in ((vertical, n_v, min(f_v, n_v), cols), (slash, n_s, min(f_s, n_s), offs)):
+            x = np.array(scores[idx], np.float64)
+            x[:forced] = np.inf
+            top = np.argsort(-x, kind="stable")[: min(n, out.shape[-1])]
+            out[idx][: len(top)] = top
+            out[idx] = np.sort(out[idx])
         offs[idx] = offs[idx][::-1]
     return cols, offs
 
@@ -618,7 +734,13 @@ def vertical_slash_index_from_selection_np(
 
 
 def block_sparse_index_np(
-    q: np.ndarray, k: np.ndarray, *, top_k_blocks: int, block: int = 64, scale: float | None = None
+    q: np.ndarray,
+    k: np.ndarray,
+    n_blocks: np.ndarray | None = None,
+    *,
+    top_k_blocks: int,
+    block: int = 64,
+    scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference of `block_sparse_index`: `(block_ids, block_count)`."""
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
@@ -637,7 +759,8 @@ def block_sparse_index_np(
                 p = np.exp(s - s.max())
                 score += p / p.sum()
             score[i] = np.inf
-            chosen = np.sort(np.argsort(-score, kind="stable")[:kk])
+            keep = kk if n_blocks is None else min(kk, max(1, int(np.broadcast_to(n_blocks, (B, H))[b, h])))
+            chosen = np.sort(np.argsort(-score, kind="stable")[:keep])
             counts[b, h, i] = len(chosen)
             ids[b, h, i] = np.concatenate([chosen, np.full(kk - len(chosen), chosen[-1])])
     return ids, counts
