@@ -55,6 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+from benchmarks.timing import Budget, median_time  # noqa: E402
 from models.kv_cache import LayerKV  # noqa: E402
 from pallas_kernels.block_sparse import (  # noqa: E402
     block_key_counts,
@@ -89,28 +90,13 @@ PLANTED_KINDS = (
 TUNE_CONFIGS = ((128, 8, 2), (128, 8, 3), (128, 4, 2), (64, 4, 2), (64, 4, 3), (256, 8, 2))
 
 
-class Budget:
-    """Wall-clock budget for the whole run; later work is skipped when it runs out."""
-
-    def __init__(self, seconds: float):
-        self.end = time.perf_counter() + seconds
-
-    def left(self) -> float:
-        return self.end - time.perf_counter()
-
-
 # ----------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------
 
 
 def _median_wall(fn: Callable[[], Any], reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return median_time(fn, reps)
 
 
 def _first_scalar(out: Any) -> jax.Array:
