@@ -46,10 +46,10 @@ FULL = {
     "lookup_contexts": [131072, 524288],
 }
 SMOKE = {
-    "e2e_contexts": [2048], "e2e_shapes": ["gqa"], "keeps": [0.125], "hier_keeps": (0.125,), "hier_at": (2048,),
+    "e2e_contexts": [1024], "e2e_shapes": ["gqa"], "keeps": [0.125], "hier_keeps": (0.125,), "hier_at": (1024,),
     "kernel_contexts": [],
     "model_context": 0, "model_layers": 2, "model_short": 0, "index_context": 0, "index_layers": 2,
-    "minference_lengths": "", "lookup_contexts": [2048],
+    "minference_lengths": "", "lookup_contexts": [1024],
 }
 
 

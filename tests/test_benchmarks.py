@@ -1,0 +1,23 @@
+"""The GPU benchmark runner in its CPU smoke mode (tiny shapes, interpret-mode kernels), so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import run_all
+
+
+def test_runner_smoke_writes_results_and_report(tmp_path):
+    out, md = tmp_path / "smoke.json", tmp_path / "BENCH.md"
+    assert run_all.main(["--smoke", "--sections", "e2e,breakdown", "--out", str(out), "--md", str(md)]) == 0
+    result = json.loads(out.read_text())
+    e2e = result["sections"]["e2e"]["rows"]
+    methods = {r["method"] for r in e2e if "us" in r}
+    assert {"dense_xla", "squeezed_flat", "squeezed_hier"} <= methods
+    for r in e2e:
+        if r["method"].startswith("squeezed"):
+            assert r["selection_exact"] and r["rel_err_vs_ref"] < 2e-2, r
+    stages = {r["method"] for r in result["sections"]["breakdown"]["rows"]}
+    assert {"lookup_flat", "select_fused", "sparse_attention"} <= stages
+    text = md.read_text()
+    assert "Decode pipeline" in text and "select_fused" in text
