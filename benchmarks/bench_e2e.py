@@ -28,7 +28,9 @@ from benchmarks.timing import Budget, device_info, device_time, read_bandwidth, 
 from pallas_kernels.block_select import block_cluster_ranges, select_blocks, select_blocks_ref
 from pallas_kernels.centroid_lookup import centroid_scores, centroid_scores_ref, hierarchical_scores
 from pallas_kernels.merge import dense_attention_lse, merge_attention
+from pallas_kernels.selection import block_scores, select_topk
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref
+from squeeze_jax.attention.context import FUSED_SELECT_MAX_BLOCKS
 
 D = 128
 ITEM = 2
@@ -74,7 +76,7 @@ def synthetic_index(n_keys: int, H: int, seed: int, centroid_fraction: float = 0
 
 def squeezed_step(q_BHGD, k_user_BHUD, v_user_BHUD, ix: dict, *, keep_blocks: int, hierarchical: bool,
                   coarse_keep: int, n_keys: int, reference: bool = False):
-    """One layer's decode attention for one token: lookup, fused selection, sparse + user attention, merge."""
+    """One layer's decode attention for one token: lookup, block selection, sparse + user attention, merge."""
     B, H, G, _ = q_BHGD.shape
     fine = (ix["centroids"], ix["log_sizes"], ix["radius"])
     if reference:
@@ -82,9 +84,14 @@ def squeezed_step(q_BHGD, k_user_BHUD, v_user_BHUD, ix: dict, *, keep_blocks: in
     else:
         scores = _lookup(q_BHGD, ix, {}, dict(hierarchical=hierarchical, coarse_keep=coarse_keep))
     k_BH = jnp.full((B, H), keep_blocks, jnp.int32)
-    sel = select_blocks_ref if reference else select_blocks
-    ids, count = sel(scores, ix["cluster_size"], ix["lo"], ix["hi"], k_BH, n_blocks=ix["n_blocks"],
-                     capacity=keep_blocks, fixed_blocks=N_FIXED // BLOCK_K)
+    if reference or ix["n_blocks"] <= FUSED_SELECT_MAX_BLOCKS:
+        sel = select_blocks_ref if reference else select_blocks
+        ids, count = sel(scores, ix["cluster_size"], ix["lo"], ix["hi"], k_BH, n_blocks=ix["n_blocks"],
+                         capacity=keep_blocks, fixed_blocks=N_FIXED // BLOCK_K)
+    else:  # as ContextAttention: the unfused XLA selection where it is faster (512K keys)
+        bs = block_scores(scores, ix["cluster_start"], ix["cluster_size"], n_blocks=ix["n_blocks"], block_k=BLOCK_K,
+                          fixed_blocks=N_FIXED // BLOCK_K)
+        ids, count = select_topk(bs, k_BH, keep_blocks)
     attend = sparse_decode_ref if reference else sparse_decode
     o_ctx, lse_ctx = attend(q_BHGD, ix["keys"], ix["values"], ids, count, n_fixed=N_FIXED, fixed_pad=N_FIXED,
                             n_clustered=n_keys - N_FIXED)
