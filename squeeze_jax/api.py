@@ -69,6 +69,11 @@ def ask(
     """
     if isinstance(questions, str):
         raise TypeError("questions must be a list of strings")
+    questions = list(questions)
+    if not questions:
+        raise ValueError("no questions given")
+    if any(not isinstance(q, str) for q in questions):
+        raise TypeError("every question must be a string")
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
     budgets = [float(budget)] * len(questions) if np.isscalar(budget) else [float(b) for b in budget]

@@ -61,14 +61,31 @@ def cmd_index_build(args) -> int:
     return 0
 
 
-def cmd_ask(args) -> int:
-    from squeeze_jax.api import ask
-    from squeeze_jax.index.io import load_index
+def _check_ask_args(args) -> None:
+    """Argument errors of `ask` that need neither the model nor the index arrays (raised before any work)."""
+    from squeeze_jax.attention.context import POLICIES
+    from squeeze_jax.index.io import read_index_metadata
 
     if not args.question:
         raise SystemExit("error: give at least one --question")
+    if any(not q.strip() for q in args.question):
+        raise SystemExit("error: a --question is empty")
+    if not 0.0 < args.budget <= 1.0:
+        raise SystemExit(f"error: --budget must be in (0, 1], got {args.budget}")
+    if args.policy not in POLICIES:
+        raise SystemExit(f"error: unknown --policy {args.policy!r}; expected one of {POLICIES}")
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    read_index_metadata(args.index)  # not an index directory: IndexFormatError (a ValueError)
+
+
+def cmd_ask(args) -> int:
+    from squeeze_jax.api import ask
+    from squeeze_jax.index.io import load_index, model_fingerprint
+
+    _check_ask_args(args)
     _, model, tok = _load_model(args.model)
-    index = load_index(args.index)
+    index = load_index(args.index, expected_model_fingerprint=model_fingerprint(model))
     t = time.perf_counter()
     res = ask(model, tok, index, args.question, policy=args.policy, budget=args.budget,
               max_new_tokens=args.max_new_tokens)
@@ -143,8 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# sub-commands that parse their own arguments: everything after the command name is passed on verbatim
+PASSTHROUGH = {"eval": cmd_eval, "minference-search": cmd_minference_search}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        args = argparse.Namespace(rest=argv[1:], fn=PASSTHROUGH[argv[0]])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:

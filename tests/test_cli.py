@@ -24,6 +24,27 @@ def test_errors_before_work(tmp_path, capsys):
     assert "not a squeeze_jax context index" in capsys.readouterr().err
 
 
+def test_eval_subcommand_passes_its_options_on(tmp_path, capsys):
+    assert main(["eval", "--config", "no_such_config", "--out", str(tmp_path)]) == 2
+    assert "bundled" in capsys.readouterr().err
+
+
+def _no_model(name):
+    raise AssertionError("the model must not be loaded when the arguments are bad")
+
+
+def test_ask_errors_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("squeeze_jax.cli._load_model", _no_model)
+    assert main(["ask", "--index", str(tmp_path), "-q", "hello"]) == 2
+    assert "not a squeeze_jax context index" in capsys.readouterr().err
+    bad = [(["-q", "  "], "empty"), (["-q", "hi", "--budget", "0"], "budget"),
+           (["-q", "hi", "--budget", "1.5"], "budget"), (["-q", "hi", "--policy", "nope"], "policy"),
+           (["-q", "hi", "--max-new-tokens", "0"], "max-new-tokens")]
+    for extra, msg in bad:
+        with pytest.raises(SystemExit, match=msg):
+            main(["ask", "--index", str(tmp_path), *extra])
+
+
 @needs_model
 @pytest.mark.slow
 def test_build_info_ask(tmp_path, capsys):

@@ -122,7 +122,12 @@ def test_smoke_and_full_configs_parse():
     assert {m.policy for m in full.methods} >= {"dense", "squeezed", "oracle", "oracle_key", "streaming",
                                                 "quest", "random"}
     study = runner.StudyConfig.from_dict(runner.load_config("fidelity_smollm2"))
-    assert study.variants[0]["name"] == "base"
+    assert study.variants[0]["name"] == "uniform" and study.variants[1]["backend"]["allocation"] == "calibrated"
+    for name in ("fidelity_smollm2_7680", "fidelity_smollm2_index"):
+        runner.StudyConfig.from_dict(runner.load_config(name))
+    for seed in (0, 1, 2):
+        answers = runner.EvalConfig.from_dict(runner.load_config(f"fidelity_answers_s{seed}"))
+        assert answers.index_config().seed == seed and answers.budgets == (0.125, 0.0625)
 
 
 def test_bad_configs_raise():
@@ -322,3 +327,47 @@ def test_study_summary_report_and_plot(tmp_path):
     assert plots.plot_study(summary, tmp_path / "s.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="reference"):
         runner.StudyConfig.from_dict({**data, "reference": "nope"})
+
+
+def test_smoke_config_end_to_end_on_a_tiny_model(tmp_path):
+    """The smoke sweep (context, index, every method, teacher forcing, report, plots) with a tiny random model
+    in place of the configured one; a rerun resumes with nothing left to do."""
+    from tests.test_api import CharTokenizer
+
+    cfg_model = ModelConfig(name="tiny-smoke", vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                            head_dim=16, ffn_dim=48, max_context=2048, eos_token_ids=(127,))
+    bundle = (cfg_model, init_model(cfg_model, 0), CharTokenizer())
+    cfg = runner.EvalConfig.from_dict(runner.load_config("smoke"))
+    recs = runner.run_eval(cfg, tmp_path, cache_dir=tmp_path / "cache", progress=False, model_bundle=bundle,
+                           log=lambda *_: None)
+    assert sorted(r["method"] for r in recs) == ["dense", "squeezed"]
+    dense = next(r for r in recs if r["method"] == "dense")
+    assert dense["top1"] == 1.0 and dense["kl"] == pytest.approx(0.0, abs=1e-9) and dense["prefill_recall"] == 1.0
+    squeezed = next(r for r in recs if r["method"] == "squeezed")
+    assert 0.0 < squeezed["prefill_recall"] <= 1.0 and len(squeezed["answers"]) == squeezed["n_questions"] == 2
+    assert runner.eval_main(["--config", "smoke", "--out", str(tmp_path), "--report-only"]) == 0
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "accuracy_vs_budget.png").is_file()
+    assert len(runner.run_eval(cfg, tmp_path, model_bundle=None, progress=False, log=lambda *_: None)) == 2
+
+
+def test_per_question_report_and_complete_contexts():
+    def rec(method, budget, correct, seed=0):
+        return _fake_record("many_facts", 4096, seed, method, budget, n_questions=3, em=float(np.mean(correct)),
+                            correct=correct, expected=["7", "kiwi", "jazz"],
+                            answers=[" 7.\n" if c else " no | way" for c in correct])
+
+    recs = [rec("dense", b, [True, True, False]) for b in (0.125, 0.0625)]
+    recs += [rec("squeezed", 0.125, [True, False, True]), rec("squeezed", 0.0625, [False, False, False])]
+    recs.append(rec("dense", 0.125, [True, True, True], seed=1))  # a context not every method ran on yet
+    assert report.complete_contexts(recs) == {("many_facts", 4096, 0)}
+    assert {r["seed"] for r in report.comparable_records(recs)} == {0}
+    assert report.kept_of_reference([True, False, True], [True, True, False]) == (1, 2)
+    counts = report.answer_counts_table(recs)
+    assert "| many_facts 4096 s0 | 2/3 | 2/3 (1/2) | 0/3 (0/2) |" in counts
+    assert "| many_facts 4096 s1 | 3/3 | – | – |" in counts
+    per_q = report.per_question_table(recs, ("many_facts", 4096, 0))
+    assert "| 2 | kiwi | ✓ 7. | ✗ no \\| way | ✗ no \\| way |" in per_q
+    md = report.report_markdown(recs, "t")
+    assert "left out (not every method run yet): many_facts 4096 s1" in md and "Answers per question" in md
+    with pytest.raises(ValueError, match="reference"):
+        report.kept_of_reference([True], [True, False])

@@ -117,4 +117,42 @@ def plot_study(summary: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["metric_curves", "plot_curves", "plot_metric", "plot_study"]
+def plot_recall_vs_budget(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str = "",
+                          mode: str = "decode", variants: Sequence[str] | None = None) -> Path | None:
+    """Study rows -> recall vs key budget per variant: one column per context length, rows context-only recall
+    and total-mass recall; reference policies (oracles, StreamingLLM, ...) dashed on the same axes."""
+    from squeeze_jax.eval.study_table import length_curves
+
+    curves = length_curves(rows, mode)
+    if not curves:
+        return None
+    plt = _pyplot()
+    lengths = sorted(curves)
+    fig, axes = plt.subplots(2, len(lengths), figsize=(6.4 * len(lengths), 9.0), squeeze=False)
+    policy = {r["variant"]: r.get("options", {}).get("policy", "squeezed") for r in rows}
+    names = list(variants) if variants is not None else list(dict.fromkeys(r["variant"] for r in rows))
+    cmap = plt.get_cmap("tab20")
+    for col, length in enumerate(lengths):
+        for row_i, (field, ylabel) in enumerate((("recall", "context-only recall"),
+                                                 ("recall_total", "total-mass recall"))):
+            ax = axes[row_i][col]
+            for i, name in enumerate(names):
+                curve = curves[length].get(name)
+                if not curve or any(c[field] is None for c in curve):
+                    continue
+                ref = policy.get(name, "squeezed") != "squeezed"
+                ax.plot([c["budget"] for c in curve], [c[field] for c in curve], "--" if ref else "-",
+                        marker="x" if ref else ".", color=cmap(i % 20), lw=1.0, label=name)
+            _budget_axis(ax, sorted({c["budget"] for v in curves[length].values() for c in v}))
+            ax.set_ylabel(f"{ylabel} ({mode})")
+            ax.set_title(f"{title} {length}-token contexts")
+            ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["metric_curves", "plot_curves", "plot_metric", "plot_recall_vs_budget", "plot_study"]

@@ -89,12 +89,109 @@ def by_task_table(records: Sequence[dict[str, Any]], metric: str, fmt: str, budg
     return markdown_table(header, body)
 
 
+def _context(rec: dict[str, Any]) -> tuple:
+    return rec["task"], rec["length"], rec["seed"]
+
+
+def complete_contexts(records: Sequence[dict[str, Any]], methods: Sequence[str] | None = None) -> set[tuple]:
+    """The (task, length, seed) contexts holding a record for every (method, budget) pair seen in `records`."""
+    methods = set(methods or {r["method"] for r in records})
+    want = {(r["method"], r["budget"]) for r in records if r["method"] in methods}
+    have: dict[tuple, set] = {}
+    for r in records:
+        have.setdefault(_context(r), set()).add((r["method"], r["budget"]))
+    return {c for c, got in have.items() if want <= got}
+
+
+def comparable_records(records: Sequence[dict[str, Any]],
+                       methods: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The records of the complete contexts (all of them when none is complete): means over these compare
+    every method on the same contexts, also while a resumable run is still partial."""
+    complete = complete_contexts(records, methods)
+    return [r for r in records if _context(r) in complete] or list(records)
+
+
+def kept_of_reference(correct: Sequence[bool], reference: Sequence[bool]) -> tuple[int, int]:
+    """(questions right in both, questions right in `reference`): how many of dense's answers a method keeps."""
+    if len(correct) != len(reference):
+        raise ValueError(f"{len(correct)} answers against {len(reference)} reference answers")
+    return sum(bool(a and b) for a, b in zip(correct, reference)), sum(bool(b) for b in reference)
+
+
+def _columns(records: Sequence[dict[str, Any]], methods: Sequence[str] | None) -> list[tuple[str, float]]:
+    """(method, budget) columns: dense (budget independent) once at the largest budget, others at every budget."""
+    methods = list(methods or dict.fromkeys(r["method"] for r in records))
+    budgets = sorted({r["budget"] for r in records}, reverse=True)
+    have = {(r["method"], r["budget"]) for r in records}
+    cols = []
+    for m in methods:
+        bs = [b for b in budgets if (m, b) in have]
+        cols += [(m, b) for b in (bs[:1] if m == "dense" else bs)]
+    return cols
+
+
+def _col_title(method: str, budget: float) -> str:
+    return method if method == "dense" else f"{method} {_budget_label(budget)}"
+
+
+def answer_counts_table(records: Sequence[dict[str, Any]], methods: Sequence[str] | None = None) -> str:
+    """Rows: contexts; cells: questions answered right, and of those dense answered right how many are kept."""
+    recs = [r for r in records if "correct" in r]
+    cols = _columns(recs, methods)
+    by_key = {(_context(r), r["method"], r["budget"]): r for r in recs}
+    body = []
+    for c in sorted({_context(r) for r in recs}):
+        dense = next((by_key[c, m, b] for m, b in cols if m == "dense" and (c, m, b) in by_key), None)
+        row = [f"{c[0]} {c[1]} s{c[2]}"]
+        for m, b in cols:
+            r = by_key.get((c, m, b))
+            if r is None:
+                row.append("–")
+                continue
+            cell = f"{sum(r['correct'])}/{len(r['correct'])}"
+            if dense is not None and m != "dense":
+                kept, ref = kept_of_reference(r["correct"], dense["correct"])
+                cell += f" ({kept}/{ref})"
+            row.append(cell)
+        body.append(row)
+    return markdown_table(["context"] + [_col_title(m, b) for m, b in cols], body)
+
+
+def _cell_text(text: str, limit: int = 24) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def per_question_table(records: Sequence[dict[str, Any]], context: tuple,
+                       methods: Sequence[str] | None = None) -> str:
+    """One row per question of one context: the expected answer, then each method's answer (✓ / ✗)."""
+    recs = [r for r in records if _context(r) == context and "correct" in r]
+    if not recs:
+        raise ValueError(f"no per-question records for context {context}")
+    cols = _columns(recs, methods)
+    by_col = {(r["method"], r["budget"]): r for r in recs}
+    n = len(recs[0]["expected"])
+    body = []
+    for i in range(n):
+        row = [str(i + 1), _cell_text(recs[0]["expected"][i])]
+        for col in cols:
+            r = by_col[col]
+            row.append(("✓ " if r["correct"][i] else "✗ ") + _cell_text(r["answers"][i]))
+        body.append(row)
+    return markdown_table(["#", "expected"] + [_col_title(m, b) for m, b in cols], body)
+
+
 def report_markdown(records: Sequence[dict[str, Any]], title: str, methods: Sequence[str] | None = None) -> str:
-    """The whole report: summary per method x budget, then exact match and recall per task and length."""
+    """The whole report: summary per method x budget (over the contexts every method ran on), correct answers
+    per context, exact match and recall per task and length, and per-question answers of multi-question
+    contexts."""
     if not records:
         raise ValueError("no records to report")
     budgets = sorted({r["budget"] for r in records}, reverse=True)
-    tasks = sorted({(r["task"], r["length"], r["seed"]) for r in records})
+    tasks = sorted({_context(r) for r in records})
+    complete = complete_contexts(records, methods)
+    summary_recs = comparable_records(records, methods)
+    partial = sorted(set(tasks) - complete) if complete else []
     parts = [
         f"# Evaluation: {title}",
         "",
@@ -106,13 +203,29 @@ def report_markdown(records: Sequence[dict[str, Any]], title: str, methods: Sequ
         "",
         "## Summary (mean over contexts)",
         "",
-        summary_table(records, methods),
+    ]
+    if partial:
+        parts += [f"Over the {len(complete)} contexts that every method ran on; left out (not every method run "
+                  f"yet): {', '.join(f'{t} {n} s{s}' for t, n, s in partial)}.", ""]
+    parts += [
+        summary_table(summary_recs, methods),
+        "",
+        "## Correct answers per context",
+        "",
+        "Cells: questions answered right / questions; in brackets, of the questions dense answered right, how "
+        "many the method also answered right.",
+        "",
+        answer_counts_table(records, methods),
     ]
     for b in budgets:
         parts += ["", f"## Exact match by task and length, budget {_budget_label(b)}", "",
-                  by_task_table(records, "em", "{:.2f}", b, methods),
+                  by_task_table(summary_recs, "em", "{:.2f}", b, methods),
                   "", f"## Decode recall by task and length, budget {_budget_label(b)}", "",
-                  by_task_table(records, "decode_recall", "{:.3f}", b, methods)]
+                  by_task_table(summary_recs, "decode_recall", "{:.3f}", b, methods)]
+    for c in tasks:
+        if max(r.get("n_questions", 1) for r in records if _context(r) == c) > 1:
+            parts += ["", f"## Answers per question: {c[0]} {c[1]} s{c[2]}", "",
+                      per_question_table(records, c, methods)]
     return "\n".join(parts) + "\n"
 
 
@@ -207,9 +320,14 @@ def _study_verdict(summary: dict[str, Any], mode: str) -> list[str]:
 
 __all__ = [
     "SUMMARY_COLUMNS",
+    "answer_counts_table",
     "by_task_table",
+    "comparable_records",
+    "complete_contexts",
     "group_mean",
+    "kept_of_reference",
     "markdown_table",
+    "per_question_table",
     "report_markdown",
     "study_markdown",
     "summary_rows",

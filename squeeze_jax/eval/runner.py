@@ -50,7 +50,7 @@ BUILTIN_METHODS: dict[str, dict[str, Any]] = {
     "random": {"policy": "random"},
 }
 BACKEND_OPTIONS = ("policy", "block_k", "block_q", "score", "radius_weight", "agg", "hierarchical",
-                   "coarse_keep_fraction")
+                   "coarse_keep_fraction", "allocation", "max_head_share")
 RESULTS_FILE = "results.jsonl"
 
 
@@ -556,7 +556,8 @@ def _bucket(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class RecordQueries:
-    """Attention backend wrapper that adds the post-RoPE queries `{"q": q_BTHqD}` to the inner backend's aux."""
+    """Attention backend wrapper that adds the post-RoPE queries and the user's keys/values
+    (`{"q": q_BTHqD, "k": k_BTHD, "v": v_BTHD}`) to the inner backend's aux."""
 
     inner: Any
 
@@ -564,7 +565,7 @@ class RecordQueries:
         out, kv, aux = self.inner(q_BTHqD, k_BTHD, v_BTHD, layer_kv, lengths_B, seq_lens_B, positions_BT,
                                   layer_state)
         aux = dict(aux or {})
-        aux["q"] = q_BTHqD
+        aux.update({"q": q_BTHqD, "k": k_BTHD, "v": v_BTHD})
         return out, kv, aux
 
 
@@ -600,57 +601,82 @@ def make_study_context(item: dict[str, Any], tokenizer) -> StudyContext:
 
 def dense_user_queries(model, index, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Post-RoPE queries `[L, B, T, Hq, D]` of the user rows run with dense attention over the context."""
+    q, _, _, lens = dense_user_qkv(model, index, rows)
+    return q, lens
+
+
+def dense_user_qkv(model, index, rows: Sequence[Sequence[int]]):
+    """(q `[L, B, T, Hq, D]`, k, v `[L, B, T, H, D]`, lengths) of the user rows run with dense attention."""
     dense = RecordQueries(MethodSpec.parse("dense").backend(1.0, False))
     _, lens, aux = metrics.teacher_forced_logits(model, rows, backend=dense,
                                                  backend_state=context_state(index, _bucket(len(rows)), 1.0),
                                                  position_offset=index.context_len)
-    return np.asarray(aux["q"])[:, : len(rows)], lens
+    n = len(rows)
+    return np.asarray(aux["q"])[:, :n], np.asarray(aux["k"])[:, :n], np.asarray(aux["v"])[:, :n], lens
 
 
-def _layer_fidelity_impl(index, q_LBTHqD, seq_lens_B, budget, *, backend):
-    """Per-layer (recall, out_rel_err, kept_fraction) of `backend`'s context selection for fixed queries."""
+def _layer_fidelity_impl(index, q_LBTHqD, k_LBTHD, v_LBTHD, cache_k_LBSHD, cache_v_LBSHD, lengths_B, seq_lens_B,
+                         budget, *, backend):
+    """Per-layer (recall, recall_total, out_rel_err, kept_fraction) of `backend`'s context selection for fixed
+    queries; the user part attends the cache rows `[0, lengths_B)` plus the new keys `k_LBTHD`."""
     from models.kv_cache import LayerKV
     from squeeze_jax.attention.context import ContextState
 
-    L, B, T, Hq, D = q_LBTHqD.shape
-    H = index.keys_LHND.shape[1]
-    zeros = jnp.zeros((B, T, H, D), q_LBTHqD.dtype)
-    kv = LayerKV(zeros, zeros)
+    B, T = q_LBTHqD.shape[1:3]
     budget_B = jnp.full((B,), budget, jnp.float32)
 
     def one(xs):
-        layer_index, q = xs
-        _, _, aux = backend(q, zeros, zeros, kv, jnp.zeros((B,), jnp.int32), seq_lens_B,
-                            jnp.zeros((B, T), jnp.int32), ContextState(layer_index, budget_B))
-        return aux["recall"], aux["out_rel_err"], aux["kept_fraction"]
+        layer_index, q, k, v, ck, cv = xs
+        _, _, aux = backend(q, k, v, LayerKV(ck, cv), lengths_B, seq_lens_B, jnp.zeros((B, T), jnp.int32),
+                            ContextState(layer_index, budget_B))
+        return aux["recall"], aux["recall_total"], aux["out_rel_err"], aux["kept_fraction"]
 
-    return jax.lax.map(one, (index, q_LBTHqD))
+    return jax.lax.map(one, (index, q_LBTHqD, k_LBTHD, v_LBTHD, cache_k_LBSHD, cache_v_LBSHD))
 
 
 _layer_fidelity = jax.jit(_layer_fidelity_impl, static_argnames=("backend",))
 
 
 def selection_fidelity(index, q_LBTHqD: np.ndarray, seq_lens: np.ndarray, backend, budget: float,
-                       mode: str) -> dict[str, Any]:
+                       mode: str, k_LBTHD: np.ndarray | None = None,
+                       v_LBTHD: np.ndarray | None = None) -> dict[str, Any]:
     """Recall / output error per layer of a backend's selection for dense-run user queries.
 
     mode "prefill": each row's tokens share the selection of their query block (as in the user prefill);
-    mode "decode": every token selects on its own (as in a decode step).
+    mode "decode": every token selects on its own (as in a decode step), with the row's earlier tokens cached.
+    `recall` is the context-only attention-mass recall; with the user rows' keys/values `k_LBTHD`, `v_LBTHD`
+    the result also holds `recall_total` (mass over context + user tokens; see attention/context.py).
     """
     q = jnp.asarray(q_LBTHqD)
+    L, B, T, Hq, D = q.shape
+    H = index.keys_LHND.shape[1]
+    have_kv = k_LBTHD is not None and v_LBTHD is not None
+    k = jnp.asarray(k_LBTHD) if have_kv else jnp.zeros((L, B, T, H, D), q.dtype)
+    v = jnp.asarray(v_LBTHD) if have_kv else jnp.zeros((L, B, T, H, D), q.dtype)
     if mode == "decode":
-        L, B, T, Hq, D = q.shape
         keep = [(b, t) for b in range(B) for t in range(int(seq_lens[b]))]
-        q = jnp.stack([q[:, b, t] for b, t in keep], axis=1)[:, :, None]  # [L, n_tokens, 1, Hq, D]
-        lens = jnp.ones((q.shape[1],), jnp.int32)
+        n_pad = -(-len(keep) // 32) * 32  # a token-count bucket: one compilation for many prompts
+        rows_b = np.asarray([b for b, _ in keep] + [keep[0][0]] * (n_pad - len(keep)))
+        ts = np.asarray([t for _, t in keep] + [keep[0][1]] * (n_pad - len(keep)))
+        q = q[:, rows_b, ts][:, :, None]  # [L, n_tokens, 1, Hq, D]
+        cache_k, cache_v = k[:, rows_b], v[:, rows_b]  # the row's tokens; token t attends cache [0, t] only
+        k, v = k[:, rows_b, ts][:, :, None], v[:, rows_b, ts][:, :, None]
+        lengths = jnp.asarray(ts, jnp.int32)
+        lens = jnp.asarray(np.arange(n_pad) < len(keep), jnp.int32)  # padding tokens weigh 0
     elif mode == "prefill":
+        cache_k, cache_v = jnp.zeros_like(k), jnp.zeros_like(v)
+        lengths = jnp.zeros((B,), jnp.int32)
         lens = jnp.asarray(seq_lens, jnp.int32)
     else:
         raise ValueError(f"mode must be 'prefill' or 'decode', got {mode!r}")
-    rec, err, kept = _layer_fidelity(index, q, lens, jnp.float32(budget), backend=backend)
-    rec, err, kept = (np.asarray(x, np.float64) for x in (rec, err, kept))
-    return {"recall": float(rec.mean()), "recall_per_layer": rec.tolist(), "out_rel_err": float(err.mean()),
-            "out_rel_err_per_layer": err.tolist(), "kept_fraction": float(kept.mean())}
+    rec, tot, err, kept = _layer_fidelity(index, q, k, v, cache_k, cache_v, lengths, lens, jnp.float32(budget),
+                                          backend=backend)
+    rec, tot, err, kept = (np.asarray(x, np.float64) for x in (rec, tot, err, kept))
+    out = {"recall": float(rec.mean()), "recall_per_layer": rec.tolist(), "out_rel_err": float(err.mean()),
+           "out_rel_err_per_layer": err.tolist(), "kept_fraction": float(kept.mean())}
+    if have_kv:
+        out.update({"recall_total": float(tot.mean()), "recall_total_per_layer": tot.tolist()})
+    return out
 
 
 def centroid_reads(index, options: dict[str, Any]) -> float:
@@ -744,21 +770,33 @@ class StudyConfig:
         from squeeze_jax.index import IndexConfig
 
         base = IndexConfig.load("default").to_dict()
-        base.update({"budgets": [0.125, 0.0625], "progress": False})
+        base.update({"budgets": list(self.budgets), "progress": False})  # calibrated at every study budget
         base.update(dict(self.index))
         base.update(variant.get("index", {}))
         return IndexConfig.from_dict(base)
+
+    def variant_build_config(self, variant: dict[str, Any]):
+        """The variant's IndexConfig with the calibration-only fields of the study's base config: indexes that
+        differ only there share one K-means build and are recalibrated (`recalibrate_index`)."""
+        from squeeze_jax.index.build import CALIBRATION_FIELDS
+
+        base = self.variant_index_config({}).to_dict()
+        cfg = self.variant_index_config(variant)
+        return cfg.replace(**{f: base[f] for f in CALIBRATION_FIELDS if f not in ("budgets", "block_k")})
 
 
 def run_fidelity_study(cfg: StudyConfig, out_dir: Path, *, cache_dir: Path | None = None, progress: bool = True,
                        model_bundle=None, log=print) -> dict[str, Any]:
     """Measure every variant's selection fidelity; rows are appended to `<out>/<name>.jsonl` (resumable),
-    the summary goes to `<out>/<name>.json`, `.md` and `.png`."""
+    the summary goes to `<out>/<name>.json`, `.md` and `.png`. Indexes are cached under `cache_dir` (default
+    `default_index_cache()`, the same keys as `run_eval`'s); variants differing only in calibration fields
+    share one K-means build."""
     from squeeze_jax.attention.context import ContextAttention
-    from squeeze_jax.index import build_index_from_kv
-    from squeeze_jax.index.capture import capture_context
+    from squeeze_jax.index import build_index_from_kv, save_index, token_hash
+    from squeeze_jax.index.build import recalibrate_index
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = cache_dir if cache_dir is not None else default_index_cache()
     rows_path = out_dir / f"{cfg.name}.jsonl"
     done = {(r["context"], r["variant"]) for r in read_jsonl(rows_path)}
     if model_bundle is None:
@@ -780,24 +818,36 @@ def run_fidelity_study(cfg: StudyConfig, out_dir: Path, *, cache_dir: Path | Non
             todo = [v for v in cfg.variants if (sctx.label, v["name"]) not in done]
             if not todo:
                 continue
-            bar.set_postfix_str(f"{sctx.label}: capture")
-            # the selection uses uniform budgets, so the index needs no calibration (no window queries)
-            cap = capture_context(model, np.asarray(sctx.ids, np.int32), window=1)
+            cap = None
             indexes: dict[str, Any] = {}
             q_cache: dict[str, Any] = {}
             for v in todo:
                 icfg = cfg.variant_index_config(v)
+                bcfg = cfg.variant_build_config(v)
                 ikey = json.dumps(icfg.to_dict(), sort_keys=True)
-                if ikey not in indexes:
+                bkey = json.dumps(bcfg.to_dict(), sort_keys=True)
+                if bkey not in indexes:
                     bar.set_postfix_str(f"{sctx.label}: index for {v['name']}")
                     t0 = time.perf_counter()
-                    indexes[ikey] = (build_index_from_kv(cap.k_LHSD, cap.v_LHSD, None, icfg,
-                                                         model_fingerprint=fingerprint),
-                                     time.perf_counter() - t0)
+                    path = index_cache_path(cache_dir, sctx.label, sctx.ids, bcfg, fingerprint) if cache_dir else None
+                    built = _load_cached_index(path, fingerprint, sctx.ids)
+                    if built is None:
+                        cap = cap or _study_capture(model, sctx, cfg)
+                        built = build_index_from_kv(cap.k_LHSD, cap.v_LHSD, _window_q(cap, bcfg), bcfg,
+                                                    model_fingerprint=fingerprint,
+                                                    context_token_hash=token_hash(np.asarray(sctx.ids, np.int32)))
+                        if path is not None:
+                            save_index(built, path, overwrite=True)
+                    indexes[bkey] = (built, time.perf_counter() - t0)
+                if ikey not in indexes:
+                    cap = cap or _study_capture(model, sctx, cfg)
+                    t0 = time.perf_counter()
+                    recal, _ = recalibrate_index(indexes[bkey][0], _window_q(cap, icfg), icfg)
+                    indexes[ikey] = (recal, indexes[bkey][1] + time.perf_counter() - t0)
                 index, build_s = indexes[ikey]
                 if "q" not in q_cache:
-                    q_cache["q"] = dense_user_queries(model, index, sctx.rows)
-                q, lens = q_cache["q"]
+                    q_cache["q"] = dense_user_qkv(model, index, sctx.rows)
+                q, k_user, v_user, lens = q_cache["q"]
                 opts = {"policy": "squeezed"} | dict(v.get("backend", {}))
                 backend = ContextAttention(max_budget=max(cfg.budgets), use_pallas=False, fidelity=True, **opts)
                 bar.set_postfix_str(f"{sctx.label}: {v['name']}")
@@ -806,7 +856,7 @@ def run_fidelity_study(cfg: StudyConfig, out_dir: Path, *, cache_dir: Path | Non
                 for mode in cfg.modes:
                     pts = []
                     for b in cfg.budgets:
-                        r = selection_fidelity(index, q, lens, backend, b, mode)
+                        r = selection_fidelity(index, q, lens, backend, b, mode, k_user, v_user)
                         kept_keys = r["kept_fraction"] * index.context_len
                         r.update({"budget": b, "kept_keys": kept_keys, "centroid_reads": c_reads,
                                   "bytes_fraction": metrics.bytes_read_fraction(kept_keys, c_reads,
@@ -820,13 +870,54 @@ def run_fidelity_study(cfg: StudyConfig, out_dir: Path, *, cache_dir: Path | Non
                 bar.update(1)
     finally:
         bar.close()
-    from squeeze_jax.eval import plots, report
-
     summary = summarize_study(cfg, read_jsonl(rows_path))
     (out_dir / f"{cfg.name}.json").write_text(json.dumps(summary, indent=1, sort_keys=True, default=_json_default))
-    (out_dir / f"{cfg.name}.md").write_text(report.study_markdown(summary))
-    plots.plot_study(summary, out_dir / f"{cfg.name}.png")
+    _write_study_outputs(cfg, summary, read_jsonl(rows_path), out_dir)
     return summary
+
+
+def _write_study_outputs(cfg: StudyConfig, summary: dict[str, Any], rows: Sequence[dict[str, Any]],
+                         out_dir: Path) -> None:
+    """`<name>.md` (recall tables per context length, then the study report) and the plots."""
+    from squeeze_jax.eval import plots, report, study_table
+
+    (out_dir / f"{cfg.name}.md").write_text(study_table.length_tables_markdown(cfg, rows) + "\n"
+                                            + report.study_markdown(summary))
+    plots.plot_study(summary, out_dir / f"{cfg.name}.png")
+    plots.plot_recall_vs_budget(rows, out_dir / f"{cfg.name}_recall_vs_budget.png", title=cfg.name)
+
+
+def _load_cached_index(path: Path | None, fingerprint: str, ids: Sequence[int]):
+    """The index saved at `path` for these tokens and model, or None (missing or unreadable)."""
+    from squeeze_jax.index import IndexFormatError, load_index, token_hash
+
+    if path is None or not path.is_dir():
+        return None
+    try:
+        return load_index(path, expected_model_fingerprint=fingerprint,
+                          expected_token_hash=token_hash(np.asarray(ids, np.int32)))
+    except IndexFormatError:
+        return None
+
+
+def _study_capture(model, sctx: StudyContext, cfg: StudyConfig):
+    """Dense capture of a study context with the largest window any variant calibrates on."""
+    from squeeze_jax.index.capture import capture_context
+
+    window = max(cfg.variant_index_config(v).window for v in cfg.variants)
+    return capture_context(model, np.asarray(sctx.ids, np.int32), window=max(window, 1))
+
+
+def _window_q(cap, icfg):
+    """The captured window queries of the last `icfg.window` tokens (None: no calibration)."""
+    if icfg.window < 1:
+        return None
+    return cap.q_window_LTHqD[:, cap.q_window_LTHqD.shape[1] - icfg.window:]
+
+
+def _mean_or_none(xs: Sequence[float | None]) -> float | None:
+    """Mean of the values when every one is present, else None."""
+    return float(np.mean(xs)) if xs and all(x is not None for x in xs) else None
 
 
 def summarize_study(cfg: StudyConfig, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -841,14 +932,15 @@ def summarize_study(cfg: StudyConfig, rows: Sequence[dict[str, Any]]) -> dict[st
                                  "index": vrows[0]["index"], "modes": {}}
         for mode in cfg.modes:
             curve = []
-            for bi, b in enumerate(cfg.budgets):
-                pts = [r["modes"][mode][bi] for r in vrows if mode in r["modes"]]
+            for b in cfg.budgets:
+                pts = [p for r in vrows if mode in r["modes"] for p in r["modes"][mode] if abs(p["budget"] - b) < 1e-9]
                 if not pts:
                     continue
                 curve.append({
                     "budget": b,
                     "recall": float(np.mean([p["recall"] for p in pts])),
                     "recall_min_context": float(np.min([p["recall"] for p in pts])),
+                    "recall_total": _mean_or_none([p.get("recall_total") for p in pts]),
                     "out_rel_err": float(np.mean([p["out_rel_err"] for p in pts])),
                     "kept_fraction": float(np.mean([p["kept_fraction"] for p in pts])),
                     "bytes_fraction": float(np.mean([p["bytes_fraction"] for p in pts])),
@@ -889,12 +981,10 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     if data.get("study") == "fidelity":
         scfg = StudyConfig.from_dict(data)
         if args.report_only:
-            from squeeze_jax.eval import plots, report
-
-            summary = summarize_study(scfg, read_jsonl(out / f"{scfg.name}.jsonl"))
+            rows = read_jsonl(out / f"{scfg.name}.jsonl")
+            summary = summarize_study(scfg, rows)
             (out / f"{scfg.name}.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
-            (out / f"{scfg.name}.md").write_text(report.study_markdown(summary))
-            plots.plot_study(summary, out / f"{scfg.name}.png")
+            _write_study_outputs(scfg, summary, rows, out)
         else:
             run_fidelity_study(scfg, out, cache_dir=cache, progress=not args.no_progress)
         print(f"study {scfg.name}: wrote {out / (scfg.name + '.md')} in {time.perf_counter() - t0:.1f} s")
@@ -912,7 +1002,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 
     names = [m.name for m in cfg.methods]
     report.write_report(records, out, title=cfg.name, methods=names)
-    plots.plot_curves(records, out, methods=names)
+    plots.plot_curves(report.comparable_records(records, names), out, methods=names)
     print(f"eval {cfg.name}: {len(records)} records, report {out / 'report.md'}, "
           f"{time.perf_counter() - t0:.1f} s")
     return 0

@@ -39,17 +39,6 @@ CITIES = (
     "Zagreb", "Madrid", "Helsinki", "Bogota", "Manila", "Athens", "Warsaw", "Santiago", "Ottawa", "Canberra",
     "Reykjavik", "Havana", "Tbilisi", "Riga", "Sofia", "Lusaka", "Muscat", "Bern",
 )
-COLORS = (
-    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey", "silver",
-    "golden", "crimson", "violet", "teal", "maroon", "olive", "navy", "ivory",
-)
-ANIMALS = (
-    "cat", "dog", "horse", "rabbit", "parrot", "turtle", "goat", "camel", "tiger", "owl", "fox", "deer",
-    "wolf",
-    "bear", "swan", "frog", "lizard", "otter", "moose", "heron",
-)
-
-
 @dataclasses.dataclass(frozen=True)
 class Question:
     """One user question against a fixed context, with its exact answer."""
@@ -103,6 +92,16 @@ def _insert_at_depth(haystack: str, needle: str, depth: float) -> str:
     boundary = max(haystack.rfind("\n", 0, pos), haystack.rfind(". ", 0, pos) + 1)
     pos = boundary + 1 if boundary > 0 else 0
     return haystack[:pos] + needle + " " + haystack[pos:]
+
+
+def _insert_paragraph_at_depth(haystack: str, paragraph: str, depth: float) -> str:
+    """Insert `paragraph` as a paragraph of its own at the paragraph (else line) break nearest before `depth`."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    pos = int(len(haystack) * depth)
+    cut = haystack.rfind("\n\n", 0, pos)
+    cut = cut + 2 if cut >= 0 else haystack.rfind("\n", 0, pos) + 1
+    return haystack[:cut] + paragraph + "\n\n" + haystack[cut:]
 
 
 def _check_len(n_tokens: int) -> None:
@@ -190,44 +189,93 @@ def variable_tracking(n_tokens: int, seed: int, count_tokens: CountTokens, *, n_
                 {"seed": seed, "n_hops": n_hops, "needles": stmts})
 
 
-_FACT_TEMPLATES = (
-    ("{name} keeps a {color} {animal} as a pet.", "What animal does {name} keep as a pet?",
-     "{name} keeps a {color}", "{animal}"),
-    ("The locker of {name} has the number {num}.", "What is the number of {name}'s locker?",
-     "The locker of {name} has the number", "{num}"),
-    ("{name} was born in the city of {city}.", "In which city was {name} born?",
-     "{name} was born in the city of", "{city}"),
-    ("The favourite colour of {name} is {color}.", "What is the favourite colour of {name}?",
-     "The favourite colour of {name} is", "{color}"),
+# (fact, question, answer pool): every fact is about another person and another attribute; the answer cue is the
+# fact's words up to `{ans}`. Answer words are common English words absent from the haystack; `None` = a number.
+_FACT_TEMPLATES: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
+    ("The favourite dessert of {name} is {ans}.", "What is the favourite dessert of {name}?",
+     ("tiramisu", "baklava", "cheesecake", "pavlova", "brownies", "pancakes")),
+    ("In the town band, {name} plays the {ans}.", "Which instrument does {name} play in the town band?",
+     ("saxophone", "accordion", "harmonica", "banjo", "ukulele", "xylophone")),
+    ("The pet that {name} keeps at home is a {ans}.", "Which pet does {name} keep at home?",
+     ("penguin", "tortoise", "hamster", "ferret", "parakeet", "chinchilla")),
+    ("The sport that {name} plays every weekend is {ans}.", "Which sport does {name} play every weekend?",
+     ("volleyball", "badminton", "basketball", "hockey", "tennis", "golf")),
+    ("{name} rides a {ans} to work.", "What does {name} ride to work?",
+     ("scooter", "motorcycle", "tractor", "bicycle", "skateboard", "unicycle")),
+    ("The fruit that {name} eats every morning is {ans}.", "Which fruit does {name} eat every morning?",
+     ("papaya", "mango", "kiwi", "pineapple", "avocado", "coconut")),
+    ("At the cafe, {name} always orders a cup of {ans}.", "What does {name} always order at the cafe?",
+     ("espresso", "cappuccino", "cocoa", "lemonade", "latte", "matcha")),
+    ("The language that {name} is learning is {ans}.", "Which language is {name} learning?",
+     ("Portuguese", "Swahili", "Icelandic", "Japanese", "Hungarian", "Finnish")),
+    ("The profession of {name} is {ans}.", "What is the profession of {name}?",
+     ("dentistry", "plumbing", "pharmacy", "carpentry", "architecture", "accounting")),
+    ("The flower that {name} grows on the balcony is the {ans}.", "Which flower does {name} grow on the balcony?",
+     ("orchid", "tulip", "sunflower", "magnolia", "begonia", "daisy")),
+    ("Last summer {name} travelled to {ans} by plane.", "Which country did {name} travel to last summer?",
+     ("Brazil", "Canada", "Kenya", "Norway", "Chile", "Vietnam")),
+    ("The dish that {name} cooks best is {ans}.", "Which dish does {name} cook best?",
+     ("pizza", "lasagna", "sushi", "burritos", "omelettes", "curry")),
+    ("On Sundays {name} practises {ans} in the park.", "What does {name} practise in the park on Sundays?",
+     ("yoga", "karate", "chess", "origami", "juggling", "photography")),
+    ("The music that {name} likes most is {ans}.", "Which music does {name} like most?",
+     ("jazz", "reggae", "opera", "techno", "salsa", "tango")),
+    ("At the zoo, the favourite animal of {name} is the {ans}.", "Which animal at the zoo does {name} like most?",
+     ("giraffe", "kangaroo", "zebra", "koala", "panda", "rhino")),
+    ("{name} painted the kitchen door {ans}.", "Which colour did {name} paint the kitchen door?",
+     ("turquoise", "lavender", "emerald", "magenta", "beige", "scarlet")),
+    ("The locker number of {name} is {ans}.", "What is the locker number of {name}?", None),
+    ("The phone extension of {name} is {ans}.", "What is the phone extension of {name}?", None),
+    ("{name} lives in apartment number {ans}.", "In which apartment number does {name} live?", None),
+    ("The bicycle lock code of {name} is {ans}.", "What is the bicycle lock code of {name}?", None),
+    ("The library card number of {name} is {ans}.", "What is the library card number of {name}?", None),
+    ("{name} takes the bus with route number {ans}.", "Which bus route number does {name} take?", None),
+    ("The old oak tree was planted by {name} in the year {ans}.", "In which year did {name} plant the old oak tree?",
+     None),
+    ("The parking space of {name} is number {ans}.", "Which number is the parking space of {name}?", None),
 )
 
 
-def many_facts(n_tokens: int, seed: int, count_tokens: CountTokens, *, n_facts: int = 20) -> Task:
-    """One long document with `n_facts` planted facts about distinct people and one question per fact.
+def _fact(template: tuple[str, str, tuple[str, ...] | None], name: str, rng: random.Random,
+          used_numbers: set[str]) -> tuple[str, Question]:
+    """One planted sentence and its question (`Question: ...` then the fact's words up to the answer as cue)."""
+    fact_t, question_t, pool = template
+    if pool is None:
+        answer = _digits(rng, 4)
+        while answer in used_numbers:
+            answer = _digits(rng, 4)
+        used_numbers.add(answer)
+    else:
+        answer = rng.choice(pool)
+    fact = fact_t.format(name=name, ans=answer)
+    cue = fact_t.split("{ans}")[0].rstrip().format(name=name)
+    return fact, Question(f"Question: {question_t.format(name=name)}\nAnswer: {cue}", answer)
 
-    The setting a context index exists for: one fixed context, many questions. Each fact is about a different
-    person, so facts are not look-alike needles that differ only in digits.
+
+def many_facts(n_tokens: int, seed: int, count_tokens: CountTokens, *, n_facts: int = 20) -> Task:
+    """One long document with `n_facts` planted facts and one question per fact.
+
+    The setting a context index exists for: one fixed context, many questions. Every fact is about another
+    person and another attribute, its answer is a 4-digit number or a word that the haystack does not contain,
+    and its question ends with the fact's own words as the answer cue. Each fact is a paragraph of its own at
+    evenly spread, jittered depths, in question order.
     """
     _check_len(n_tokens)
-    if not 1 <= n_facts <= len(FIRST_NAMES):
-        raise ValueError(f"n_facts must be in [1, {len(FIRST_NAMES)}], got {n_facts}")
+    limit = min(len(FIRST_NAMES), len(_FACT_TEMPLATES))
+    if not 1 <= n_facts <= limit:
+        raise ValueError(f"n_facts must be in [1, {limit}], got {n_facts}")
     rng = random.Random(seed)
     people = rng.sample(FIRST_NAMES, n_facts)
-    facts, questions = [], []
-    for i, name in enumerate(people):
-        fact_t, q_t, cue_t, a_t = _FACT_TEMPLATES[i % len(_FACT_TEMPLATES)]
-        slots = {"name": name, "color": rng.choice(COLORS), "animal": rng.choice(ANIMALS),
-                 "city": rng.choice(CITIES), "num": _digits(rng, 4)}
-        facts.append(fact_t.format(**slots))
-        questions.append(Question(f"Question: {q_t.format(**slots)}\nAnswer: {cue_t.format(**slots)}",
-                                  a_t.format(**slots)))
+    templates = rng.sample(_FACT_TEMPLATES, n_facts)
+    used: set[str] = set()
+    facts, questions = zip(*(_fact(t, name, rng, used) for t, name in zip(templates, people)))
     body = _fill(haystack_text(), n_tokens - sum(count_tokens(f) for f in facts) - 30, count_tokens,
                  start=rng.randrange(0, 100000))
     depths = [(i + rng.uniform(0.2, 0.8)) / n_facts for i in range(n_facts)]
     for f, d in sorted(zip(facts, depths), key=lambda p: -p[1]):
-        body = _insert_at_depth(body, f, d)
+        body = _insert_paragraph_at_depth(body, f, d)
     return Task("many_facts", "Read the document. It contains facts about people.\n" + body, tuple(questions),
-                {"seed": seed, "n_facts": n_facts, "depths": depths, "needles": facts})
+                {"seed": seed, "n_facts": n_facts, "depths": depths, "needles": list(facts)})
 
 
 def mqar(n_pairs: int, n_queries: int, seed: int) -> Task:

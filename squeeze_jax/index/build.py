@@ -21,6 +21,7 @@ import numpy as np
 from jax import lax
 
 from squeeze_jax.index.calibrate import (
+    BUDGET_OBJECTIVES,
     allocate_budgets,
     global_log_threshold,
     kept_fraction_at_threshold,
@@ -55,6 +56,7 @@ class IndexConfig:
     quantile: float = 0.9
     min_budget_share: float = 0.25
     max_budget_share: float = 4.0
+    budget_objective: str = "mean"
     prefill_chunk: int = 2048
     layer_group: int | None = None
     group_bytes: int = 16 << 30
@@ -93,6 +95,8 @@ class IndexConfig:
             raise ValueError(f"quantile must be in [0, 1), got {self.quantile}")
         if not 0.0 < self.min_budget_share <= 1.0 <= self.max_budget_share:
             raise ValueError("need 0 < min_budget_share <= 1 <= max_budget_share")
+        if self.budget_objective not in BUDGET_OBJECTIVES:
+            raise ValueError(f"budget_objective must be one of {BUDGET_OBJECTIVES}, got {self.budget_objective!r}")
         if (
             self.prefill_chunk < 1
             or self.calib_q_chunk < 1
@@ -446,30 +450,9 @@ def build_index_from_kv_report(
     if calibrate:
         mean_prob = np.asarray(buf.pop("_mean_prob_LHC"))
         recall = np.asarray(buf.pop("_recall_LHK"))
-        sizes_np = np.asarray(buf["cluster_size_LHC"])
-        thr = global_log_threshold(mean_prob, sizes_np, config.quantile)
-        calib_report["quantile"] = config.quantile
-        calib_report["log_threshold"] = thr
-        calib_report["kept_fraction_per_layer"] = [
-            float(x) for x in kept_fraction_at_threshold(mean_prob, sizes_np, thr)
-        ]
-        cols, reports = [], []
-        for f in config.budgets:
-            b_LH, rep = allocate_budgets(
-                recall,
-                fraction=f,
-                context_len=S,
-                n_fixed=sizes.n_fixed,
-                n_clustered=M,
-                block_k=config.block_k,
-                min_share=config.min_budget_share,
-                max_share=config.max_budget_share,
-            )
-            cols.append(b_LH)
-            reports.append(rep)
-        calib_report["budgets"] = reports
-        log_thr = jnp.full((L, H), thr, jnp.float32)
-        budgets = jnp.asarray(np.stack(cols, axis=-1), jnp.int32)
+        log_thr, budgets, calib_report = _finish_calibration(
+            mean_prob, recall, np.asarray(buf["cluster_size_LHC"]), config, S, sizes.n_fixed, M
+        )
     stage["calibration"] += time.perf_counter() - t
 
     info = IndexInfo(
@@ -517,6 +500,76 @@ def build_index_from_kv_report(
         calibration=calib_report,
     )
     return index, report
+
+
+def _finish_calibration(mean_prob_LHC, recall_LHK, sizes_LHC, config: IndexConfig, context_len: int,
+                        n_fixed: int, n_clustered: int) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+    """Global threshold and per-(layer, head) budgets (one column per `config.budgets`) from the statistics."""
+    L, H = recall_LHK.shape[:2]
+    thr = global_log_threshold(mean_prob_LHC, sizes_LHC, config.quantile)
+    report: dict[str, Any] = {
+        "quantile": config.quantile,
+        "log_threshold": thr,
+        "kept_fraction_per_layer": [float(x) for x in kept_fraction_at_threshold(mean_prob_LHC, sizes_LHC, thr)],
+    }
+    cols, reports = [], []
+    for f in config.budgets:
+        b_LH, rep = allocate_budgets(
+            recall_LHK,
+            fraction=f,
+            context_len=context_len,
+            n_fixed=n_fixed,
+            n_clustered=n_clustered,
+            block_k=config.block_k,
+            min_share=config.min_budget_share,
+            max_share=config.max_budget_share,
+            objective=config.budget_objective,
+        )
+        cols.append(b_LH)
+        reports.append(rep)
+    report["budgets"] = reports
+    return jnp.full((L, H), thr, jnp.float32), jnp.asarray(np.stack(cols, axis=-1), jnp.int32), report
+
+
+CALIBRATION_FIELDS = ("budgets", "quantile", "min_budget_share", "max_budget_share", "budget_objective",
+                      "block_k", "calib_q_chunk")
+
+
+def recalibrate_index(index: ContextIndex, q_window_LTHqD: jax.Array,
+                      config: IndexConfig) -> tuple[ContextIndex, dict[str, Any]]:
+    """Redo only the calibration of a built index (threshold and budgets) with `config`'s calibration fields
+    (CALIBRATION_FIELDS), keeping its clusters and layout. `q_window_LTHqD`: queries of the index's window."""
+    if not isinstance(index, ContextIndex):
+        raise TypeError(f"index must be a ContextIndex, got {type(index).__name__}")
+    L, H, N, D = index.keys_LHND.shape
+    if q_window_LTHqD.ndim != 4 or q_window_LTHqD.shape[:2] != (L, index.window) or q_window_LTHqD.shape[3] != D:
+        raise ValueError(f"q_window must be [L={L}, window={index.window}, Hq, D={D}], got {q_window_LTHqD.shape}")
+    if index.window < 1:
+        raise ValueError("calibration needs an index built with window >= 1")
+    for f in config.budgets:
+        uniform_budget_blocks(f, index.context_len, index.n_fixed, config.block_k)
+    q_pos = jnp.arange(index.context_len - index.window, index.context_len, dtype=jnp.int32)
+    probs, curves = [], []
+    for li in range(L):
+        p_HC, r_HK = layer_calibration_stats(
+            index.keys_LHND[li], index.positions_LHN[li], index.centroids_LHCD[li], index.cluster_start_LHC[li],
+            index.cluster_size_LHC[li], q_window_LTHqD[li], q_pos, n_fixed=index.n_fixed,
+            fixed_pad=index.fixed_pad, n_clustered=index.n_clustered, block_k=config.block_k,
+            q_chunk=config.calib_q_chunk)
+        probs.append(p_HC)
+        curves.append(r_HK)
+    log_thr, budgets, report = _finish_calibration(
+        np.asarray(jnp.stack(probs)), np.asarray(jnp.stack(curves)), np.asarray(index.cluster_size_LHC), config,
+        index.context_len, index.n_fixed, index.n_clustered)
+    build_cfg = index.info.build_config
+    build_cfg.update({k: config.to_dict()[k] for k in CALIBRATION_FIELDS if k != "block_k"})
+    build_cfg["budgets"] = list(config.budgets)
+    info = dataclasses.replace(index.info, build_config_json=json.dumps(build_cfg, sort_keys=True),
+                               calibration_json=json.dumps(report, sort_keys=True))
+    out = dataclasses.replace(index, log_threshold_LH=log_thr, budgets_LHF=budgets,
+                              budget_fractions=tuple(config.budgets), info=info)
+    out.check()
+    return out, report
 
 
 def build_index(model, context_tokens, config: IndexConfig | None = None) -> ContextIndex:
@@ -592,5 +645,6 @@ __all__ = [
     "build_index_from_kv_report",
     "build_index_report",
     "describe_report",
+    "recalibrate_index",
     "token_hash",
 ]

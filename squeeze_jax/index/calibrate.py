@@ -14,8 +14,11 @@ i.e. S_j estimates the attention probability of one key of cluster j.
     real keys) is compared with the online selection rule - key blocks of `block_k` positions ranked by the
     best estimated score of the clusters they overlap, the fixed region first. This gives each (layer, head) a
     recall curve (attention mass kept vs number of blocks). A total budget of `fraction x context_len` kept
-    keys per head on average (fixed region included) is then split over heads by max-min water filling of
-    recall, within [min_share, max_share] x the uniform budget, so fragile heads get more keys.
+    keys per head on average (fixed region included) is then split over heads within [min_share, max_share] x
+    the uniform budget, either to maximise the mean recall over (layer, head) (objective "mean": greedy
+    water filling, each step gives blocks to the head with the largest recall gain per block, looking ahead
+    over non-concave stretches of its curve) or the minimum recall (objective "maxmin": the level every head
+    reaches is maximised, leftovers go to the lowest heads).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+BUDGET_OBJECTIVES = ("mean", "maxmin")
 
 
 def log_cluster_probs(logits_C: jax.Array, log_sizes_C: jax.Array) -> jax.Array:
@@ -156,25 +161,96 @@ def allocate_budgets(
     block_k: int,
     min_share: float = 0.25,
     max_share: float = 4.0,
+    objective: str = "mean",
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Split `fraction x context_len` kept keys per head (on average) over (layer, head) by max-min recall.
+    """Split `fraction x context_len` kept keys per head (on average) over (layer, head) by calibration recall.
 
-    Returns budget_LH (int32 keys of the clustered region, multiples of block_k; the fixed region comes on
-    top) and a report comparing with the uniform split.
+    objective "mean" maximises the mean recall (greedy water filling), "maxmin" the minimum. Returns budget_LH
+    (int32 keys of the clustered region, multiples of block_k; the fixed region comes on top) and a report
+    comparing with the uniform split.
     """
+    if objective not in BUDGET_OBJECTIVES:
+        raise ValueError(f"unknown budget objective {objective!r}; expected one of {BUDGET_OBJECTIVES}")
     recall = np.asarray(recall_LHK, np.float64)
+    if recall.ndim != 3:
+        raise ValueError(f"recall_LHK must be [L, H, NB], got shape {recall.shape}")
     L, H, NB = recall.shape
-    fixed_blocks = -(-n_fixed // block_k)
-    max_blocks = -(-n_clustered // block_k)
-    # R[h, b] = recall with the fixed blocks plus b clustered blocks (b = 0 .. max_blocks)
-    curve = np.concatenate([np.zeros((L * H, 1)), recall.reshape(L * H, NB)], axis=1)
-    R = curve[:, fixed_blocks : fixed_blocks + max_blocks + 1]
-    R = np.maximum.accumulate(R, axis=1)
+    R = _recall_by_clustered_blocks(recall, n_fixed, n_clustered, block_k)
+    max_blocks = R.shape[1] - 1
     uni = uniform_budget_blocks(fraction, context_len, n_fixed, block_k)
     uni = min(uni, max_blocks)
     lo = min(max(1, math.floor(min_share * uni)), uni)
     hi = max(min(max_blocks, math.ceil(max_share * uni)), uni)
     total = uni * L * H
+    if objective == "mean":
+        b = greedy_max_mean(R, np.full(L * H, lo, np.int64), hi, total)
+    else:
+        b = _max_min(R, lo, hi, total)
+    rows = np.arange(L * H)
+    budget = (b * block_k).astype(np.int32).reshape(L, H)
+    r_alloc = R[rows, b]
+    r_uni = R[:, uni]
+    report = {
+        "fraction": float(fraction),
+        "objective": objective,
+        "uniform_budget_keys": int(uni * block_k),
+        "budget_keys_min": int(budget.min()),
+        "budget_keys_max": int(budget.max()),
+        "budget_keys_mean": float(budget.mean()),
+        "budget_keys_per_layer": [float(x) for x in budget.mean(axis=1)],
+        "recall_uniform_mean": float(r_uni.mean()),
+        "recall_uniform_min": float(r_uni.min()),
+        "recall_allocated_mean": float(r_alloc.mean()),
+        "recall_allocated_min": float(r_alloc.min()),
+    }
+    return budget, report
+
+
+def _recall_by_clustered_blocks(recall_LHK: np.ndarray, n_fixed: int, n_clustered: int,
+                                block_k: int) -> np.ndarray:
+    """R[l*H + h, b] = recall with the fixed blocks plus b clustered blocks (b = 0 .. max_blocks), monotone."""
+    L, H, NB = recall_LHK.shape
+    fixed_blocks = -(-n_fixed // block_k)
+    max_blocks = -(-n_clustered // block_k)
+    curve = np.concatenate([np.zeros((L * H, 1)), recall_LHK.reshape(L * H, NB)], axis=1)
+    R = curve[:, fixed_blocks : fixed_blocks + max_blocks + 1]
+    return np.maximum.accumulate(R, axis=1)
+
+
+def greedy_max_mean(R_PB: np.ndarray, start_P: np.ndarray, hi: int, total: int) -> np.ndarray:
+    """Blocks per problem maximising sum_p R[p, b_p] with sum b_p = total (or every b_p = hi), b_p in [start, hi].
+
+    Each step gives the problem with the largest gain per block `(R[p, b + j] - R[p, b]) / j` (best j >= 1,
+    so a flat stretch before a jump is crossed) its `j` blocks; ties go to the problem with the fewest blocks.
+    Optimal for concave curves.
+    """
+    R = np.asarray(R_PB, np.float64)
+    P, W = R.shape
+    hi = min(int(hi), W - 1)
+    b = np.minimum(np.asarray(start_P, np.int64).copy(), hi)
+    left = int(total) - int(b.sum())
+    rows = np.arange(P)
+    while left > 0:
+        room = np.minimum(hi - b, left)
+        J = int(room.max())
+        if J <= 0:
+            break
+        js = np.arange(1, J + 1)
+        ahead = np.minimum(b[:, None] + js[None, :], W - 1)
+        gain = (R[rows[:, None], ahead] - R[rows, b][:, None]) / js[None, :]
+        gain = np.where(js[None, :] <= room[:, None], gain, -np.inf)
+        g_P = gain.max(axis=1)
+        j_P = np.argmax(gain >= g_P[:, None] - 1e-12, axis=1)  # the shortest step reaching the best rate
+        tied = g_P >= g_P.max() - 1e-12  # ties go to the problem with the fewest blocks: equal curves split evenly
+        p = int(np.argmin(np.where(tied, b, np.iinfo(np.int64).max)))
+        b[p] += j_P[p] + 1
+        left -= j_P[p] + 1
+    return b
+
+
+def _max_min(R: np.ndarray, lo: int, hi: int, total: int) -> np.ndarray:
+    """Max-min water filling: the highest recall level every head reaches, leftovers to the lowest heads."""
+    P = R.shape[0]
 
     def blocks_for(level: float) -> np.ndarray:
         reach = R >= level
@@ -190,7 +266,7 @@ def allocate_budgets(
             hi_lv = mid
     b = blocks_for(lo_lv)
     left = total - int(b.sum())
-    rows = np.arange(L * H)
+    rows = np.arange(P)
     while left > 0:
         room = b < hi
         if not room.any():
@@ -199,19 +275,4 @@ def allocate_budgets(
         take = gain_order[: min(left, int(room.sum()))]
         b[take] += 1
         left -= take.size
-    budget = (b * block_k).astype(np.int32).reshape(L, H)
-    r_alloc = R[rows, b]
-    r_uni = R[:, uni]
-    report = {
-        "fraction": float(fraction),
-        "uniform_budget_keys": int(uni * block_k),
-        "budget_keys_min": int(budget.min()),
-        "budget_keys_max": int(budget.max()),
-        "budget_keys_mean": float(budget.mean()),
-        "budget_keys_per_layer": [float(x) for x in budget.mean(axis=1)],
-        "recall_uniform_mean": float(r_uni.mean()),
-        "recall_uniform_min": float(r_uni.min()),
-        "recall_allocated_mean": float(r_alloc.mean()),
-        "recall_allocated_min": float(r_alloc.min()),
-    }
-    return budget, report
+    return b
