@@ -191,14 +191,6 @@ def _check_step(q, k_u, v_u, arrays: dict, statics: dict, kw: dict, H: int) -> d
     return {"selection_exact": exact, "rel_err_vs_ref": rel_err(o[:, :2], o_r)}
 
 
-def _heads(ix: dict, n: int) -> dict:
-    out = dict(ix)
-    for name in ("keys", "values", "centroids", "log_sizes", "radius", "cluster_start", "cluster_size", "lo", "hi",
-                 "coarse_centroids", "coarse_log_sizes", "coarse_first", "coarse_count"):
-        out[name] = ix[name][:n]
-    return out
-
-
 def _fmt(r: dict) -> str:
     head = f"{r.get('section', '')[:18]:18s} {r.get('shape', ''):4s} {r.get('n_keys', 0) // 1024:4d}K " \
            f"{r.get('method', ''):16s} keep={r.get('keep', '')!s:6.6s}"
