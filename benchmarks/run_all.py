@@ -38,24 +38,32 @@ from benchmarks import bench_e2e, timing  # noqa: E402
 from benchmarks.report import write_benchmarks_md, write_plots  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+BREAKDOWN_STAGES = ("lookup_flat", "lookup_hierarchical", "select_fused", "select_unfused", "sparse_attention",
+                    "user_attention_merge")
+# MInference in the one-command run: the 128K target length and the configurations that answer it (dense
+# cuDNN / torch SDPA, A-shape, the paper's vertical-slash budget with its online index, block-sparse top-100,
+# the model backend with mixed per-head patterns); benchmarks/bench_minference.py alone covers more lengths.
+MINFERENCE_ONLY = "cudnn,a_shape_1k_4k,vs_est_1000_6096,bs_est_100,backend_mixed"
 FULL = {
-    "e2e_contexts": [32768, 131072, 524288], "e2e_shapes": ["gqa", "mha"], "keeps": [0.125, 0.0625, 1.0],
+    "e2e_contexts": [32768, 131072, 524288], "e2e_shapes": ["gqa", "mha"],
+    "keeps": {32768: [0.125], 131072: [0.125, 0.0625, 1.0], 524288: [0.125, 0.0625]},
     "hier_keeps": (0.125,), "hier_at": (131072,), "mha_contexts": (131072,),
     "kernel_contexts": [131072], "model_context": 130048, "model_layers": 4, "model_short": 32768,
-    "index_context": 131072, "index_layers": 32, "minference_lengths": "16384,32768,131072",
-    "lookup_contexts": [131072, 524288],
+    "index_context": 131072, "index_layers": 32, "minference_lengths": "131072",
+    "breakdown": {131072: BREAKDOWN_STAGES, 524288: ("lookup_flat", "lookup_hierarchical")},
 }
 SMOKE = {
-    "e2e_contexts": [1024], "e2e_shapes": ["gqa"], "keeps": [0.125], "hier_keeps": (0.125,), "hier_at": (1024,),
+    "e2e_contexts": [1024], "e2e_shapes": ["gqa"], "keeps": {1024: [0.125]}, "hier_keeps": (0.125,), "hier_at": (1024,),
     "mha_contexts": (),
     "kernel_contexts": [],
     "model_context": 0, "model_layers": 2, "model_short": 0, "index_context": 0, "index_layers": 2,
-    "minference_lengths": "", "lookup_contexts": [1024],
+    "minference_lengths": "", "breakdown": {1024: BREAKDOWN_STAGES},
 }
 
 
-def section(name: str, result: dict, fn, budget: timing.Budget, min_left: float) -> None:
-    """Runs one section, recording its rows, wall time, or the error (a failing section does not stop the run)."""
+def section(name: str, result: dict, fn, budget: timing.Budget, min_left: float, save=None) -> None:
+    """Runs one section, recording its rows, wall time, or the error (a failing section does not stop the run);
+    `save()` then writes the partial results (a run killed later keeps the finished sections)."""
     if budget.left() < min_left:
         result["sections"][name] = {"skipped": f"time budget ({budget.left():.0f} s left)"}
         return
@@ -68,16 +76,21 @@ def section(name: str, result: dict, fn, budget: timing.Budget, min_left: float)
         result["sections"][name] = {"error": repr(ex)[:500], "trace": traceback.format_exc()[-2000:],
                                     "wall_s": time.perf_counter() - t0}
         print(f"{name} failed: {ex!r}", flush=True)
+    if save is not None:
+        save()
 
 
-def breakdown_rows(contexts: list[int], read_bw: float) -> list[dict]:
+def breakdown_rows(stages_at: dict[int, tuple[str, ...]], read_bw: float) -> list[dict]:
     """The decode pipeline's stages timed alone (GQA, 8 KV heads x 4 query rows, 1/8 kept): flat and
-    hierarchical lookup, fused vs unfused selection, sparse attention, user-token attention + merge."""
+    hierarchical lookup, fused vs unfused selection, sparse attention, user-token attention + merge;
+    `stages_at` maps a context length to the stages timed there."""
     rows = []
-    for n in contexts:
+    for n, wanted in stages_at.items():
         ix, stages = _breakdown_stages(n)
         for name, (args, fn) in stages.items():
-            t = timing.device_time(fn, args, unroll=4, reps=3)
+            if name not in wanted:
+                continue
+            t = timing.device_time(fn, args, est_s=5e-5, unroll=1, reps=3)  # est: sets the loop length
             rows.append({"section": "breakdown", "n_keys": n, "method": name, "us": t * 1e6, "C": ix["C"],
                          "Cc": ix["Cc"]})
             print(rows[-1], flush=True)
@@ -173,7 +186,7 @@ def minference_rows(lengths: str, budget_s: float, smoke: bool) -> list[dict]:
         out = Path(tmp) / "mi.json"
         cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_minference.py"), "--out", str(out),
                "--budget-s", str(budget_s), "--no-tune"]
-        cmd += ["--smoke"] if smoke else ["--lengths", lengths]
+        cmd += ["--smoke"] if smoke else ["--lengths", lengths, "--only", MINFERENCE_ONLY, "--xla-max", "0"]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget_s + 120)
         print(proc.stdout[-4000:], proc.stderr[-2000:], flush=True)
@@ -202,6 +215,12 @@ def main(argv=None) -> int:
                                                                                                    sys.argv[1:])),
                              "smoke": args.smoke, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
                     "sections": {}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        result["meta"]["wall_s"] = args.time_budget - budget.left()
+        out.write_text(json.dumps(result, indent=1, default=str))
+
     copy_bw, read_bw = timing.copy_and_read_bandwidth(0.0625 if args.smoke else 1.0)
     result["meta"].update(copy_bw_Bps=copy_bw, read_bw_Bps=read_bw)
     if "ceilings" in wanted:
@@ -214,30 +233,28 @@ def main(argv=None) -> int:
                 for shape in cfg["e2e_shapes"]:
                     if shape == "mha" and n not in cfg["mha_contexts"]:
                         continue  # MHA only where it answers a question GQA does not (compile time dominates)
-                    rows += bench_e2e.attention_rows(n, shape, cfg["keeps"], read_bw, budget,
+                    rows += bench_e2e.attention_rows(n, shape, cfg["keeps"][n], read_bw, budget,
                                                      hier_keeps=cfg["hier_keeps"] if n in cfg["hier_at"] else ())
             return rows
-        section("e2e", result, e2e, budget, 20)
+        section("e2e", result, e2e, budget, 20, save)
     if "breakdown" in wanted:
-        section("breakdown", result, lambda: breakdown_rows(cfg["lookup_contexts"], read_bw), budget, 20)
+        section("breakdown", result, lambda: breakdown_rows(cfg["breakdown"], read_bw), budget, 20, save)
     if "model" in wanted and cfg["model_context"]:
         def model():
             rows = bench_e2e.model_rows(cfg["model_context"], cfg["model_layers"], 0.125, 32, budget)
             rows += bench_e2e.model_rows(cfg["model_short"], 2, 0.125, 32, budget, squeezed=False)
             return rows
-        section("model", result, model, budget, 90)
+        section("model", result, model, budget, 90, save)
     if "kernels" in wanted and cfg["kernel_contexts"]:
         section("kernels", result, lambda: kernel_rows(cfg["kernel_contexts"], copy_bw, read_bw, budget), budget,
-                60)
+                60, save)
     if "index" in wanted and cfg["index_context"]:
-        section("index", result, lambda: index_rows(cfg["index_context"], cfg["index_layers"], False), budget, 60)
+        section("index", result, lambda: index_rows(cfg["index_context"], cfg["index_layers"], False), budget, 60, save)
     if "minference" in wanted and (cfg["minference_lengths"] or args.smoke):
         section("minference", result,
                 lambda: minference_rows(cfg["minference_lengths"], max(30.0, budget.left() - 20), args.smoke),
-                budget, 45)
-    result["meta"]["wall_s"] = args.time_budget - budget.left()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
+                budget, 45, save)
+    save()
     print(f"wrote {out}")
     if not args.smoke or args.md:
         try:

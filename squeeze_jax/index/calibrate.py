@@ -24,6 +24,7 @@ i.e. S_j estimates the attention probability of one key of cluster j.
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 from typing import Any
 
@@ -222,13 +223,60 @@ def greedy_max_mean(R_PB: np.ndarray, start_P: np.ndarray, hi: int, total: int) 
 
     Each step gives the problem with the largest gain per block `(R[p, b + j] - R[p, b]) / j` (best j >= 1,
     so a flat stretch before a jump is crossed) its `j` blocks; ties go to the problem with the fewest blocks.
-    Optimal for concave curves.
+    Optimal for concave curves. The steps are the segments of each problem's upper concave hull taken in
+    decreasing rate from a heap (O(segments x width), seconds for 32 layers x 8 heads x 8K blocks); only the
+    last steps, where `total` cuts a segment short, scan every problem.
     """
     R = np.asarray(R_PB, np.float64)
     P, W = R.shape
     hi = min(int(hi), W - 1)
     b = np.minimum(np.asarray(start_P, np.int64).copy(), hi)
     left = int(total) - int(b.sum())
+
+    # each problem's upper concave hull from its start (collinear points kept: the shortest best step)
+    hulls = [_upper_hull(R[p], int(b[p]), hi) for p in range(P)]
+    pos = [0] * P
+
+    def seg(p: int) -> tuple[float, int]:
+        h, i = hulls[p], pos[p]
+        return (R[p, h[i + 1]] - R[p, h[i]]) / (h[i + 1] - h[i]), h[i + 1] - h[i]
+
+    def key(p: int) -> tuple[int, int, int]:  # rates equal to 1e-12 tie; ties go to the fewest blocks
+        return -round(seg(p)[0] * 1e12), int(b[p]), p
+
+    heap = [key(p) for p in range(P) if len(hulls[p]) > 1]
+    heapq.heapify(heap)
+    while left > 0 and heap:
+        _, _, p = heap[0]
+        _, j = seg(p)
+        if j > left:  # the best segment no longer fits: finish with bounded steps over every problem
+            break
+        heapq.heappop(heap)
+        b[p] += j
+        left -= j
+        pos[p] += 1
+        if pos[p] + 1 < len(hulls[p]):
+            heapq.heappush(heap, key(p))
+    return _bounded_greedy_steps(R, b, hi, left)
+
+
+def _upper_hull(r_W: np.ndarray, lo: int, hi: int) -> list[int]:
+    """Indices of the upper concave hull of points (i, r[i]), i in [lo, hi], collinear points kept."""
+    h: list[int] = []
+    for i in range(lo, hi + 1):
+        while len(h) >= 2:
+            a, m = h[-2], h[-1]
+            if (r_W[m] - r_W[a]) / (m - a) < (r_W[i] - r_W[m]) / (i - m) - 1e-12:
+                h.pop()  # m lies strictly below the chord a -> i
+            else:
+                break
+        h.append(i)
+    return h
+
+
+def _bounded_greedy_steps(R: np.ndarray, b: np.ndarray, hi: int, left: int) -> np.ndarray:
+    """The greedy's steps with every step bounded by the blocks left (scans all problems per step)."""
+    P, W = R.shape
     rows = np.arange(P)
     while left > 0:
         room = np.minimum(hi - b, left)
@@ -240,7 +288,7 @@ def greedy_max_mean(R_PB: np.ndarray, start_P: np.ndarray, hi: int, total: int) 
         gain = (R[rows[:, None], ahead] - R[rows, b][:, None]) / js[None, :]
         gain = np.where(js[None, :] <= room[:, None], gain, -np.inf)
         g_P = gain.max(axis=1)
-        j_P = np.argmax(gain >= g_P[:, None] - 1e-12, axis=1)  # the shortest step reaching the best rate
+        j_P = np.argmax(gain >= g_P[:, None] - 1e-12, axis=1)
         tied = g_P >= g_P.max() - 1e-12  # ties go to the problem with the fewest blocks: equal curves split evenly
         p = int(np.argmin(np.where(tied, b, np.iinfo(np.int64).max)))
         b[p] += j_P[p] + 1
