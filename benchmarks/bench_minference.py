@@ -40,7 +40,6 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -55,7 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from benchmarks.timing import Budget, median_time  # noqa: E402
+from benchmarks.timing import Budget, median_time, torch_time  # noqa: E402
 from models.kv_cache import LayerKV  # noqa: E402
 from pallas_kernels.block_sparse import (  # noqa: E402
     block_key_counts,
@@ -136,6 +135,7 @@ def device_time(fn: Callable[..., Any], args: tuple, reps: int = 3, target_s: fl
 
 
 def torch_time_ms(fn: Callable[[], Any], reps: int = 3) -> float:
+    """Milliseconds per call of a torch CUDA function (`timing.torch_time`, its batch sized from one call)."""
     import torch
 
     fn()
@@ -143,17 +143,7 @@ def torch_time_ms(fn: Callable[[], Any], reps: int = 3) -> float:
     t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
-    n = int(min(100, max(3, 0.25 / max(time.perf_counter() - t0, 1e-6))))
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / n)
-    return statistics.median(ts)
+    return torch_time(fn, time.perf_counter() - t0, reps=reps, min_calls=3, warmup=0) * 1e3
 
 
 # ----------------------------------------------------------------------------------------------------

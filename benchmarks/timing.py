@@ -95,12 +95,13 @@ def device_time(step: Callable[..., Any], args: tuple, **kw) -> float:
     return device_time_stats(step, args, **kw)["s"]
 
 
-def torch_time(fn: Callable[[], Any], est_s: float, reps: int = 5) -> float:
-    """Seconds per call of a torch CUDA function, timed with CUDA events over a batch of calls."""
+def torch_time(fn: Callable[[], Any], est_s: float, reps: int = 5, min_calls: int = 8, warmup: int = 3) -> float:
+    """Seconds per call of a torch CUDA function, timed with CUDA events over a batch of calls (batch sized
+    from the estimate `est_s`, at least `min_calls`)."""
     import torch
 
-    n = int(min(400, max(8, 0.05 / max(est_s, 1e-6))))
-    for _ in range(3):
+    n = int(min(400, max(min_calls, 0.05 / max(est_s, 1e-6))))
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     ts = []
