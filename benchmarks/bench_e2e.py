@@ -257,7 +257,7 @@ def model_rows(context: int, n_layers: int, keep: float, new_tokens: int, budget
             icfg = IndexConfig(budgets=(keep,), progress=False, prefill_chunk=512)
             index, report = build_index_report(model, ctx, icfg)
             backend = ContextAttention(policy="squeezed", max_budget=keep)
-            state = ContextState.create(index, jnp.full((index.n_layers, 1), keep, jnp.float32), backend.block_k)
+            state = ContextState.for_backend(index, jnp.full((index.n_layers, 1), keep, jnp.float32), backend)
             kw = dict(sampling=sampling, backend=backend, backend_state=state, position_offset=context)
             generate(model, [question.tolist()], **kw)
             res = [generate(model, [question.tolist()], **kw) for _ in range(2)]

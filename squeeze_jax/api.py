@@ -91,7 +91,7 @@ def ask(
         B *= 2
     budget_B = jnp.asarray(budgets + [budgets[0]] * (B - n), jnp.float32)
     # every backend-state leaf carries the layer axis the model scans over
-    state = ContextState.create(index, jnp.broadcast_to(budget_B, (index.n_layers, B)), backend.block_k)
+    state = ContextState.for_backend(index, jnp.broadcast_to(budget_B, (index.n_layers, B)), backend)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               stop_tokens=tuple(model.config.eos_token_ids) + _im_end(tokenizer))
     return generate(model, prompts, tokenizer=tokenizer, sampling=sampling, backend=backend,

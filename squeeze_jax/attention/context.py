@@ -45,11 +45,13 @@ from pallas_kernels.common import has_gpu
 from pallas_kernels.merge import dense_attention_lse, merge_attention
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref
 from pallas_kernels.sparse_prefill import sparse_prefill, sparse_prefill_ref
+from squeeze_jax.index.bounds import index_box_table, signed_split
 
 BLOCK_POLICIES = ("dense", "squeezed", "oracle")
 KEY_POLICIES = ("oracle_key", "streaming", "quest", "random")
 POLICIES = BLOCK_POLICIES + KEY_POLICIES
 ALLOCATIONS = ("auto", "uniform", "calibrated")
+SCORES = ("mean", "radius", "box")
 QUEST_PAGE = 16
 # The fused selection kernel runs one program per (row, KV head) over all key blocks: on the H100 it beats the
 # unfused XLA path at 8K blocks (128K keys of 16: 26 vs 62 us) and loses at 32K blocks (226 vs 118 us).
@@ -69,14 +71,28 @@ class ContextState:
     budget_B: jax.Array
     block_lo_LHB: jax.Array | None = None
     block_hi_LHB: jax.Array | None = None
+    box_table_LHCE: jax.Array | None = None
 
     @classmethod
-    def create(cls, index, budget_LB: jax.Array, block_k: int = 16) -> ContextState:
-        """State with the block -> cluster tables for `block_k` (the backend's key-block size) precomputed."""
+    def create(cls, index, budget_LB: jax.Array, block_k: int = 16, box_weight: float | None = None
+               ) -> ContextState:
+        """State with the block -> cluster tables for `block_k` (the backend's key-block size) precomputed, and
+        with `box_weight`, the box-score table of `score="box"` (squeeze_jax/index/bounds.py) in the keys' dtype."""
         n_blocks = index.keys_LHND.shape[2] // block_k
         ranges = jax.jit(jax.vmap(functools.partial(block_cluster_ranges, n_blocks=n_blocks, block_k=block_k)))
         lo, hi = ranges(index.cluster_start_LHC, index.cluster_size_LHC)
-        return cls(index=index, budget_B=budget_LB, block_lo_LHB=lo, block_hi_LHB=hi)
+        table = None
+        if box_weight is not None:
+            build = jax.jit(jax.vmap(functools.partial(index_box_table, box_weight=float(box_weight),
+                                                       dtype=index.keys_LHND.dtype)))
+            table = build(index.keys_LHND, index.centroids_LHCD, index.cluster_start_LHC, index.cluster_size_LHC)
+        return cls(index=index, budget_B=budget_LB, block_lo_LHB=lo, block_hi_LHB=hi, box_table_LHCE=table)
+
+    @classmethod
+    def for_backend(cls, index, budget_LB: jax.Array, backend: ContextAttention) -> ContextState:
+        """`create` with what `backend` reads: its block size, and the box table when it scores boxes."""
+        return cls.create(index, budget_LB, backend.block_k,
+                          backend.box_weight if backend.policy == "squeezed" and backend.score == "box" else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +151,7 @@ class ContextAttention:
     block_q: int = 1  # user tokens sharing one selection in prefill; per token keeps needle recall
     score: str = "mean"
     radius_weight: float = 1.0
+    box_weight: float = 1.0
     agg: str = "max"
     hierarchical: bool = False
     coarse_keep_fraction: float = 0.25
@@ -153,10 +170,14 @@ class ContextAttention:
             raise ValueError(f"max_head_share must be >= 1, got {self.max_head_share}")
         if not 0.0 < self.max_budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {self.max_budget}")
-        if self.score not in ("mean", "radius"):
-            raise ValueError(f"unknown score {self.score!r}; expected 'mean' or 'radius'")
+        if self.score not in SCORES:
+            raise ValueError(f"unknown score {self.score!r}; expected one of {SCORES}")
         if self.agg not in ("max", "mean"):
             raise ValueError(f"unknown agg {self.agg!r}; expected 'max' or 'mean'")
+        if not 0.0 <= self.box_weight <= 1.0:
+            raise ValueError(f"box_weight must be in [0, 1], got {self.box_weight}")
+        if self.score == "box" and self.hierarchical:
+            raise ValueError("score='box' runs the flat lookup; use hierarchical=False")
 
     def _calibrated(self, idx) -> bool:
         """Whether this layer's selection uses the index's calibrated per-head budgets (static)."""
@@ -191,7 +212,8 @@ class ContextAttention:
 
         # fixed context: sparse
         o_ctx, lse_ctx, aux = self._context(q_BHTGD, seq_lens_B, idx, layer_state.budget_B,
-                                            (layer_state.block_lo_LHB, layer_state.block_hi_LHB))
+                                            (layer_state.block_lo_LHB, layer_state.block_hi_LHB),
+                                            layer_state.box_table_LHCE)
         o, _ = merge_attention(o_ctx.astype(jnp.float32), lse_ctx, o_user.astype(jnp.float32), lse_user)
         out = o.transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D).astype(q_BTHqD.dtype)
         if self.fidelity:
@@ -221,7 +243,7 @@ class ContextAttention:
         k_BH = jnp.clip(k_BH, min(fixed_blocks + 1, capacity), min(capacity, n_blocks_valid + fixed_blocks))
         return k_BH, capacity
 
-    def _context(self, q_BHTGD, seq_lens_B, idx, budget_B, block_ranges=(None, None)):
+    def _context(self, q_BHTGD, seq_lens_B, idx, budget_B, block_ranges=(None, None), box_table_HCE=None):
         B, H, T, G, D = q_BHTGD.shape
         if self.policy in KEY_POLICIES:
             return self._key_policy(q_BHTGD, idx, budget_B)
@@ -251,11 +273,12 @@ class ContextAttention:
             if lo_HB.shape != (H, nb):
                 raise ValueError(f"ContextState block tables are for {lo_HB.shape[-1]} blocks, the backend uses {nb} "
                                  f"(block_k={self.block_k}); build the state with ContextState.create(..., block_k)")
-            ids, count = select_blocks(self._cluster_scores(rows_BHRD, idx), idx.cluster_size, lo_HB, hi_HB, k_rows,
+            ids, count = select_blocks(self._cluster_scores(rows_BHRD, idx, box_table_HCE), idx.cluster_size,
+                                       lo_HB, hi_HB, k_rows,
                                        n_blocks=nb, capacity=capacity, fixed_blocks=-(-idx.n_fixed // self.block_k),
                                        interpret=self.interpret)
         else:
-            bscores = self._block_scores(rows_BHRD, idx, nb)
+            bscores = self._block_scores(rows_BHRD, idx, nb, box_table_HCE)
             ids, count = selection.select_topk(bscores, k_rows, capacity)
         pallas = self._pallas()
         attend_decode = sparse_decode if pallas else sparse_decode_ref
@@ -277,9 +300,17 @@ class ContextAttention:
                                                     T, self.block_q)
         return o, lse, aux
 
-    def _cluster_scores(self, rows_BHRD, idx):
+    def _cluster_scores(self, rows_BHRD, idx, box_table_HCE=None):
         """Squeezed policy: the estimated log-probability of every fine cluster, [rows, H, C]."""
         log_sizes = jnp.log(jnp.maximum(idx.cluster_size, 1).astype(jnp.float32))
+        if self.score == "box":  # centroid dot in 2D: [q+, q-] . [c + w (hi - c), c + w (lo - c)]
+            if box_table_HCE is None:
+                box_table_HCE = index_box_table(idx.keys, idx.centroids, idx.cluster_start, idx.cluster_size,
+                                                self.box_weight)
+            fn = centroid_lookup.centroid_scores if self._pallas() else centroid_lookup.centroid_scores_ref
+            q2 = signed_split(rows_BHRD)
+            return fn(q2, box_table_HCE, log_sizes, jnp.zeros_like(log_sizes), score="mean", agg=self.agg,
+                      scale=1.0 / math.sqrt(rows_BHRD.shape[-1]), interpret=self.interpret)
         if self.hierarchical and idx.coarse_centroids is not None:
             n_coarse = idx.coarse_centroids.shape[1]
             hfn = centroid_lookup.hierarchical_scores if self._pallas() else centroid_lookup.hierarchical_scores_ref
@@ -293,10 +324,11 @@ class ContextAttention:
         return fn(rows_BHRD, idx.centroids, log_sizes, idx.radius, score=self.score,
                   radius_weight=self.radius_weight, agg=self.agg, interpret=self.interpret)
 
-    def _block_scores(self, rows_BHRD, idx, nb):
+    def _block_scores(self, rows_BHRD, idx, nb, box_table_HCE=None):
         fixed_blocks = -(-idx.n_fixed // self.block_k)
         if self.policy == "squeezed":
-            return selection.block_scores(self._cluster_scores(rows_BHRD, idx), idx.cluster_start, idx.cluster_size,
+            return selection.block_scores(self._cluster_scores(rows_BHRD, idx, box_table_HCE), idx.cluster_start,
+                                          idx.cluster_size,
                                           n_blocks=nb, block_k=self.block_k, fixed_blocks=fixed_blocks)
         # dense / oracle: exact per-key logits, max over the rows sharing the selection, max within a block
         logits_BHRN = jnp.einsum("bhrd,hnd->bhrn", rows_BHRD.astype(jnp.float32), idx.keys.astype(jnp.float32))

@@ -49,7 +49,7 @@ BUILTIN_METHODS: dict[str, dict[str, Any]] = {
     "quest": {"policy": "quest"},
     "random": {"policy": "random"},
 }
-BACKEND_OPTIONS = ("policy", "block_k", "block_q", "score", "radius_weight", "agg", "hierarchical",
+BACKEND_OPTIONS = ("policy", "block_k", "block_q", "score", "radius_weight", "box_weight", "agg", "hierarchical",
                    "coarse_keep_fraction", "allocation", "max_head_share")
 RESULTS_FILE = "results.jsonl"
 

@@ -358,7 +358,7 @@ class ContextMInference:
         q_BHTGD = q_BTHqD.reshape(B, T, H, G, D).transpose(0, 2, 1, 3, 4)
         ctx = layer_state.context
         o_ctx, lse_ctx, aux = self.context._context(q_BHTGD, seq_lens_B, idx, ctx.budget_B,
-                                                    (ctx.block_lo_LHB, ctx.block_hi_LHB))
+                                                    (ctx.block_lo_LHB, ctx.block_hi_LHB), ctx.box_table_LHCE)
         o, _ = merge_attention(o_ctx.astype(jnp.float32), lse_ctx, o_user, lse_user)
         out = o.transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D).astype(q_BTHqD.dtype)
         return out, new_kv, {**aux, "user_kept_fraction": aux_user["kept_fraction"]}
