@@ -256,7 +256,7 @@ def model_rows(context: int, n_layers: int, keep: float, new_tokens: int, budget
         try:
             icfg = IndexConfig(budgets=(keep,), progress=False, prefill_chunk=512)
             index, report = build_index_report(model, ctx, icfg)
-            backend = ContextAttention(policy="squeezed", max_budget=keep)
+            backend = ContextAttention(policy="squeezed", max_budget=keep, score="mean")  # as attention_rows time
             state = ContextState.for_backend(index, jnp.full((index.n_layers, 1), keep, jnp.float32), backend)
             kw = dict(sampling=sampling, backend=backend, backend_state=state, position_offset=context)
             generate(model, [question.tolist()], **kw)

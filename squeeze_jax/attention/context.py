@@ -7,7 +7,9 @@ The user and generated tokens live in the model's KV cache. For every layer:
 
 Policies that run on the Pallas kernels select aligned key blocks (see ARCHITECTURE.md):
   dense      every valid block (exact full attention; the baseline with a prefix KV cache)
-  squeezed   centroid lookup -> block scores -> top-k blocks per KV head (per decode step / per query block)
+  squeezed   centroid lookup -> block scores -> top-k blocks per KV head (per decode step / per query block);
+             cluster scores "box" (default: a quarter of the way from the centroid logit to the cluster's
+             key-box upper bound, squeeze_jax/index/bounds.py), "mean" (centroid logit) or "radius"
   oracle     exact per-block max logit -> top-k blocks (an upper bound for block selection)
 Policies evaluated at key granularity through the masked jnp path (for baselines and fidelity studies):
   oracle_key  exact top-k keys per KV group;  streaming  sinks + most recent keys;
@@ -149,9 +151,9 @@ class ContextAttention:
     max_budget: float = 0.125
     block_k: int = 16
     block_q: int = 1  # user tokens sharing one selection in prefill; per token keeps needle recall
-    score: str = "mean"
+    score: str = "box"
     radius_weight: float = 1.0
-    box_weight: float = 1.0
+    box_weight: float = 0.25
     agg: str = "max"
     hierarchical: bool = False
     coarse_keep_fraction: float = 0.25
@@ -177,7 +179,8 @@ class ContextAttention:
         if not 0.0 <= self.box_weight <= 1.0:
             raise ValueError(f"box_weight must be in [0, 1], got {self.box_weight}")
         if self.score == "box" and self.hierarchical:
-            raise ValueError("score='box' runs the flat lookup; use hierarchical=False")
+            raise ValueError("score='box' (the default) runs the flat lookup; the hierarchical lookup scores "
+                             "centroids: pass score='mean' with hierarchical=True")
 
     def _calibrated(self, idx) -> bool:
         """Whether this layer's selection uses the index's calibrated per-head budgets (static)."""
