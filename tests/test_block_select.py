@@ -98,7 +98,7 @@ def test_context_attention_fused_selection_matches_unfused():
     q = jax.random.normal(jax.random.fold_in(key, 2), (L, 28, H * G, D))
     cfg = IndexConfig(window=28, centroid_fraction=0.1, iters=3, budgets=(0.25,), progress=False)
     index = build_index_from_kv(k, v, q, cfg)
-    backend = ContextAttention(max_budget=0.25, use_pallas=True, interpret=True)
+    backend = ContextAttention(max_budget=0.25, use_pallas=True, interpret=True, score="mean")
     budget = jnp.full((L, 1), 0.25, jnp.float32)
     fused, plain = ContextState.create(index, budget, backend.block_k), ContextState(index, budget)
     B, T = 1, 1

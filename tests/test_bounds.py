@@ -116,13 +116,19 @@ def test_context_attention_box_score_pallas_matches_jnp_and_precomputed_table(T)
     for use_pallas in (True, False):
         backend = ContextAttention(max_budget=0.25, score="box", box_weight=0.25, use_pallas=use_pallas,
                                    interpret=True if use_pallas else None)
-        for state in (ContextState.for_backend(index, budget, backend), ContextState(index, budget)):
+        states = [ContextState.for_backend(index, budget, backend)]
+        if use_pallas:  # the kernel path never rebuilds the boxes per step
+            with pytest.raises(ValueError, match="for_backend"):
+                backend(*args, jax.tree.map(lambda a: a[0], ContextState(index, budget)))
+        else:  # the jnp path builds them on the fly
+            states.append(ContextState(index, budget))
+        for state in states:
             out, _, aux = backend(*args, jax.tree.map(lambda a: a[0], state))
             outs.append(np.asarray(out))
             assert 0.0 < float(aux["kept_fraction"]) <= 0.3
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], rtol=2e-5, atol=2e-5)
-    mean = ContextAttention(max_budget=0.25, use_pallas=False)
+    mean = ContextAttention(max_budget=0.25, use_pallas=False, score="mean")
     out_mean = np.asarray(mean(*args, jax.tree.map(lambda a: a[0], ContextState(index, budget)))[0])
     assert not np.allclose(out_mean, outs[0])  # the box score selects differently
 

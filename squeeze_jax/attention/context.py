@@ -308,6 +308,9 @@ class ContextAttention:
         log_sizes = jnp.log(jnp.maximum(idx.cluster_size, 1).astype(jnp.float32))
         if self.score == "box":  # centroid dot in 2D: [q+, q-] . [c + w (hi - c), c + w (lo - c)]
             if box_table_HCE is None:
+                if self._pallas():  # building the boxes every step would read every key: not for the kernel path
+                    raise ValueError("score='box' on the kernel path needs the precomputed box table: build the state "
+                                     "with ContextState.for_backend(index, budget, backend)")
                 box_table_HCE = index_box_table(idx.keys, idx.centroids, idx.cluster_start, idx.cluster_size,
                                                 self.box_weight)
             fn = centroid_lookup.centroid_scores if self._pallas() else centroid_lookup.centroid_scores_ref
