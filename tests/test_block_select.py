@@ -85,10 +85,8 @@ def test_select_blocks_lowers_for_h100():
     assert has_triton_call(txt)
 
 
-def test_context_attention_fused_selection_matches_unfused():
-    """ContextAttention with precomputed block tables (fused kernel) == without them (block_scores + top-k)."""
-    from models.kv_cache import LayerKV
-    from squeeze_jax.attention.context import ContextAttention, ContextState
+def tiny_index():
+    """A one-layer context index of 640 random keys (2 KV heads x 2 query heads each, d16), and (H, G, D)."""
     from squeeze_jax.index import IndexConfig, build_index_from_kv
 
     L, N, H, G, D = 1, 640, 2, 2, 16
@@ -97,7 +95,17 @@ def test_context_attention_fused_selection_matches_unfused():
     v = jax.random.normal(jax.random.fold_in(key, 1), (L, H, N, D))
     q = jax.random.normal(jax.random.fold_in(key, 2), (L, 28, H * G, D))
     cfg = IndexConfig(window=28, centroid_fraction=0.1, iters=3, budgets=(0.25,), progress=False)
-    index = build_index_from_kv(k, v, q, cfg)
+    return build_index_from_kv(k, v, q, cfg), (H, G, D)
+
+
+def test_context_attention_fused_selection_matches_unfused():
+    """ContextAttention with precomputed block tables (fused kernel) == without them (block_scores + top-k)."""
+    from models.kv_cache import LayerKV
+    from squeeze_jax.attention.context import ContextAttention, ContextState
+
+    index, (H, G, D) = tiny_index()
+    L = 1
+    key = jax.random.key(0)
     backend = ContextAttention(max_budget=0.25, use_pallas=True, interpret=True, score="mean")
     budget = jnp.full((L, 1), 0.25, jnp.float32)
     fused, plain = ContextState.create(index, budget, backend.block_k), ContextState(index, budget)

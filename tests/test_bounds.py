@@ -13,6 +13,7 @@ import pytest
 from pallas_kernels.centroid_lookup import centroid_scores, centroid_scores_ref
 from pallas_kernels.common import has_triton_call, lower_for_h100
 from squeeze_jax.index.bounds import box_table, cluster_boxes, index_box_table, signed_split
+from tests.test_block_select import tiny_index
 
 
 def _clusters(seed: int, H: int = 2, D: int = 16, n_fixed: int = 32):
@@ -86,24 +87,12 @@ def test_lookup_kernel_on_the_box_table_matches_reference(R, D, agg, dtype):
     np.testing.assert_allclose(np.asarray(got)[fin], np.asarray(want)[fin], rtol=tol, atol=tol)
 
 
-def _tiny_index():
-    from squeeze_jax.index import IndexConfig, build_index_from_kv
-
-    L, N, H, G, D = 1, 640, 2, 2, 16
-    key = jax.random.key(0)
-    k = jax.random.normal(key, (L, H, N, D))
-    v = jax.random.normal(jax.random.fold_in(key, 1), (L, H, N, D))
-    q = jax.random.normal(jax.random.fold_in(key, 2), (L, 28, H * G, D))
-    cfg = IndexConfig(window=28, centroid_fraction=0.1, iters=3, budgets=(0.25,), progress=False)
-    return build_index_from_kv(k, v, q, cfg), (H, G, D)
-
-
 @pytest.mark.parametrize("T", [1, 5])
 def test_context_attention_box_score_pallas_matches_jnp_and_precomputed_table(T):
     from models.kv_cache import LayerKV
     from squeeze_jax.attention.context import ContextAttention, ContextState
 
-    index, (H, G, D) = _tiny_index()
+    index, (H, G, D) = tiny_index()
     budget = jnp.full((1, 2), 0.25, jnp.float32)
     key = jax.random.key(7)
     B = 2
