@@ -87,8 +87,11 @@ def cmd_ask(args) -> int:
     _, model, tok = _load_model(args.model)
     index = load_index(args.index, expected_model_fingerprint=model_fingerprint(model))
     t = time.perf_counter()
+    from squeeze_jax.attention.context import ContextAttention
+
+    backend = ContextAttention(policy=args.policy, max_budget=args.budget, score=args.score)
     res = ask(model, tok, index, args.question, policy=args.policy, budget=args.budget,
-              max_new_tokens=args.max_new_tokens)
+              max_new_tokens=args.max_new_tokens, backend=backend)
     wall = time.perf_counter() - t
     kept = res.stats.get("prefill", {}).get("kept_fraction")
     for q, a in zip(args.question, res.texts):
@@ -143,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model", default=DEFAULT_MODEL)
     a.add_argument("--policy", default="squeezed")
     a.add_argument("--budget", type=float, default=0.125, help="fraction of context keys attended, in (0, 1]")
+    a.add_argument("--score", default="box", choices=("box", "mean", "radius"),
+                   help="squeezed cluster score: key-box bound (default) or centroid mean")
     a.add_argument("--max-new-tokens", type=int, default=24)
     a.set_defaults(fn=cmd_ask)
 
