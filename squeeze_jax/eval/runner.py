@@ -681,7 +681,8 @@ def selection_fidelity(index, q_LBTHqD: np.ndarray, seq_lens: np.ndarray, backen
 
 
 def centroid_reads(index, options: dict[str, Any]) -> float:
-    """Metadata rows (one K row each) read per selection and KV head: all fine centroids (flat squeezed), or
+    """Metadata rows (one K row each) read per selection and KV head: all fine centroids (flat squeezed; two rows
+    per cluster for the box score's 2D table, stored in the keys' dtype), or
     the coarse centroids plus the fine ones under the kept coarse clusters (hierarchical; estimated as keep
     fraction x fine), or Quest's per-page min and max keys (2 rows per page). The oracles and streaming
     read none (the oracles are unimplementable references)."""
@@ -697,7 +698,7 @@ def centroid_reads(index, options: dict[str, Any]) -> float:
         keep = float(options.get("coarse_keep_fraction", 0.25))
         Cc = float(index.n_coarse)
         return Cc + C * max(1, round(keep * Cc)) / Cc
-    return C
+    return 2.0 * C if options.get("score", "box") == "box" else C  # the box table is 2D wide per cluster
 
 
 def interpolate_at_bytes(points: Sequence[tuple[float, float]], target: float) -> float | None:
