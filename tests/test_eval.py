@@ -295,7 +295,8 @@ def test_selection_fidelity_bounds(tiny):
     np.testing.assert_allclose(out["oracle_key", "decode"]["recall_per_layer"],
                                out["oracle_key", "prefill"]["recall_per_layer"], rtol=1e-5)
     assert len(out["squeezed", "decode"]["recall_per_layer"]) == 2
-    assert runner.centroid_reads(index, {"policy": "squeezed"}) == index.n_clusters
+    assert runner.centroid_reads(index, {"policy": "squeezed", "score": "mean"}) == index.n_clusters
+    assert runner.centroid_reads(index, {"policy": "squeezed"}) == 2 * index.n_clusters  # box table: 2D wide
     assert runner.centroid_reads(index, {"policy": "oracle"}) == 0.0
     assert runner.centroid_reads(index, {"policy": "quest"}) == 2 * (320 // 16)
 
