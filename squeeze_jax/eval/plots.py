@@ -61,11 +61,7 @@ def plot_metric(records: Sequence[dict[str, Any]], metric: str, path: str | Path
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curves(records: Sequence[dict[str, Any]], out_dir: str | Path,
@@ -109,12 +105,7 @@ def plot_study(summary: dict[str, Any], path: str | Path) -> Path:
         ax.set_title(f"{summary['name']}: {mode}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_recall_vs_budget(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str = "",
@@ -147,12 +138,18 @@ def plot_recall_vs_budget(rows: Sequence[dict[str, Any]], path: str | Path, *, t
             ax.set_ylabel(f"{ylabel} ({mode})")
             ax.set_title(f"{title} {length}-token contexts")
             ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+__all__ = ["metric_curves", "plot_curves", "plot_metric", "plot_recall_vs_budget", "plot_study"]
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Writes `fig` as a PNG at `path` (parent folders created) and closes it."""
+    plt = _pyplot()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-__all__ = ["metric_curves", "plot_curves", "plot_metric", "plot_recall_vs_budget", "plot_study"]
