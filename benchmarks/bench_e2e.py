@@ -31,12 +31,14 @@ from pallas_kernels.merge import dense_attention_lse, merge_attention
 from pallas_kernels.selection import block_scores, select_topk
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref
 from squeeze_jax.attention.context import FUSED_SELECT_MAX_BLOCKS
+from squeeze_jax.index.bounds import index_box_table, signed_split
 
 D = 128
 ITEM = 2
 BLOCK_K = 16
 N_FIXED = 128  # sinks + window of the synthetic index (a multiple of the key block)
 USER = 512  # user/generated tokens attended densely
+BOX_WEIGHT = 0.25  # the library's default cluster score (ContextAttention(score="box", box_weight=0.25))
 SHAPES = {"gqa": (32, 8), "mha": (32, 32)}
 
 
@@ -75,14 +77,11 @@ def synthetic_index(n_keys: int, H: int, seed: int, centroid_fraction: float = 0
 
 
 def squeezed_step(q_BHGD, k_user_BHUD, v_user_BHUD, ix: dict, *, keep_blocks: int, hierarchical: bool,
-                  coarse_keep: int, n_keys: int, reference: bool = False):
+                  coarse_keep: int, n_keys: int, score: str = "mean", reference: bool = False):
     """One layer's decode attention for one token: lookup, block selection, sparse + user attention, merge."""
     B, H, G, _ = q_BHGD.shape
-    fine = (ix["centroids"], ix["log_sizes"], ix["radius"])
-    if reference:
-        scores = centroid_scores_ref(q_BHGD, *fine)
-    else:
-        scores = _lookup(q_BHGD, ix, {}, dict(hierarchical=hierarchical, coarse_keep=coarse_keep))
+    scores = _lookup(q_BHGD, ix, {}, dict(hierarchical=hierarchical, coarse_keep=coarse_keep, score=score),
+                     reference=reference)
     k_BH = jnp.full((B, H), keep_blocks, jnp.int32)
     if reference or ix["n_blocks"] <= FUSED_SELECT_MAX_BLOCKS:
         sel = select_blocks_ref if reference else select_blocks
@@ -102,11 +101,16 @@ def squeezed_step(q_BHGD, k_user_BHUD, v_user_BHUD, ix: dict, *, keep_blocks: in
 
 
 def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, budget: Budget,
-                   check: bool = True, hier_keeps: tuple[float, ...] = (0.125,)) -> list[dict]:
-    """Dense vs squeezed (flat / hierarchical, each kept fraction) for one context length and head shape."""
+                   check: bool = True, hier_keeps: tuple[float, ...] = (0.125,),
+                   box_keeps: tuple[float, ...] = ()) -> list[dict]:
+    """Dense vs squeezed (flat / hierarchical, each kept fraction; flat with box-bound cluster scores at
+    `box_keeps`) for one context length and head shape. Flat and hierarchical rows score cluster means."""
     Hq, H = SHAPES[shape]
     G = Hq // H
     ix = synthetic_index(n_keys, H, seed=n_keys + H)
+    if box_keeps:  # [H, C, 2D] in the keys' dtype, as ContextState.for_backend builds it
+        ix["box_table"] = jax.jit(lambda *a: index_box_table(*a, BOX_WEIGHT, dtype=jnp.bfloat16))(
+            ix["keys"], ix["centroids"], ix["cluster_start"], ix["cluster_size"])
     key = jax.random.PRNGKey(7)
     q = jax.random.normal(key, (1, H, G, D), jnp.bfloat16)
     k_u = jax.random.normal(jax.random.fold_in(key, 1), (1, H, USER, D), jnp.bfloat16)
@@ -133,45 +137,54 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
         except Exception as ex:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
             rows.append({**base, "method": f"dense_{impl}", "error": repr(ex)[:300]})
     del k_all, v_all
-    for hierarchical in (False, True):
-        for keep in (hier_keeps if hierarchical else keeps):
-            if budget.left() < 10:
-                rows.append({**base, "method": "squeezed", "keep": keep, "skipped": "time budget"})
-                continue
-            keep_blocks = max(N_FIXED // BLOCK_K + 1, int(round(keep * ix["n_blocks"])))
-            coarse_keep = max(1, ix["Cc"] // 4)
-            kw = dict(keep_blocks=keep_blocks, hierarchical=hierarchical, coarse_keep=coarse_keep, n_keys=n_keys)
-            statics = {k: v for k, v in ix.items() if not isinstance(v, jax.Array)}
-            arrays = {k: v for k, v in ix.items() if isinstance(v, jax.Array)}
-            step = jax.jit(lambda q, ku, vu, arr, kw=kw, st=statics: squeezed_step(q, ku, vu, {**st, **arr}, **kw))
-            name = "squeezed_hier" if hierarchical else "squeezed_flat"
-            row = {**base, "method": name, "keep": keep, "blocks": keep_blocks}
-            t_row = time.perf_counter()
-            try:
-                out = step(q, k_u, v_u, arrays)
-                if check:
-                    row.update(_check_step(q, k_u, v_u, arrays, statics, kw, H))
-                    if keep >= 1.0 and ref_out is not None and not hierarchical:
-                        row["rel_err_vs_dense"] = rel_err(out.reshape(q_dense.shape), ref_out)
-                est = median_time(lambda step=step, arr=arrays: step(q, k_u, v_u, arr), 3) / 2
-                t = device_time(lambda i, q, ku, vu, arr, step=step: step(q, ku, vu, arr), (q, k_u, v_u, arrays),
-                                est_s=est, unroll=2, reps=3)
-                nbytes = (2 * H * keep_blocks * BLOCK_K * D * ITEM + 2 * H * USER * D * ITEM
-                          + H * (ix["Cc"] if hierarchical else ix["C"]) * (D * 4 + 8) + H * ix["n_blocks"] * 8)
-                row.update(us=t * 1e6, bytes=nbytes, read_roofline=nbytes / t / read_bw,
-                           speedup_vs_best_dense=(best / t) if best else None)
-            except Exception as ex:  # noqa: BLE001
-                row["error"] = repr(ex)[:400]
-            row["wall_s"] = time.perf_counter() - t_row  # compile + check + timing (the runner's time budget)
-            rows.append(row)
+    variants = [(False, "mean", k) for k in keeps] + [(True, "mean", k) for k in hier_keeps]
+    variants += [(False, "box", k) for k in box_keeps]
+    for hierarchical, score, keep in variants:
+        if budget.left() < 10:
+            rows.append({**base, "method": "squeezed", "keep": keep, "skipped": "time budget"})
+            continue
+        keep_blocks = max(N_FIXED // BLOCK_K + 1, int(round(keep * ix["n_blocks"])))
+        coarse_keep = max(1, ix["Cc"] // 4)
+        kw = dict(keep_blocks=keep_blocks, hierarchical=hierarchical, coarse_keep=coarse_keep, n_keys=n_keys,
+                  score=score)
+        statics = {k: v for k, v in ix.items() if not isinstance(v, jax.Array)}
+        arrays = {k: v for k, v in ix.items() if isinstance(v, jax.Array)}
+        step = jax.jit(lambda q, ku, vu, arr, kw=kw, st=statics: squeezed_step(q, ku, vu, {**st, **arr}, **kw))
+        name = "squeezed_hier" if hierarchical else ("squeezed_box" if score == "box" else "squeezed_flat")
+        row = {**base, "method": name, "keep": keep, "blocks": keep_blocks}
+        t_row = time.perf_counter()
+        try:
+            out = step(q, k_u, v_u, arrays)
+            if check:
+                row.update(_check_step(q, k_u, v_u, arrays, statics, kw, H))
+                if keep >= 1.0 and ref_out is not None and not hierarchical:
+                    row["rel_err_vs_dense"] = rel_err(out.reshape(q_dense.shape), ref_out)
+            est = median_time(lambda step=step, arr=arrays: step(q, k_u, v_u, arr), 3) / 2
+            t = device_time(lambda i, q, ku, vu, arr, step=step: step(q, ku, vu, arr), (q, k_u, v_u, arrays),
+                            est_s=est, unroll=2, reps=3)
+            table_row = 2 * D * ITEM if score == "box" else D * 4  # box table [2D] bf16; centroids [D] f32
+            nbytes = (2 * H * keep_blocks * BLOCK_K * D * ITEM + 2 * H * USER * D * ITEM
+                      + H * (ix["Cc"] if hierarchical else ix["C"]) * (table_row + 8) + H * ix["n_blocks"] * 8)
+            row.update(us=t * 1e6, bytes=nbytes, read_roofline=nbytes / t / read_bw,
+                       speedup_vs_best_dense=(best / t) if best else None)
+        except Exception as ex:  # noqa: BLE001
+            row["error"] = repr(ex)[:400]
+        row["wall_s"] = time.perf_counter() - t_row  # compile + check + timing (the runner's time budget)
+        rows.append(row)
     for r in rows:
         print(_fmt(r), flush=True)
     return rows
 
 
-def _lookup(q, arrays: dict, statics: dict, kw: dict):
+def _lookup(q, arrays: dict, statics: dict, kw: dict, reference: bool = False):
     ix = {**statics, **arrays}
     fine = (ix["centroids"], ix["log_sizes"], ix["radius"])
+    flat = centroid_scores_ref if reference else centroid_scores
+    if kw.get("score") == "box":  # [q+, q-] . box table, as ContextAttention's default score
+        return flat(signed_split(q), ix["box_table"], ix["log_sizes"], jnp.zeros_like(ix["log_sizes"]),
+                    score="mean", scale=1.0 / float(np.sqrt(q.shape[-1])))
+    if reference:
+        return centroid_scores_ref(q, *fine)
     if kw["hierarchical"]:
         return hierarchical_scores(q, ix["coarse_centroids"], ix["coarse_log_sizes"], ix["coarse_first"],
                                    ix["coarse_count"], *fine, coarse_keep=kw["coarse_keep"],

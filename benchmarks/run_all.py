@@ -48,13 +48,14 @@ FULL = {
     "e2e_contexts": [32768, 131072, 524288], "e2e_shapes": ["gqa", "mha"],
     "keeps": {32768: [0.125], 131072: [0.125, 0.0625, 1.0], 524288: [0.125, 0.0625]},
     "hier_keeps": (0.125,), "hier_at": (131072,), "mha_contexts": (131072,),
+    "box_keeps": {32768: (0.125,), 131072: (0.125, 0.0625), 524288: (0.125,)},
     "kernel_contexts": [131072], "model_context": 130048, "model_layers": 4, "model_short": 32768,
     "index_context": 131072, "index_layers": 32, "minference_lengths": "131072",
     "breakdown": {131072: BREAKDOWN_STAGES, 524288: ("lookup_flat", "lookup_hierarchical")},
 }
 SMOKE = {
     "e2e_contexts": [1024], "e2e_shapes": ["gqa"], "keeps": {1024: [0.125]}, "hier_keeps": (0.125,), "hier_at": (1024,),
-    "mha_contexts": (),
+    "box_keeps": {1024: (0.125,)}, "mha_contexts": (),
     "kernel_contexts": [],
     "model_context": 0, "model_layers": 2, "model_short": 0, "index_context": 0, "index_layers": 2,
     "minference_lengths": "", "breakdown": {1024: BREAKDOWN_STAGES},
@@ -235,7 +236,8 @@ def main(argv=None) -> int:
                     if shape == "mha" and n not in cfg["mha_contexts"]:
                         continue  # MHA only where it answers a question GQA does not (compile time dominates)
                     rows += bench_e2e.attention_rows(n, shape, cfg["keeps"][n], read_bw, budget,
-                                                     hier_keeps=cfg["hier_keeps"] if n in cfg["hier_at"] else ())
+                                                     hier_keeps=cfg["hier_keeps"] if n in cfg["hier_at"] else (),
+                                                     box_keeps=cfg["box_keeps"].get(n, ()))
             return rows
         section("e2e", result, e2e, budget, 20, save)
     if "breakdown" in wanted:

@@ -13,7 +13,7 @@ def test_runner_smoke_writes_results_and_report(tmp_path):
     result = json.loads(out.read_text())
     e2e = result["sections"]["e2e"]["rows"]
     methods = {r["method"] for r in e2e if "us" in r}
-    assert {"dense_xla", "squeezed_flat", "squeezed_hier"} <= methods
+    assert {"dense_xla", "squeezed_flat", "squeezed_hier", "squeezed_box"} <= methods
     for r in e2e:
         if r["method"].startswith("squeezed"):
             assert r["selection_exact"] and r["rel_err_vs_ref"] < 2e-2, r
