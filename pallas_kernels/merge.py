@@ -95,3 +95,35 @@ def dense_attention_lse(
     out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
     lse = jnp.log(denom) + m_safe[..., 0]
     return out.astype(q_BHTGD.dtype), lse
+
+
+def last_valid_positions(seq_lens_B: jax.Array, rows: int, T: int) -> jax.Array:
+    """`[B, rows]` positions of each row's last `rows` valid tokens (`seq_len - rows .. seq_len - 1`), clipped
+    to `[0, T)`: a row shorter than `rows` repeats position 0, which selects the same query twice."""
+    return jnp.clip(seq_lens_B[:, None] - rows + jnp.arange(rows)[None, :], 0, T - 1)
+
+
+def chunked_attention_lse(
+    q_BHLGD: jax.Array,
+    k_BHSD: jax.Array,
+    v_BHSD: jax.Array,
+    mask_fn,
+    *,
+    key_chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`dense_attention_lse` over the keys `key_chunk` at a time, merged by LSE (bounds the float32 logits to
+    `[B, H, L, G, key_chunk]`). `mask_fn(s0, s1)` gives the mask of keys `[s0, s1)`, broadcastable to
+    `[B, H, L, s1 - s0]`. Returns `(out float32, lse)`."""
+    S = k_BHSD.shape[2]
+    o = lse = None
+    for s0 in range(0, S, key_chunk):
+        s1 = min(s0 + key_chunk, S)
+        o_c, lse_c = dense_attention_lse(q_BHLGD, k_BHSD[:, :, s0:s1], v_BHSD[:, :, s0:s1], mask_fn(s0, s1))
+        o_c = o_c.astype(jnp.float32)
+        o, lse = (o_c, lse_c) if o is None else merge_attention(o, lse, o_c, lse_c)
+    return o, lse
+
+
+def put_rows(x_BHT: jax.Array, pos_BL: jax.Array, rows_BHL: jax.Array) -> jax.Array:
+    """`x[b, :, pos[b, l]] = rows[b, :, l]` (axis 2 is the token axis; trailing axes ride along)."""
+    return jax.vmap(lambda x, p, y: x.at[:, p].set(y.astype(x.dtype)))(x_BHT, pos_BL, rows_BHL)

@@ -140,6 +140,27 @@ def test_full_budget_equals_squeezed_context_attention(context_state):
     assert float(jnp.max(jnp.abs(sq[0] - dense[0]))) > 1e-3
 
 
+def test_exact_tail_rows_equal_dense_context_and_the_rest_unchanged(context_state):
+    rows = 5
+    sparse = ContextAttention(policy="squeezed", max_budget=0.25)
+    tail = ContextAttention(policy="squeezed", max_budget=0.25, exact_tail=rows)
+    q, k, v = _chunk(3)
+    seq, zeros = jnp.asarray(SEQ, jnp.int32), jnp.zeros((B,), jnp.int32)
+    out = {name: _call(backend, q, k, v, _empty_kv(), zeros, seq, context_state)
+           for name, backend in (("dense", ContextAttention(policy="dense")), ("sparse", sparse), ("tail", tail))}
+    for b, n in enumerate(SEQ):
+        last = slice(n - rows, n)
+        np.testing.assert_allclose(np.asarray(out["tail"][0][b, last]), np.asarray(out["dense"][0][b, last]),
+                                   atol=2e-5, rtol=0)
+        assert float(jnp.max(jnp.abs(out["sparse"][0][b, last] - out["dense"][0][b, last]))) > 1e-3
+        head = slice(0, n - rows)
+        np.testing.assert_array_equal(np.asarray(out["tail"][0][b, head]), np.asarray(out["sparse"][0][b, head]))
+    assert float(out["sparse"][2]["kept_fraction"]) < float(out["tail"][2]["kept_fraction"]) < 1.0
+    _compare_full_budget(tail, context_state, more=False)  # the same rows through ContextMInference
+    with pytest.raises(ValueError, match="exact_tail"):
+        ContextAttention(exact_tail=-2)
+
+
 def test_sparse_user_pattern_is_finite_and_causal(context_state):
     dense_ctx = ContextAttention(policy="dense")
     sparse = ContextMInference(dense_ctx, MInferenceAttention(**{**FULL.__dict__, "block": 16}))  # 16-token tiles

@@ -89,6 +89,30 @@ def test_sparse_prefill_is_causal_and_pallas_matches_reference():
     assert float(aux_p["kept_fraction"]) == pytest.approx(float(aux["kept_fraction"]))
 
 
+def test_dense_tail_rows_are_exact_and_the_rest_unchanged(monkeypatch):
+    import squeeze_jax.minference.backend as backend_mod
+
+    monkeypatch.setattr(backend_mod, "TAIL_KEY_CHUNK", 48)  # several key chunks merged by LSE
+    q, k, v = _chunk(5)
+    seq = jnp.array([T, 117], jnp.int32)
+    kv0 = LayerKV(jnp.zeros((B, S, H, D)), jnp.zeros((B, S, H, D)))
+    dense, _, _ = DenseAttention()(q, k, v, kv0, jnp.zeros((B,), jnp.int32), seq,
+                                   jnp.broadcast_to(jnp.arange(T), (B, T)))
+    sparse = MInferenceAttention(ref_len=T, max_vertical=8, max_slash=16, min_len=16,
+                                 n_sink_cols=4, n_local_diags=8, default_pattern=("a_shape", 4, 16))
+    tail = MInferenceAttention(**{**sparse.__dict__, "dense_tail": 20})
+    out_s, _, aux_s = _run(sparse, q, k, v, seq, None)
+    out_t, _, aux_t = _run(tail, q, k, v, seq, None)
+    for b in range(B):
+        n = int(seq[b])
+        np.testing.assert_allclose(np.asarray(out_t[b, n - 20:n]), np.asarray(dense[b, n - 20:n]), atol=2e-5)
+        assert float(jnp.max(jnp.abs(out_s[b, n - 20:n] - dense[b, n - 20:n]))) > 1e-2  # sparse rows differ
+        np.testing.assert_array_equal(np.asarray(out_t[b, :n - 20]), np.asarray(out_s[b, :n - 20]))
+    assert float(aux_t["kept_fraction"]) > float(aux_s["kept_fraction"])
+    with pytest.raises(ValueError, match="dense_tail"):
+        MInferenceAttention(dense_tail=-1)
+
+
 def test_chunk_after_a_cached_prefix_merges_dense_prefix():
     q, k, v = _chunk(2)
     seq = jnp.array([T, 100], jnp.int32)

@@ -44,7 +44,13 @@ from models.kv_cache import LayerKV
 from pallas_kernels import centroid_lookup, selection
 from pallas_kernels.block_select import block_cluster_ranges, select_blocks
 from pallas_kernels.common import has_gpu
-from pallas_kernels.merge import dense_attention_lse, merge_attention
+from pallas_kernels.merge import (
+    chunked_attention_lse,
+    dense_attention_lse,
+    last_valid_positions,
+    merge_attention,
+    put_rows,
+)
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref
 from pallas_kernels.sparse_prefill import sparse_prefill, sparse_prefill_ref
 from squeeze_jax.index.bounds import index_box_table, signed_split
@@ -58,6 +64,8 @@ QUEST_PAGE = 16
 # The fused selection kernel runs one program per (row, KV head) over all key blocks: on the H100 it beats the
 # unfused XLA path at 8K blocks (128K keys of 16: 26 vs 62 us) and loses at 32K blocks (226 vs 118 us).
 FUSED_SELECT_MAX_BLOCKS = 16384
+# Context keys per step of the exact-tail pass (bounds its float32 logits).
+EXACT_TAIL_KEY_CHUNK = 16384
 
 
 @jax.tree_util.register_dataclass
@@ -145,6 +153,8 @@ class ContextAttention:
     `ContextState.budget_B` and must be <= max_budget. `allocation` ("auto" | "uniform" | "calibrated", see the
     module docstring) splits that budget over (layer, KV head); "calibrated" needs a calibrated index and lets
     one head keep up to `max_head_share` x the uniform share (the static selection capacity grows accordingly).
+    `exact_tail` (0 = off): in prefill, the last `exact_tail` valid user tokens of each row attend every context
+    key exactly (one dense decode step's reads per token, once per question); the next token is read from them.
     """
 
     policy: str = "squeezed"
@@ -162,8 +172,11 @@ class ContextAttention:
     fidelity: bool = False
     allocation: str = "uniform"
     max_head_share: float = 4.0
+    exact_tail: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.exact_tail, int) or isinstance(self.exact_tail, bool) or self.exact_tail < 0:
+            raise ValueError(f"exact_tail must be an int >= 0, got {self.exact_tail!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
         if self.allocation not in ALLOCATIONS:
@@ -214,9 +227,7 @@ class ContextAttention:
         o_user, lse_user = dense_attention_lse(q_BHTGD, k_BHSD, v_BHSD, mask_BTS[:, None])
 
         # fixed context: sparse
-        o_ctx, lse_ctx, aux = self._context(q_BHTGD, seq_lens_B, idx, layer_state.budget_B,
-                                            (layer_state.block_lo_LHB, layer_state.block_hi_LHB),
-                                            layer_state.box_table_LHCE)
+        o_ctx, lse_ctx, aux = self.context_part(q_BHTGD, seq_lens_B, idx, layer_state)
         o, _ = merge_attention(o_ctx.astype(jnp.float32), lse_ctx, o_user.astype(jnp.float32), lse_user)
         out = o.transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D).astype(q_BTHqD.dtype)
         if self.fidelity:
@@ -224,6 +235,34 @@ class ContextAttention:
         return out, new_kv, aux
 
     # ------------------------------------------------------------------ context part
+    def context_part(self, q_BHTGD, seq_lens_B, idx, state: ContextState):
+        """Attention of the user/generated queries over the fixed context: `(o, lse, aux)`; the selection
+        policy's sparse result, with the last `exact_tail` prefill rows replaced by exact attention."""
+        o, lse, aux = self._context(q_BHTGD, seq_lens_B, idx, state.budget_B,
+                                    (state.block_lo_LHB, state.block_hi_LHB), state.box_table_LHCE)
+        T = q_BHTGD.shape[2]
+        if self.exact_tail and T > 1:
+            o, lse, aux = self._exact_tail(q_BHTGD, seq_lens_B, idx, o, lse, aux, min(self.exact_tail, T))
+        return o, lse, aux
+
+    def _exact_tail(self, q_BHTGD, seq_lens_B, idx, o, lse, aux, rows: int):
+        B, H, T = q_BHTGD.shape[:3]
+        pos_BL = last_valid_positions(seq_lens_B, rows, T)
+        q_BHLGD = jnp.take_along_axis(q_BHTGD, pos_BL[:, None, :, None, None], axis=2)
+        valid_N = _valid_keys(idx)[0]
+        expand = lambda x: jnp.broadcast_to(x[None], (B,) + x.shape)
+        o_t, lse_t = chunked_attention_lse(q_BHLGD, expand(idx.keys), expand(idx.values),
+                                           lambda s0, s1: valid_N[s0:s1][None, None, None, :],
+                                           key_chunk=EXACT_TAIL_KEY_CHUNK)
+        o = put_rows(o.astype(jnp.float32), pos_BL, o_t)
+        lse = put_rows(lse, pos_BL, lse_t)
+        full = jnp.float32(idx.n_fixed + idx.n_clustered) / idx.context_len
+        aux = dict(aux, kept_fraction=aux["kept_fraction"] + (full - aux["kept_fraction"]) * (rows / T))
+        if "_kept_BHTN" in aux:
+            kept = aux["_kept_BHTN"]
+            aux["_kept_BHTN"] = put_rows(kept, pos_BL, jnp.broadcast_to(valid_N, (B, H, rows, kept.shape[-1])))
+        return o, lse, aux
+
     def _k_blocks(self, idx, budget_B) -> tuple[jax.Array, int]:
         """Blocks to select per (row, KV head) `[B, H]` (fixed blocks included) and the static capacity."""
         H = idx.keys.shape[0]

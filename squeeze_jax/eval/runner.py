@@ -43,6 +43,8 @@ BUILTIN_METHODS: dict[str, dict[str, Any]] = {
     "dense": {"policy": "dense"},
     "squeezed": {"policy": "squeezed", "score": "mean"},  # centroid-mean cluster scores, as published
     "squeezed_box": {"policy": "squeezed", "score": "box", "box_weight": 0.25},  # the library default
+    # the default, with the question's last token attending the whole context exactly (prefill only)
+    "squeezed_box_tail": {"policy": "squeezed", "score": "box", "box_weight": 0.25, "exact_tail": 1},
     "squeezed_hier": {"policy": "squeezed", "hierarchical": True, "score": "mean"},
     "oracle": {"policy": "oracle"},
     "oracle_key": {"policy": "oracle_key"},
@@ -51,7 +53,7 @@ BUILTIN_METHODS: dict[str, dict[str, Any]] = {
     "random": {"policy": "random"},
 }
 BACKEND_OPTIONS = ("policy", "block_k", "block_q", "score", "radius_weight", "box_weight", "agg", "hierarchical",
-                   "coarse_keep_fraction", "allocation", "max_head_share")
+                   "coarse_keep_fraction", "allocation", "max_head_share", "exact_tail")
 RESULTS_FILE = "results.jsonl"
 
 

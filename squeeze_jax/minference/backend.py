@@ -28,7 +28,13 @@ from models.attention import DenseAttention, write_kv
 from models.kv_cache import LayerKV
 from pallas_kernels.block_sparse import masked_attention_ref
 from pallas_kernels.common import has_gpu
-from pallas_kernels.merge import dense_attention_lse, merge_attention
+from pallas_kernels.merge import (
+    chunked_attention_lse,
+    dense_attention_lse,
+    last_valid_positions,
+    merge_attention,
+    put_rows,
+)
 from pallas_kernels.vertical_slash import vertical_slash_key_counts, vertical_slash_prefill
 from squeeze_jax.minference.patterns import (
     VerticalSlashIndex,
@@ -71,7 +77,10 @@ class MInferenceAttention:
     pattern used without a state, estimation/forcing constants, `block` (kernel tile), `min_len` (chunks
     shorter than this run dense: sparse does not pay there), `use_pallas` (None: Pallas on a GPU, or in
     interpret mode when `interpret`), `implementation` (dense parts, as `DenseAttention`), and the kernel's
-    `block_rows` / `num_warps` / `num_stages`. `attend_prefix=False` drops the dense pass over a cached
+    `block_rows` / `num_warps` / `num_stages`. `dense_tail` (0 = off): the last `dense_tail` valid queries
+    of every row attend all their keys exactly (a `[dense_tail, T]` pass, about one decode step's reads per
+    64 rows) and replace the sparse rows; these are the rows the next token is read from, and the queries
+    the vertical-slash estimate already pays for. `attend_prefix=False` drops the dense pass over a cached
     prefix: only for prefills that start at an empty cache (as `generate` does), where it saves compiling a
     `[T, S]` branch that long prompts cannot hold in memory.
     """
@@ -93,12 +102,15 @@ class MInferenceAttention:
     num_warps: int | None = None
     num_stages: int = 2
     attend_prefix: bool = True
+    dense_tail: int = 0
 
     def __post_init__(self) -> None:
         for name in ("ref_len", "max_vertical", "max_slash", "last_q", "block", "min_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.dense_tail, int) or isinstance(self.dense_tail, bool) or self.dense_tail < 0:
+            raise ValueError(f"dense_tail must be an int >= 0, got {self.dense_tail!r}")
         if not isinstance(self.max_blocks, int) or self.max_blocks < 0:
             raise ValueError(f"max_blocks must be an int >= 0, got {self.max_blocks!r}")
         if self.block & (self.block - 1) or self.block < 16:
@@ -196,6 +208,8 @@ class MInferenceAttention:
         index = self.build_index(q_BHTGD, k_BHTD, seq_lens_B, layer_state)
         o, lse = self.attend(q_BHTGD, k_BHTD, v_BHTD, index)
         o = o.astype(jnp.float32)
+        if self.dense_tail:
+            o, lse = dense_tail_rows(q_BHTGD, k_BHTD, v_BHTD, seq_lens_B, o, lse, min(self.dense_tail, T))
 
         def with_prefix(o: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
             S = new_kv.k_BSHD.shape[1]
@@ -207,7 +221,8 @@ class MInferenceAttention:
         if self.attend_prefix:
             o, lse = jax.lax.cond(jnp.any(lengths_B > 0), with_prefix, lambda o, lse: (o, lse), o, lse)
         dense = dense_causal_tiles(T, block_q=self.block, block_k=self.block) * B * H
-        aux = {"kept_fraction": jnp.sum(index_cost(index)).astype(jnp.float32) / dense}
+        tail_tiles = -(-min(self.dense_tail, T) // self.block) * -(-T // self.block) * B * H
+        aux = {"kept_fraction": (jnp.sum(index_cost(index)) + tail_tiles).astype(jnp.float32) / dense}
         return o, lse, aux
 
     # ------------------------------------------------------------------ index and kernel
@@ -284,6 +299,28 @@ def _select_heads(take_a_H: jax.Array, a: VerticalSlashIndex, b: VerticalSlashIn
     return dataclasses.replace(b, **{f: pick(getattr(a, f), getattr(b, f)) for f in fields})
 
 
+# Keys per step of the dense tail pass (bounds its `[B, H, rows, G, keys]` float32 logits).
+TAIL_KEY_CHUNK = 16384
+
+
+def dense_tail_rows(
+    q_BHTGD: jax.Array,
+    k_BHTD: jax.Array,
+    v_BHTD: jax.Array,
+    seq_lens_B: jax.Array,
+    o_BHTGD: jax.Array,
+    lse_BHTG: jax.Array,
+    rows: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Exact causal attention for the last `rows` valid queries of every batch row, written over `o`/`lse`
+    (keys walked `TAIL_KEY_CHUNK` at a time)."""
+    pos_BL = last_valid_positions(seq_lens_B, rows, q_BHTGD.shape[2])
+    q_BHLGD = jnp.take_along_axis(q_BHTGD, pos_BL[:, None, :, None, None], axis=2)
+    causal = lambda s0, s1: (jnp.arange(s0, s1)[None, None, :] <= pos_BL[:, :, None])[:, None]
+    o_t, lse_t = chunked_attention_lse(q_BHLGD, k_BHTD, v_BHTD, causal, key_chunk=TAIL_KEY_CHUNK)
+    return put_rows(o_BHTGD, pos_BL, o_t), put_rows(lse_BHTG, pos_BL, lse_t)
+
+
 def chunked_vertical_slash_ref(
     q_BHTGD: jax.Array, k_BHTD: jax.Array, v_BHTD: jax.Array, index: VerticalSlashIndex
 ) -> tuple[jax.Array, jax.Array]:
@@ -356,9 +393,7 @@ class ContextMInference:
         H, G = o_user.shape[1], o_user.shape[3]
         idx = LayerIndex.of(layer_state.context.index)
         q_BHTGD = q_BTHqD.reshape(B, T, H, G, D).transpose(0, 2, 1, 3, 4)
-        ctx = layer_state.context
-        o_ctx, lse_ctx, aux = self.context._context(q_BHTGD, seq_lens_B, idx, ctx.budget_B,
-                                                    (ctx.block_lo_LHB, ctx.block_hi_LHB), ctx.box_table_LHCE)
+        o_ctx, lse_ctx, aux = self.context.context_part(q_BHTGD, seq_lens_B, idx, layer_state.context)
         o, _ = merge_attention(o_ctx.astype(jnp.float32), lse_ctx, o_user, lse_user)
         out = o.transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D).astype(q_BTHqD.dtype)
         return out, new_kv, {**aux, "user_kept_fraction": aux_user["kept_fraction"]}
@@ -379,5 +414,6 @@ __all__ = [
     "MInferenceAttention",
     "MInferenceState",
     "chunked_vertical_slash_ref",
+    "dense_tail_rows",
     "pattern_counts",
 ]

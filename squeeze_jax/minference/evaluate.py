@@ -42,19 +42,30 @@ def run_method(model, tokenizer, ids: list[int], backend, state, max_new_tokens:
             "kept_fraction": float(np.mean(kept)) if kept is not None else 1.0}
 
 
+def method_name(dense_tail: int) -> str:
+    """Record name of MInference prefill with `dense_tail` exact last rows."""
+    return "minference" if dense_tail == 0 else f"minference_tail{dense_tail}"
+
+
 def summarize(records: Sequence[dict[str, Any]]) -> str:
-    """Markdown table: accuracy per (task, length) for dense and MInference, plus the kept fraction."""
+    """Markdown table: accuracy per (task, length) for dense and each MInference variant, with its kept
+    fraction and how many prompts it answers as dense does (`agree`)."""
     rows = sorted({(r["task"], r["length"]) for r in records})
-    lines = ["| task | length | dense | MInference | MInference kept fraction | agree |", "|---|---|---|---|---|---|"]
+    variants = sorted({r["method"] for r in records if r["method"] != "dense"}, key=lambda m: (len(m), m))
+    head = ["task", "length", "dense"] + [f"{m} {c}" for m in variants for c in ("correct", "kept", "agree")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task, length in rows:
         sel = [r for r in records if r["task"] == task and r["length"] == length]
-        by = {m: [r for r in sel if r["method"] == m] for m in ("dense", "minference")}
-        acc = {m: f"{sum(r['correct'] for r in rs)}/{len(rs)}" for m, rs in by.items()}
-        kept = np.mean([r["kept_fraction"] for r in by["minference"]]) if by["minference"] else float("nan")
+        by = {m: [r for r in sel if r["method"] == m] for m in ["dense", *variants]}
+        acc = lambda rs: f"{sum(r['correct'] for r in rs)}/{len(rs)}"
         pairs = {r["seed"]: r["correct"] for r in by["dense"]}
-        agree = sum(pairs.get(r["seed"]) == r["correct"] for r in by["minference"])
-        lines.append(f"| {task} | {length} | {acc['dense']} | {acc['minference']} | {kept:.3f} | "
-                     f"{agree}/{len(by['minference'])} |")
+        cells = [task, str(length), acc(by["dense"])]
+        for m in variants:
+            rs = by[m]
+            kept = np.mean([r["kept_fraction"] for r in rs]) if rs else float("nan")
+            agree = sum(pairs.get(r["seed"]) == r["correct"] for r in rs)
+            cells += [acc(rs), f"{kept:.3f}", f"{agree}/{len(rs)}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -65,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--dense-tail", default="0,64",
+                   help="comma list: one MInference variant per value of MInferenceAttention.dense_tail "
+                        "(last prompt queries attended exactly; 0 = off)")
     p.add_argument("--out", default="results/minference")
     return p
 
@@ -73,8 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(argv) if argv is not None else None)
     tasks = [t for t in args.tasks.split(",") if t]
     bad = [t for t in tasks if t not in TASKS]
-    if bad or args.seeds < 1:
-        raise SystemExit(f"error: tasks must be among {TASKS} and --seeds >= 1, got {tasks}, {args.seeds}")
+    try:
+        tails = sorted({int(x) for x in args.dense_tail.split(",") if x})
+    except ValueError:
+        tails = []
+    if bad or args.seeds < 1 or not tails or min(tails) < 0:
+        raise SystemExit(f"error: tasks must be among {TASKS}, --seeds >= 1 and --dense-tail a list of ints >= 0, "
+                         f"got {tasks}, {args.seeds}, {args.dense_tail!r}")
     lengths = [int(x) for x in args.lengths.split(",") if x]
 
     from models.attention import DenseAttention
@@ -87,8 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if max(lengths) > cfg.max_context:
         raise SystemExit(f"error: lengths must be <= the model's max context {cfg.max_context}")
     config = load_pattern_config(args.model, n_layers=cfg.n_layers, n_heads=cfg.n_kv_heads)
-    mi_backend, mi_state = MInferenceAttention.from_config(config)
-    methods = {"dense": (DenseAttention(), None), "minference": (mi_backend, mi_state)}
+    methods = {"dense": (DenseAttention(), None)}
+    for tail in tails:
+        methods[method_name(tail)] = MInferenceAttention.from_config(config, dense_tail=tail)
     records = []
     t0 = time.perf_counter()
     for length in lengths:
@@ -100,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rec = {"task": task, "length": length, "prompt_tokens": len(ids), "seed": seed, "method": name,
                            "answer": answer, "correct": bool(score_answer(r["text"], answer)), **r}
                     records.append(rec)
-                    print(f"[{time.perf_counter() - t0:7.1f} s] {task} {length} seed {seed} {name:<10} "
+                    print(f"[{time.perf_counter() - t0:7.1f} s] {task} {length} seed {seed} {name:<17} "
                           f"correct={rec['correct']} kept={rec['kept_fraction']:.3f} {r['text']!r}", file=sys.stderr)
                 write_results(Path(args.out), args, config, pattern_counts(config), records)  # after every prompt
     print(summarize(records))
@@ -112,14 +132,17 @@ def write_results(out: Path, args, config, counts: dict, records: list[dict[str,
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "pattern_config": f"configs/minference/{args.model}.json", "pattern_counts": counts,
             "ref_len": config.ref_len, "target": config.target, "max_new_tokens": args.max_new_tokens,
-            "decode": "dense for both methods", "prompt": "haystack + question", "seeds": args.seeds}
+            "decode": "dense for both methods", "prompt": "haystack + question", "seeds": args.seeds,
+            "dense_tail": args.dense_tail, "methods": sorted({r["method"] for r in records})}
     (out / f"accuracy_{args.model}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     (out / f"accuracy_{args.model}.md").write_text(
         f"# MInference prefill vs dense prefill: {args.model}\n\n"
         f"Greedy answers, one prefill of haystack + question, dense decode for both. Patterns: "
         f"`{meta['pattern_config']}` ({counts}), budgets at ref_len {config.ref_len} scaled linearly to the "
-        f"prompt. `kept fraction`: key tiles visited vs dense causal, mean over layers and KV heads. "
-        f"`agree`: prompts where both methods are equally right.\n\n{summarize(records)}\n")
+        f"prompt. `minference_tailN`: the last N prompt queries attended exactly "
+        f"(`MInferenceAttention(dense_tail=N)`). "
+        f"`kept`: key tiles visited vs dense causal (the exact tail included), mean over layers, KV heads and prompts. "
+        f"`agree`: prompts the variant gets as right as dense.\n\n{summarize(records)}\n")
 
 
 if __name__ == "__main__":
