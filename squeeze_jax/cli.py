@@ -76,6 +76,8 @@ def _check_ask_args(args) -> None:
         raise SystemExit(f"error: unknown --policy {args.policy!r}; expected one of {POLICIES}")
     if args.max_new_tokens < 1:
         raise SystemExit(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.exact_tail is not None and args.exact_tail < 0:
+        raise SystemExit(f"error: --exact-tail must be >= 0, got {args.exact_tail}")
     read_index_metadata(args.index)  # not an index directory: IndexFormatError (a ValueError)
 
 
@@ -89,7 +91,8 @@ def cmd_ask(args) -> int:
     t = time.perf_counter()
     from squeeze_jax.attention.context import ContextAttention
 
-    backend = ContextAttention(policy=args.policy, max_budget=args.budget, score=args.score)
+    tail = {} if args.exact_tail is None else {"exact_tail": args.exact_tail}
+    backend = ContextAttention(policy=args.policy, max_budget=args.budget, score=args.score, **tail)
     res = ask(model, tok, index, args.question, policy=args.policy, budget=args.budget,
               max_new_tokens=args.max_new_tokens, backend=backend)
     wall = time.perf_counter() - t
@@ -149,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--score", default="box", choices=("box", "mean", "radius"),
                    help="squeezed cluster score: key-box bound (default) or centroid mean")
     a.add_argument("--max-new-tokens", type=int, default=24)
+    a.add_argument("--exact-tail", type=int, default=None,
+                   help="last question tokens that attend the whole context exactly (default: the backend's)")
     a.set_defaults(fn=cmd_ask)
 
     i = sub.add_parser("info", help="describe a context index")

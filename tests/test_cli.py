@@ -39,7 +39,8 @@ def test_ask_errors_before_loading_the_model(tmp_path, capsys, monkeypatch):
     assert "not a squeeze_jax context index" in capsys.readouterr().err
     bad = [(["-q", "  "], "empty"), (["-q", "hi", "--budget", "0"], "budget"),
            (["-q", "hi", "--budget", "1.5"], "budget"), (["-q", "hi", "--policy", "nope"], "policy"),
-           (["-q", "hi", "--max-new-tokens", "0"], "max-new-tokens")]
+           (["-q", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
+           (["-q", "hi", "--exact-tail", "-1"], "exact-tail")]
     for extra, msg in bad:
         with pytest.raises(SystemExit, match=msg):
             main(["ask", "--index", str(tmp_path), *extra])

@@ -163,7 +163,7 @@ def test_exact_tail_rows_equal_dense_context_and_the_rest_unchanged(context_stat
 
 def test_sparse_user_pattern_is_finite_and_causal(context_state):
     dense_ctx = ContextAttention(policy="dense")
-    sparse = ContextMInference(dense_ctx, MInferenceAttention(**{**FULL.__dict__, "block": 16}))  # 16-token tiles
+    sparse = ContextMInference(dense_ctx, MInferenceAttention(**{**FULL.__dict__, "block": 16, "dense_tail": 0}))
     state = ContextMInferenceState(context_state, _patterns(A_SHAPE, 4, 16))  # 4 sinks + 16 local diagonals
     q, k, v = _chunk(2)
     seq, zeros = jnp.asarray(SEQ, jnp.int32), jnp.zeros((B,), jnp.int32)

@@ -70,7 +70,8 @@ def test_sparse_prefill_is_causal_and_pallas_matches_reference():
     q, k, v = _chunk(1)
     seq = jnp.full((B,), T, jnp.int32)
     state = MInferenceState(jnp.array([VS, A_SHAPE, BS]), jnp.array([40, 16, 1]), jnp.array([40, 32, 64]))
-    out, _, aux = _run(FULL, q, k, v, seq, state)
+    no_tail = MInferenceAttention(**{**FULL.__dict__, "dense_tail": 0})  # the kept fraction of the index alone
+    out, _, aux = _run(no_tail, q, k, v, seq, state)
     assert 0.0 < float(aux["kept_fraction"]) < 1.0
     # under a fixed index, changing keys/values from position `cut` on never changes earlier outputs
     to_heads = lambda x: x.transpose(0, 2, 1, 3)
@@ -83,7 +84,7 @@ def test_sparse_prefill_is_causal_and_pallas_matches_reference():
     o2, _ = attend(q5, to_heads(k2), to_heads(v2), index)
     np.testing.assert_allclose(np.asarray(o2[:, :, :cut]), np.asarray(o1[:, :, :cut]), atol=1e-6)
     assert float(jnp.max(jnp.abs(o2[:, :, cut:] - o1[:, :, cut:]))) > 1e-2
-    pallas = MInferenceAttention(**{**FULL.__dict__, "use_pallas": True, "interpret": True})
+    pallas = MInferenceAttention(**{**no_tail.__dict__, "use_pallas": True, "interpret": True})
     out_p, _, aux_p = _run(pallas, q, k, v, seq, state)
     np.testing.assert_allclose(np.asarray(out_p), np.asarray(out), atol=2e-5)
     assert float(aux_p["kept_fraction"]) == pytest.approx(float(aux["kept_fraction"]))
@@ -99,7 +100,8 @@ def test_dense_tail_rows_are_exact_and_the_rest_unchanged(monkeypatch):
     dense, _, _ = DenseAttention()(q, k, v, kv0, jnp.zeros((B,), jnp.int32), seq,
                                    jnp.broadcast_to(jnp.arange(T), (B, T)))
     sparse = MInferenceAttention(ref_len=T, max_vertical=8, max_slash=16, min_len=16,
-                                 n_sink_cols=4, n_local_diags=8, default_pattern=("a_shape", 4, 16))
+                                 n_sink_cols=4, n_local_diags=8, default_pattern=("a_shape", 4, 16), dense_tail=0,
+                                 block=16)
     tail = MInferenceAttention(**{**sparse.__dict__, "dense_tail": 20})
     out_s, _, aux_s = _run(sparse, q, k, v, seq, None)
     out_t, _, aux_t = _run(tail, q, k, v, seq, None)

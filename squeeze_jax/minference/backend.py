@@ -77,8 +77,8 @@ class MInferenceAttention:
     pattern used without a state, estimation/forcing constants, `block` (kernel tile), `min_len` (chunks
     shorter than this run dense: sparse does not pay there), `use_pallas` (None: Pallas on a GPU, or in
     interpret mode when `interpret`), `implementation` (dense parts, as `DenseAttention`), and the kernel's
-    `block_rows` / `num_warps` / `num_stages`. `dense_tail` (0 = off): the last `dense_tail` valid queries
-    of every row attend all their keys exactly (a `[dense_tail, T]` pass, about one decode step's reads per
+    `block_rows` / `num_warps` / `num_stages`. `dense_tail` (default 64, 0 = off): the last `dense_tail` valid
+    queries of every row attend all their keys exactly (a `[dense_tail, T]` pass, about one decode step's reads per
     64 rows) and replace the sparse rows; these are the rows the next token is read from, and the queries
     the vertical-slash estimate already pays for. `attend_prefix=False` drops the dense pass over a cached
     prefix: only for prefills that start at an empty cache (as `generate` does), where it saves compiling a
@@ -102,7 +102,7 @@ class MInferenceAttention:
     num_warps: int | None = None
     num_stages: int = 2
     attend_prefix: bool = True
-    dense_tail: int = 0
+    dense_tail: int = 64
 
     def __post_init__(self) -> None:
         for name in ("ref_len", "max_vertical", "max_slash", "last_q", "block", "min_len"):
@@ -221,9 +221,22 @@ class MInferenceAttention:
         if self.attend_prefix:
             o, lse = jax.lax.cond(jnp.any(lengths_B > 0), with_prefix, lambda o, lse: (o, lse), o, lse)
         dense = dense_causal_tiles(T, block_q=self.block, block_k=self.block) * B * H
-        tail_tiles = -(-min(self.dense_tail, T) // self.block) * -(-T // self.block) * B * H
-        aux = {"kept_fraction": (jnp.sum(index_cost(index)) + tail_tiles).astype(jnp.float32) / dense}
+        aux = {"kept_fraction": jnp.sum(self._tiles(index, seq_lens_B, T)).astype(jnp.float32) / dense}
         return o, lse, aux
+
+    def _tiles(self, index: VerticalSlashIndex, seq_lens_B: jax.Array, T: int) -> jax.Array:
+        """Key tiles per `[B, H, nQ]` query block that the result depends on: the index's, and every causal
+        tile for the query blocks the exact tail touches."""
+        cost_BHQ = index_cost(index)
+        if not self.dense_tail:
+            return cost_BHQ
+        nq = cost_BHQ.shape[-1]
+        q_Q = jnp.arange(nq)
+        full_Q = -(-jnp.minimum((q_Q + 1) * self.block, T) // self.block)
+        first_B = jnp.maximum(seq_lens_B - min(self.dense_tail, T), 0) // self.block
+        last_B = jnp.maximum(seq_lens_B - 1, 0) // self.block
+        touched_B1Q = ((q_Q[None] >= first_B[:, None]) & (q_Q[None] <= last_B[:, None]))[:, None]
+        return jnp.where(touched_B1Q, full_Q, cost_BHQ)
 
     # ------------------------------------------------------------------ index and kernel
     def head_budgets(self, layer_state: MInferenceState | None, H: int) -> tuple[jax.Array, jax.Array, jax.Array]:
