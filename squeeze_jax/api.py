@@ -41,6 +41,10 @@ def question_tokens(tokenizer, question: str) -> list[int]:
     return tokenizer.encode(prompt_parts("", question)[1])
 
 
+# Prompt tokens that attend the fixed context exactly in `ask` (a short question with its chat template).
+QUESTION_TAIL = 32
+
+
 def index_context(model, tokenizer, context: str, config: IndexConfig | None = None, *, progress: bool = True):
     """Prefill the fixed context once and build its context index."""
     ids = context_tokens(tokenizer, context)
@@ -60,12 +64,16 @@ def ask(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    exact_tail: int = QUESTION_TAIL,
     backend: ContextAttention | None = None,
 ) -> GenerationResult:
     """Answer a batch of questions against one context index.
 
-    `budget` is the fraction of the fixed context's keys each question attends (sinks and the recent window
-    included), one value or one per question. `policy="dense"` attends every context key (the exact baseline).
+    `budget` is the fraction of the fixed context's keys each generated token attends (sinks and the recent
+    window included), one value or one per question. `policy="dense"` attends every context key (the exact
+    baseline). The last `exact_tail` prompt tokens (a short question whole) attend the context exactly in prefill:
+    memory-bound, that costs about one dense decode step per question and keeps the answer's first tokens
+    right (results/many_facts_tail). `backend` overrides both policy and exact_tail.
     """
     if isinstance(questions, str):
         raise TypeError("questions must be a list of strings")
@@ -76,6 +84,8 @@ def ask(
         raise TypeError("every question must be a string")
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+    if not isinstance(exact_tail, int) or exact_tail < 0:
+        raise ValueError(f"exact_tail must be an int >= 0, got {exact_tail!r}")
     budgets = [float(budget)] * len(questions) if np.isscalar(budget) else [float(b) for b in budget]
     if len(budgets) != len(questions):
         raise ValueError(f"got {len(budgets)} budgets for {len(questions)} questions")
@@ -84,7 +94,7 @@ def ask(
             raise ValueError(f"budget must be in (0, 1], got {b}")
     check_index_matches(model, index)
     prompts = [question_tokens(tokenizer, q) for q in questions]
-    backend = backend or ContextAttention(policy=policy, max_budget=max(budgets))
+    backend = backend or ContextAttention(policy=policy, max_budget=max(budgets), exact_tail=exact_tail)
     n = len(prompts)
     B = 1
     while B < n:
@@ -96,6 +106,12 @@ def ask(
                               stop_tokens=tuple(model.config.eos_token_ids) + _im_end(tokenizer))
     return generate(model, prompts, tokenizer=tokenizer, sampling=sampling, backend=backend,
                     backend_state=state, position_offset=index.context_len, seed=seed)
+
+
+def kept_fractions(result: GenerationResult) -> tuple[float | None, float | None]:
+    """Mean fraction of the context's keys attended in prefill and per decode step (None where not run)."""
+    mean = lambda part: None if part not in result.stats else float(np.mean(result.stats[part]["kept_fraction"]))
+    return mean("prefill"), mean("decode_mean")
 
 
 def check_index_matches(model, index) -> None:

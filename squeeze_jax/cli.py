@@ -82,7 +82,7 @@ def _check_ask_args(args) -> None:
 
 
 def cmd_ask(args) -> int:
-    from squeeze_jax.api import ask
+    from squeeze_jax.api import QUESTION_TAIL, ask, kept_fractions
     from squeeze_jax.index.io import load_index, model_fingerprint
 
     _check_ask_args(args)
@@ -91,16 +91,16 @@ def cmd_ask(args) -> int:
     t = time.perf_counter()
     from squeeze_jax.attention.context import ContextAttention
 
-    tail = {} if args.exact_tail is None else {"exact_tail": args.exact_tail}
-    backend = ContextAttention(policy=args.policy, max_budget=args.budget, score=args.score, **tail)
+    tail = QUESTION_TAIL if args.exact_tail is None else args.exact_tail
+    backend = ContextAttention(policy=args.policy, max_budget=args.budget, score=args.score, exact_tail=tail)
     res = ask(model, tok, index, args.question, policy=args.policy, budget=args.budget,
               max_new_tokens=args.max_new_tokens, backend=backend)
     wall = time.perf_counter() - t
-    kept = res.stats.get("prefill", {}).get("kept_fraction")
     for q, a in zip(args.question, res.texts):
         print(f"Q: {q}\nA: {a.strip()}\n")
-    kept_s = f"{float(kept.mean()):.3f}" if kept is not None else "n/a"
-    print(f"policy {args.policy}, budget {args.budget}, kept fraction {kept_s}; prefill {res.prefill_s:.2f} s, "
+    kept_s = " / ".join("n/a" if k is None else f"{k:.3f}" for k in kept_fractions(res))
+    print(f"policy {args.policy}, budget {args.budget}, exact tail {tail}, kept fraction prefill / decode {kept_s}; "
+          f"prefill {res.prefill_s:.2f} s, "
           f"decode {res.decode_ms_per_token:.1f} ms/token, total {wall:.2f} s (includes compilation)")
     return 0
 
@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="squeezed cluster score: key-box bound (default) or centroid mean")
     a.add_argument("--max-new-tokens", type=int, default=24)
     a.add_argument("--exact-tail", type=int, default=None,
-                   help="last question tokens that attend the whole context exactly (default: the backend's)")
+                   help="last prompt tokens that attend the whole context exactly in prefill (default 32: a short "
+                        "question whole; 0 = every token sparse)")
     a.set_defaults(fn=cmd_ask)
 
     i = sub.add_parser("info", help="describe a context index")

@@ -13,7 +13,7 @@ import pytest
 
 from models.config import ModelConfig
 from models.llama import init_model
-from squeeze_jax.api import ask, context_tokens, index_context, prompt_parts
+from squeeze_jax.api import ask, context_tokens, index_context, kept_fractions, prompt_parts
 from squeeze_jax.generate import SamplingConfig, generate
 from squeeze_jax.index import IndexConfig
 from squeeze_jax.index.io import IndexFormatError, load_index, save_index
@@ -65,12 +65,18 @@ def test_full_budget_squeezed_equals_dense(setup):
 
 def test_sparse_budget_keeps_the_stated_fraction(setup):
     model, tok, index = setup
-    res = ask(model, tok, index, ["What is word3?"], policy="squeezed", budget=0.5, max_new_tokens=3)
+    res = ask(model, tok, index, ["What is word3?"], policy="squeezed", budget=0.5, max_new_tokens=3, exact_tail=0)
     kept = res.stats["prefill"]["kept_fraction"]
     assert kept.shape == (TINY.n_layers,)
     # calibrated allocation (the default) moves keys between layers; the mean keeps the budget
     assert float(kept.mean()) <= 0.5 + 16 / index.context_len and float(kept.mean()) > 0.3
     assert np.all(kept > 0) and np.all(kept <= 1.0)
+    # by default the question attends the context exactly in prefill; decode steps keep the budget
+    prefill, decode = kept_fractions(ask(model, tok, index, ["What is word3?"], budget=0.5, max_new_tokens=3))
+    assert prefill > float(kept.mean()) + 0.1 and prefill <= 1.0
+    assert 0.3 < decode <= 0.5 + 16 / index.context_len
+    with pytest.raises(ValueError, match="exact_tail"):
+        ask(model, tok, index, ["What is word3?"], exact_tail=-1)
 
 
 def test_saved_index_gives_identical_answers_in_new_process(setup, tmp_path):
