@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -372,3 +373,19 @@ def test_per_question_report_and_complete_contexts():
     assert "left out (not every method run yet): many_facts 4096 s1" in md and "Answers per question" in md
     with pytest.raises(ValueError, match="reference"):
         report.kept_of_reference([True], [True, False])
+
+
+def test_every_bundled_config_parses():
+    """Each shipped config (sweeps and studies) is valid and its methods build backends."""
+    from configs import __file__ as configs_init
+
+    names = sorted(p.stem for p in (Path(configs_init).parent / "eval").glob("*.json"))
+    assert {"full", "many_facts", "many_facts_tail", "many_facts_check"} <= set(names)
+    for name in names:
+        data = runner.load_config(name)
+        if data.get("study") == "fidelity":
+            runner.StudyConfig.from_dict(data)
+            continue
+        cfg = runner.EvalConfig.from_dict(data)
+        for method in cfg.methods:
+            method.backend(max(cfg.budgets), fidelity=False)
