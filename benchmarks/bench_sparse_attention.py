@@ -38,7 +38,7 @@ from benchmarks.timing import (  # noqa: E402
     torch_time,
 )
 from pallas_kernels.common import cdiv, random_block_selection, valid_blocks  # noqa: E402
-from pallas_kernels.merge import merge_attention  # noqa: E402
+from pallas_kernels.merge import chunked_attention_lse, dense_attention_lse, merge_attention  # noqa: E402
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref  # noqa: E402
 from pallas_kernels.sparse_prefill import sparse_prefill, sparse_prefill_ref  # noqa: E402
 
@@ -324,6 +324,33 @@ def prefill_case(rows: list, name: str, n_keys: int, keep: float, variants: list
         print(_fmt(rows[-1]), flush=True)
 
 
+def exact_tail_case(rows: list, name: str, n_keys: int, q, k, v, read_bw: float, tail: int = 32,
+                    key_chunk: int = 16384) -> None:
+    """The exact-question pass of `ContextAttention(exact_tail=tail)`: the last `tail` user queries over every
+    context key (`chunked_attention_lse`, XLA), against the roofline of one read of K and V."""
+    Hq, Hk = SHAPES[name]
+    q_t = q[:, :, -tail:]
+    nbytes = 2 * Hk * n_keys * D * ITEM
+    row0 = dict(op="exact_tail", shape=name, n_keys=n_keys, T=tail, impl="chunked_attention_lse", bytes=nbytes,
+                flops=4 * Hq * tail * n_keys * D)
+    try:
+        every = lambda s0, s1: jnp.ones((1, 1, 1, s1 - s0), bool)
+        f = jax.jit(lambda q, k, v: chunked_attention_lse(q, k[None], v[None], every, key_chunk=key_chunk))
+        o, _ = f(q_t, k, v)
+        o_r, _ = dense_attention_lse(q_t[:, :1], k[None, :1], v[None, :1])
+        t = device_time(lambda i, q, k, v: f(q, k, v), (q_t, k, v), nbytes / read_bw)
+        row = {**row0, **t, "rel_err_vs_ref": rel_err(o[:, :1], o_r), "GBps": nbytes / t["s"] / 1e9,
+               "roofline_frac": nbytes / t["s"] / read_bw}
+        sparse = [r for r in rows if r.get("op") == "prefill" and r.get("impl") == "sparse_prefill"
+                  and r.get("n_keys") == n_keys and r.get("shape") == name and "s" in r]
+        if sparse:
+            row["vs_sparse_prefill"] = t["s"] / min(r["s"] for r in sparse)
+        rows.append(row)
+    except Exception as ex:
+        rows.append({**row0, "error": repr(ex)[:600], "trace": traceback.format_exc()[-1500:]})
+    print(_fmt(rows[-1]), flush=True)
+
+
 def merge_case(rows: list, copy_bw: float) -> None:
     """The jnp LSE merge at prefill size vs the bytes roofline (decides whether a kernel could help).
 
@@ -373,6 +400,8 @@ def _fmt(r: dict) -> str:
         extra += f" {r['TFLOPs']:6.1f} TFLOP/s"
     if "speedup_vs_best_dense" in r:
         extra += f" x{r['speedup_vs_best_dense']:.2f} vs dense"
+    if "vs_sparse_prefill" in r:
+        extra += f" = {r['vs_sparse_prefill']:.2f} x the sparse prefill"
     if r.get("rel_err_vs_ref") is not None:
         extra += f" err={r['rel_err_vs_ref']:.1e}"
     return f"{head} {r['s'] * 1e6:10.1f} us{extra}"

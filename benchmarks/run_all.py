@@ -49,14 +49,15 @@ FULL = {
     "keeps": {32768: [0.125], 131072: [0.125, 0.0625, 1.0], 524288: [0.125, 0.0625]},
     "hier_keeps": (0.125,), "hier_at": (131072,), "mha_contexts": (131072,),
     "box_keeps": {32768: (0.125,), 131072: (0.125, 0.0625), 524288: (0.125,)},
-    "kernel_contexts": [131072], "model_context": 130048, "model_layers": 4, "model_short": 32768,
+    "kernel_contexts": [131072], "tail_contexts": [32768, 131072, 524288],
+    "model_context": 130048, "model_layers": 4, "model_short": 32768,
     "index_context": 131072, "index_layers": 32, "minference_lengths": "131072",
     "breakdown": {131072: BREAKDOWN_STAGES, 524288: ("lookup_flat", "lookup_hierarchical")},
 }
 SMOKE = {
     "e2e_contexts": [1024], "e2e_shapes": ["gqa"], "keeps": {1024: [0.125]}, "hier_keeps": (0.125,), "hier_at": (1024,),
     "box_keeps": {1024: (0.125,)}, "mha_contexts": (),
-    "kernel_contexts": [],
+    "kernel_contexts": [], "tail_contexts": [1024],
     "model_context": 0, "model_layers": 2, "model_short": 0, "index_context": 0, "index_layers": 2,
     "minference_lengths": "", "breakdown": {1024: BREAKDOWN_STAGES},
 }
@@ -139,8 +140,10 @@ def _breakdown_stages(n: int):
     return ix, stages
 
 
-def kernel_rows(contexts: list[int], copy_bw: float, read_bw: float, budget: timing.Budget) -> list[dict]:
-    """Sparse prefill kernel (1K user tokens, 1/8 kept) vs dense (cuDNN, XLA, torch SDPA) at each context."""
+def kernel_rows(contexts: list[int], copy_bw: float, read_bw: float, budget: timing.Budget,
+                tail_contexts: list[int] = ()) -> list[dict]:
+    """Sparse prefill kernel (1K user tokens, 1/8 kept) vs dense (cuDNN, XLA, torch SDPA) at each context; the
+    exact-question pass (32 queries over every context key) at `tail_contexts`."""
     from benchmarks import bench_sparse_attention as bsa
 
     torch_ok = _torch_cuda()
@@ -153,6 +156,12 @@ def kernel_rows(contexts: list[int], copy_bw: float, read_bw: float, budget: tim
         q, k, v = bsa.make_inputs(shape, n, bsa.T_PREFILL)
         best_p = bsa.prefill_dense(rows, shape, n, q, k, v, torch_ok)
         bsa.prefill_case(rows, shape, n, 1 / 8, [{"block_q": 64}], copy_bw, rng, q, k, v, best_p)
+        del q, k, v
+    for n in tail_contexts:
+        if budget.left() < 20:
+            continue
+        q, k, v = bsa.make_inputs("gqa", n, 64)
+        bsa.exact_tail_case(rows, "gqa", n, q, k, v, read_bw)
         del q, k, v
     for r in rows:
         r["section"] = "kernels"
@@ -248,9 +257,9 @@ def main(argv=None) -> int:
             rows += bench_e2e.model_rows(cfg["model_short"], 2, 0.125, 32, budget, squeezed=False)
             return rows
         section("model", result, model, budget, 90, save)
-    if "kernels" in wanted and cfg["kernel_contexts"]:
-        section("kernels", result, lambda: kernel_rows(cfg["kernel_contexts"], copy_bw, read_bw, budget), budget,
-                60, save)
+    if "kernels" in wanted and (cfg["kernel_contexts"] or cfg["tail_contexts"]):
+        section("kernels", result, lambda: kernel_rows(cfg["kernel_contexts"], copy_bw, read_bw, budget,
+                                                       cfg["tail_contexts"]), budget, 60, save)
     if "index" in wanted and cfg["index_context"]:
         section("index", result, lambda: index_rows(cfg["index_context"], cfg["index_layers"], False), budget, 60, save)
     if "minference" in wanted and (cfg["minference_lengths"] or args.smoke):

@@ -9,7 +9,7 @@ from benchmarks import run_all
 
 def test_runner_smoke_writes_results_and_report(tmp_path):
     out, md = tmp_path / "smoke.json", tmp_path / "BENCH.md"
-    assert run_all.main(["--smoke", "--sections", "e2e,breakdown", "--out", str(out), "--md", str(md)]) == 0
+    assert run_all.main(["--smoke", "--sections", "e2e,breakdown,kernels", "--out", str(out), "--md", str(md)]) == 0
     result = json.loads(out.read_text())
     e2e = result["sections"]["e2e"]["rows"]
     methods = {r["method"] for r in e2e if "us" in r}
@@ -19,5 +19,7 @@ def test_runner_smoke_writes_results_and_report(tmp_path):
             assert r["selection_exact"] and r["rel_err_vs_ref"] < 2e-2, r
     stages = {r["method"] for r in result["sections"]["breakdown"]["rows"]}
     assert {"lookup_flat", "select_fused", "sparse_attention"} <= stages
+    tail = [r for r in result["sections"]["kernels"]["rows"] if r.get("op") == "exact_tail"]
+    assert tail and all("s" in r and r["rel_err_vs_ref"] < 1e-2 for r in tail), tail
     text = md.read_text()
     assert "Decode pipeline" in text and "select_fused" in text
