@@ -324,8 +324,7 @@ def prefill_case(rows: list, name: str, n_keys: int, keep: float, variants: list
         print(_fmt(rows[-1]), flush=True)
 
 
-def exact_tail_case(rows: list, name: str, n_keys: int, q, k, v, read_bw: float, tail: int = 32,
-                    key_chunk: int = 16384) -> None:
+def exact_tail_case(rows: list, name: str, n_keys: int, q, k, v, read_bw: float, tail: int = 32) -> None:
     """The exact-question pass of `ContextAttention(exact_tail=tail)`: the last `tail` user queries over every
     context key (`chunked_attention_lse`, XLA), against the roofline of one read of K and V."""
     Hq, Hk = SHAPES[name]
@@ -335,7 +334,7 @@ def exact_tail_case(rows: list, name: str, n_keys: int, q, k, v, read_bw: float,
                 flops=4 * Hq * tail * n_keys * D)
     try:
         every = lambda s0, s1: jnp.ones((1, 1, 1, s1 - s0), bool)
-        f = jax.jit(lambda q, k, v: chunked_attention_lse(q, k[None], v[None], every, key_chunk=key_chunk))
+        f = jax.jit(lambda q, k, v: chunked_attention_lse(q, k[None], v[None], every))
         o, _ = f(q_t, k, v)
         o_r, _ = dense_attention_lse(q_t[:, :1], k[None, :1], v[None, :1])
         t = device_time(lambda i, q, k, v: f(q, k, v), (q_t, k, v), nbytes / read_bw)

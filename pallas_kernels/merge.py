@@ -103,18 +103,23 @@ def last_valid_positions(seq_lens_B: jax.Array, rows: int, T: int) -> jax.Array:
     return jnp.clip(seq_lens_B[:, None] - rows + jnp.arange(rows)[None, :], 0, T - 1)
 
 
+# Keys per step of `chunked_attention_lse` (bounds its `[B, H, L, G, keys]` float32 logits).
+KEY_CHUNK = 16384
+
+
 def chunked_attention_lse(
     q_BHLGD: jax.Array,
     k_BHSD: jax.Array,
     v_BHSD: jax.Array,
     mask_fn,
     *,
-    key_chunk: int,
+    key_chunk: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """`dense_attention_lse` over the keys `key_chunk` at a time, merged by LSE (bounds the float32 logits to
-    `[B, H, L, G, key_chunk]`). `mask_fn(s0, s1)` gives the mask of keys `[s0, s1)`, broadcastable to
-    `[B, H, L, s1 - s0]`. Returns `(out float32, lse)`."""
+    """`dense_attention_lse` over the keys `key_chunk` (default `KEY_CHUNK`) at a time, merged by LSE (bounds the
+    float32 logits to `[B, H, L, G, key_chunk]`). `mask_fn(s0, s1)` gives the mask of keys `[s0, s1)`,
+    broadcastable to `[B, H, L, s1 - s0]`. Returns `(out float32, lse)`."""
     S = k_BHSD.shape[2]
+    key_chunk = key_chunk or KEY_CHUNK
     o = lse = None
     for s0 in range(0, S, key_chunk):
         s1 = min(s0 + key_chunk, S)

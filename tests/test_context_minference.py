@@ -140,7 +140,10 @@ def test_full_budget_equals_squeezed_context_attention(context_state):
     assert float(jnp.max(jnp.abs(sq[0] - dense[0]))) > 1e-3
 
 
-def test_exact_tail_rows_equal_dense_context_and_the_rest_unchanged(context_state):
+def test_exact_tail_rows_equal_dense_context_and_the_rest_unchanged(context_state, monkeypatch):
+    import pallas_kernels.merge as merge_mod
+
+    monkeypatch.setattr(merge_mod, "KEY_CHUNK", 80)  # several context-key chunks merged by LSE
     rows = 5
     sparse = ContextAttention(policy="squeezed", max_budget=0.25)
     tail = ContextAttention(policy="squeezed", max_budget=0.25, exact_tail=rows)

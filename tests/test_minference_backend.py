@@ -91,9 +91,9 @@ def test_sparse_prefill_is_causal_and_pallas_matches_reference():
 
 
 def test_dense_tail_rows_are_exact_and_the_rest_unchanged(monkeypatch):
-    import squeeze_jax.minference.backend as backend_mod
+    import pallas_kernels.merge as merge_mod
 
-    monkeypatch.setattr(backend_mod, "TAIL_KEY_CHUNK", 48)  # several key chunks merged by LSE
+    monkeypatch.setattr(merge_mod, "KEY_CHUNK", 48)  # several key chunks merged by LSE
     q, k, v = _chunk(5)
     seq = jnp.array([T, 117], jnp.int32)
     kv0 = LayerKV(jnp.zeros((B, S, H, D)), jnp.zeros((B, S, H, D)))

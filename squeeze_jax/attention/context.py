@@ -64,8 +64,6 @@ QUEST_PAGE = 16
 # The fused selection kernel runs one program per (row, KV head) over all key blocks: on the H100 it beats the
 # unfused XLA path at 8K blocks (128K keys of 16: 26 vs 62 us) and loses at 32K blocks (226 vs 118 us).
 FUSED_SELECT_MAX_BLOCKS = 16384
-# Context keys per step of the exact-tail pass (bounds its float32 logits).
-EXACT_TAIL_KEY_CHUNK = 16384
 
 
 @jax.tree_util.register_dataclass
@@ -250,10 +248,13 @@ class ContextAttention:
         pos_BL = last_valid_positions(seq_lens_B, rows, T)
         q_BHLGD = jnp.take_along_axis(q_BHTGD, pos_BL[:, None, :, None, None], axis=2)
         valid_N = _valid_keys(idx)[0]
-        expand = lambda x: jnp.broadcast_to(x[None], (B,) + x.shape)
-        o_t, lse_t = chunked_attention_lse(q_BHLGD, expand(idx.keys), expand(idx.values),
-                                           lambda s0, s1: valid_N[s0:s1][None, None, None, :],
-                                           key_chunk=EXACT_TAIL_KEY_CHUNK)
+        # the context's keys are shared by the batch: fold the batch into the query rows instead of copying K/V
+        G, D = q_BHTGD.shape[3:]
+        q_1HRGD = q_BHLGD.transpose(1, 0, 2, 3, 4).reshape(1, H, B * rows, G, D)
+        o_1, lse_1 = chunked_attention_lse(q_1HRGD, idx.keys[None], idx.values[None],
+                                           lambda s0, s1: valid_N[s0:s1][None, None, None, :])
+        o_t = o_1.reshape(H, B, rows, G, D).transpose(1, 0, 2, 3, 4)
+        lse_t = lse_1.reshape(H, B, rows, G).transpose(1, 0, 2, 3)
         o = put_rows(o.astype(jnp.float32), pos_BL, o_t)
         lse = put_rows(lse, pos_BL, lse_t)
         full = jnp.float32(idx.n_fixed + idx.n_clustered) / idx.context_len

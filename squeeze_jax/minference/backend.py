@@ -312,10 +312,6 @@ def _select_heads(take_a_H: jax.Array, a: VerticalSlashIndex, b: VerticalSlashIn
     return dataclasses.replace(b, **{f: pick(getattr(a, f), getattr(b, f)) for f in fields})
 
 
-# Keys per step of the dense tail pass (bounds its `[B, H, rows, G, keys]` float32 logits).
-TAIL_KEY_CHUNK = 16384
-
-
 def dense_tail_rows(
     q_BHTGD: jax.Array,
     k_BHTD: jax.Array,
@@ -326,11 +322,11 @@ def dense_tail_rows(
     rows: int,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact causal attention for the last `rows` valid queries of every batch row, written over `o`/`lse`
-    (keys walked `TAIL_KEY_CHUNK` at a time)."""
+    (keys walked in chunks, `chunked_attention_lse`)."""
     pos_BL = last_valid_positions(seq_lens_B, rows, q_BHTGD.shape[2])
     q_BHLGD = jnp.take_along_axis(q_BHTGD, pos_BL[:, None, :, None, None], axis=2)
     causal = lambda s0, s1: (jnp.arange(s0, s1)[None, None, :] <= pos_BL[:, :, None])[:, None]
-    o_t, lse_t = chunked_attention_lse(q_BHLGD, k_BHTD, v_BHTD, causal, key_chunk=TAIL_KEY_CHUNK)
+    o_t, lse_t = chunked_attention_lse(q_BHLGD, k_BHTD, v_BHTD, causal)
     return put_rows(o_BHTGD, pos_BL, o_t), put_rows(lse_BHTG, pos_BL, lse_t)
 
 
