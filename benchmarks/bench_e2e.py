@@ -27,7 +27,6 @@ import numpy as np
 from benchmarks.timing import Budget, device_info, device_time, median_time, read_bandwidth, rel_err
 from pallas_kernels.block_select import block_cluster_ranges, select_blocks, select_blocks_ref
 from pallas_kernels.centroid_lookup import centroid_scores, centroid_scores_ref, hierarchical_scores
-from pallas_kernels.merge import dense_attention_lse, merge_attention
 from pallas_kernels.selection import block_scores, select_topk
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref
 from squeeze_jax.attention.context import FUSED_SELECT_MAX_BLOCKS
@@ -76,9 +75,11 @@ def synthetic_index(n_keys: int, H: int, seed: int, centroid_fraction: float = 0
     )
 
 
-def squeezed_step(q_BHGD, k_user_BHUD, v_user_BHUD, ix: dict, *, keep_blocks: int, hierarchical: bool,
+def squeezed_step(q_BHGD, k_user_BUHD, v_user_BUHD, ix: dict, *, keep_blocks: int, hierarchical: bool,
                   coarse_keep: int, n_keys: int, score: str = "mean", reference: bool = False):
-    """One layer's decode attention for one token: lookup, block selection, sparse + user attention, merge."""
+    """One layer's decode attention for one token: lookup, block selection, then one attention launch over
+    the selected context blocks and the user tokens (merged in its split combine), as ContextAttention runs
+    it."""
     B, H, G, _ = q_BHGD.shape
     scores = _lookup(q_BHGD, ix, {}, dict(hierarchical=hierarchical, coarse_keep=coarse_keep, score=score),
                      reference=reference)
@@ -92,12 +93,11 @@ def squeezed_step(q_BHGD, k_user_BHUD, v_user_BHUD, ix: dict, *, keep_blocks: in
                           fixed_blocks=N_FIXED // BLOCK_K)
         ids, count = select_topk(bs, k_BH, keep_blocks)
     attend = sparse_decode_ref if reference else sparse_decode
-    o_ctx, lse_ctx = attend(q_BHGD, ix["keys"], ix["values"], ids, count, n_fixed=N_FIXED, fixed_pad=N_FIXED,
-                            n_clustered=n_keys - N_FIXED)
-    o_u, lse_u = dense_attention_lse(q_BHGD[:, :, None], k_user_BHUD, v_user_BHUD)
-    o, _ = merge_attention(o_ctx[:, :, None].astype(jnp.float32), lse_ctx[:, :, None],
-                           o_u.astype(jnp.float32), lse_u)
-    return o[:, :, 0].astype(q_BHGD.dtype)
+    user_len = jnp.full((B,), k_user_BUHD.shape[1], jnp.int32)
+    o, _ = attend(q_BHGD, ix["keys"], ix["values"], ids, count, n_fixed=N_FIXED, fixed_pad=N_FIXED,
+                  n_clustered=n_keys - N_FIXED, k_user_BUHD=k_user_BUHD, v_user_BUHD=v_user_BUHD,
+                  user_len_B=user_len)
+    return o
 
 
 def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, budget: Budget,
@@ -113,13 +113,13 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
             ix["keys"], ix["centroids"], ix["cluster_start"], ix["cluster_size"])
     key = jax.random.PRNGKey(7)
     q = jax.random.normal(key, (1, H, G, D), jnp.bfloat16)
-    k_u = jax.random.normal(jax.random.fold_in(key, 1), (1, H, USER, D), jnp.bfloat16)
-    v_u = jax.random.normal(jax.random.fold_in(key, 2), (1, H, USER, D), jnp.bfloat16)
+    k_u = jax.random.normal(jax.random.fold_in(key, 1), (1, USER, H, D), jnp.bfloat16)  # a request's cache
+    v_u = jax.random.normal(jax.random.fold_in(key, 2), (1, USER, H, D), jnp.bfloat16)
     base = dict(section="attention_decode", shape=shape, n_keys=n_keys, user=USER)
     rows = []
     # dense over context + user keys, [B, S, H, D] layout
-    k_all = jnp.concatenate([ix["keys"], k_u[0]], axis=1).transpose(1, 0, 2)[None]
-    v_all = jnp.concatenate([ix["values"], v_u[0]], axis=1).transpose(1, 0, 2)[None]
+    k_all = jnp.concatenate([ix["keys"].transpose(1, 0, 2)[None], k_u], axis=1)
+    v_all = jnp.concatenate([ix["values"].transpose(1, 0, 2)[None], v_u], axis=1)
     q_dense = q.reshape(1, 1, Hq, D)
     dense_bytes = 2 * H * (n_keys + USER) * D * ITEM
     best = None

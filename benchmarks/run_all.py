@@ -39,7 +39,7 @@ from benchmarks.report import write_benchmarks_md, write_plots  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BREAKDOWN_STAGES = ("lookup_flat", "lookup_hierarchical", "select_fused", "select_unfused", "sparse_attention",
-                    "user_attention_merge")
+                    "user_attention_merge", "sparse_attention_with_user")
 # MInference in the one-command run: the 128K target length and the configurations that answer it (dense
 # cuDNN / torch SDPA, A-shape, the paper's vertical-slash budget with its online index, block-sparse top-100,
 # the model backend with mixed per-head patterns); benchmarks/bench_minference.py alone covers more lengths.
@@ -84,7 +84,8 @@ def section(name: str, result: dict, fn, budget: timing.Budget, min_left: float,
 
 def breakdown_rows(stages_at: dict[int, tuple[str, ...]], read_bw: float) -> list[dict]:
     """The decode pipeline's stages timed alone (GQA, 8 KV heads x 4 query rows, 1/8 kept): flat and
-    hierarchical lookup, fused vs unfused selection, sparse attention, user-token attention + merge;
+    hierarchical lookup, fused vs unfused selection, sparse attention, user-token attention + merge, and the
+    sparse attention with the user tokens in the same launch;
     `stages_at` maps a context length to the stages timed there."""
     rows = []
     for n, wanted in stages_at.items():
@@ -112,6 +113,8 @@ def _breakdown_stages(n: int):
     key = jax.random.PRNGKey(0)
     q = jax.random.normal(key, (1, 8, 4, D), jnp.bfloat16)
     k_u = jax.random.normal(jax.random.fold_in(key, 1), (1, 8, bench_e2e.USER, D), jnp.bfloat16)
+    k_u_BUHD = k_u.transpose(0, 2, 1, 3)
+    user_len = jnp.full((1,), bench_e2e.USER, jnp.int32)
     fine = (ix["centroids"], ix["log_sizes"], ix["radius"])
     ck = max(1, ix["Cc"] // 4)
     kb = max(NF // BK + 1, int(round(0.125 * ix["n_blocks"])))
@@ -133,6 +136,9 @@ def _breakdown_stages(n: int):
             s, ix["cluster_start"], ix["cluster_size"], n_blocks=ix["n_blocks"], block_k=BK,
             fixed_blocks=NF // BK), k_BH, kb)),
         "sparse_attention": ((q,), lambda i, q: sparse_decode(q, ix["keys"], ix["values"], ids, cnt, **lay)),
+        "sparse_attention_with_user": ((q,), lambda i, q: sparse_decode(
+            q, ix["keys"], ix["values"], ids, cnt, k_user_BUHD=k_u_BUHD, v_user_BUHD=k_u_BUHD, user_len_B=user_len,
+            **lay)),
         "user_attention_merge": ((q,), lambda i, q: merge_attention(
             o_ctx[:, :, None].astype(jnp.float32), lse_ctx[:, :, None],
             *[x.astype(jnp.float32) for x in dense_attention_lse(q[:, :, None], k_u, k_u)])),

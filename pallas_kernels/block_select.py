@@ -8,8 +8,9 @@ scores held in registers:
 1. block score = max of the scores of the clusters that overlap the block (clusters are contiguous runs of
    the reordered key axis, so the overlapping clusters of block b are a contiguous index range
    [lo_b, hi_b], computed once per index by `block_cluster_ranges`); fixed blocks score +inf;
-2. the k-th largest block score by bisection on the value (`BISECT_ITERS` halvings of the score range, each
-   a count over the block vector), which converges to adjacent floats for log-probability scores;
+2. the k-th largest block score by bisection on the value (halvings of the score range, each a count over
+   the block vector) until exactly k blocks lie above the lower bound, at most `BISECT_ITERS` halvings (which
+   reach adjacent floats for log-probability scores; only ties at the k-th score need them all);
 3. the chosen blocks (all above the cutoff, ties at the cutoff to the lower block index) are compacted in
    ascending order with a prefix sum and written with one permutation store; the tail carries the last id.
 
@@ -82,15 +83,20 @@ def _select_kernel(k_ref, s_ref, size_ref, lo_ref, hi_ref, ids_ref, cnt_ref, *, 
     big = f_max + 1.0
     t = jnp.where(score == jnp.inf, big, score)  # +inf (fixed) blocks rank above every finite one
 
-    def bisect(_, bounds):
-        a, b = bounds
+    def unresolved(state):
+        it, _, _, count_a = state
+        return (it < BISECT_ITERS) & (count_a != kk)
+
+    def bisect(state):
+        it, a, b, count_a = state
         mid = 0.5 * (a + b)
         c = jnp.sum((t >= mid).astype(jnp.int32))
         go_up = c >= kk
-        return jnp.where(go_up, mid, a), jnp.where(go_up, b, mid)
+        return it + 1, jnp.where(go_up, mid, a), jnp.where(go_up, b, mid), jnp.where(go_up, c, count_a)
 
-    # Invariant: count(t >= a) >= kk > count(t >= b).
-    a, b = lax.fori_loop(0, BISECT_ITERS, bisect, (f_min, big + 1.0))
+    # Invariant: count(t >= a) >= kk > count(t >= b). Stops as soon as count(t >= a) == kk (then {t >= a} is
+    # the top kk exactly); only ties at the k-th score run all BISECT_ITERS halvings.
+    _, a, b, _ = lax.while_loop(unresolved, bisect, (jnp.int32(0), f_min, big + 1.0, n_valid))
     gt = valid & (t >= b)
     eq = valid & (t >= a) & (t < b)
     need = kk - jnp.sum(gt.astype(jnp.int32))

@@ -6,6 +6,12 @@ blocks `blocks_per_step` at a time: the rows of those blocks are gathered by ind
 contiguous elements, so loads stay coalesced) into one `[blocks_per_step * block_k, D]` tile for the MMA.
 The valid entries `[0, block_count)` are spread evenly over the `num_splits` programs of a head; partial
 results are merged by log-sum-exp outside the kernel (same jit).
+
+Optionally the request's own tokens (user prompt + generated, a per-row KV cache `[B, U, H, D]` of which the
+first `user_len[b]` entries are valid) are attended in the same launch: extra programs per (b, h), each
+over `user_keys_per_split` cache entries, whose partials join the same log-sum-exp combine. That replaces a
+separate dense attention + merge (several small launches per layer and token) and reads only the valid
+cache entries.
 """
 
 from __future__ import annotations
@@ -41,7 +47,11 @@ LN2 = math.log(2.0)
 # Programs the default split count aims for (about two per SM of an H100).
 TARGET_PROGRAMS = 264
 
+# Cache entries per user-token program (two 128-key steps at the default tile).
+USER_KEYS_PER_SPLIT = 256
+
 _STATIC = (
+    "user_keys_per_split",
     "n_fixed",
     "fixed_pad",
     "n_clustered",
@@ -119,15 +129,28 @@ def gather_step(
     return k, v, ok
 
 
+def user_step(ku_ref, vu_ref, key0: jax.Array, user_len: jax.Array, tile: int) -> tuple[jax.Array, ...]:
+    """Rows `[key0, key0 + tile)` of one (row, head) KV cache `[U, D]` and their mask (`< user_len`).
+
+    Values past `user_len` are zeroed: a cache slot not yet written (or left by a longer request) must not
+    reach the output even as 0 * inf."""
+    pos = key0 + jnp.arange(tile, dtype=jnp.int32)
+    ok = pos < user_len
+    pos = jnp.clip(pos, 0, ku_ref.shape[0] - 1)
+    cols = jnp.arange(ku_ref.shape[-1], dtype=jnp.int32)
+    v = vu_ref[pos[:, None], cols[None, :]]
+    return ku_ref[pos[:, None], cols[None, :]], jnp.where(ok[:, None], v, jnp.zeros_like(v)), ok
+
+
 def _decode_kernel(
     ids_ref,
     count_ref,
     q_ref,
     k_ref,
     v_ref,
-    o_ref,
-    lse_ref,
-    *,
+    *refs,
+    user: bool,
+    user_keys_per_split: int,
     qk_scale: float,
     block_k: int,
     blocks_per_step: int,
@@ -138,11 +161,16 @@ def _decode_kernel(
     fixed_pad: int,
     n_clustered: int,
 ):
-    """One (b, h, split) program: flash accumulation over this split's share of the selected blocks.
+    """One (b, h, split) program: flash accumulation over this split's share of the selected blocks, or
+    (splits past `num_splits`, when `user`) over `user_keys_per_split` entries of the row's KV cache.
 
     The q/out blocks have R >= groups rows over arrays of `groups` rows: rows past `groups` are masked
     on load and store (no padding copies outside the kernel).
     """
+    if user:
+        len_ref, ku_ref, vu_ref, o_ref, lse_ref = refs
+    else:
+        o_ref, lse_ref = refs
     P = blocks_per_step
     R, D = q_ref.shape
     n_blocks = k_ref.shape[0] // block_k
@@ -152,7 +180,7 @@ def _decode_kernel(
     chunk = ((count + num_splits - 1) // num_splits + P - 1) // P * P
     start = split * chunk
     stop = jnp.minimum(start + chunk, count)
-    n_steps = (jnp.maximum(stop - start, 0) + P - 1) // P
+    n_steps = jnp.where(split < num_splits, (jnp.maximum(stop - start, 0) + P - 1) // P, 0)
 
     rows_ok = jnp.arange(R, dtype=jnp.int32) < groups
     q = q_ref[...] if R == groups else plgpu.load(q_ref, mask=rows_ok[:, None], other=0.0)
@@ -171,8 +199,20 @@ def _decode_kernel(
         jnp.full((R,), -jnp.inf, jnp.float32),
         jnp.zeros((R,), jnp.float32),
     )
-    acc, m, denom = lax.fori_loop(0, n_steps, body, carry)
-    out, lse = finish(acc, m, denom)
+    carry = lax.fori_loop(0, n_steps, body, carry)
+    if user:
+        tile = P * block_k
+        key0 = (split - num_splits) * user_keys_per_split
+        user_len = len_ref[...]
+        n_user = jnp.where(split >= num_splits, (jnp.clip(user_len - key0, 0, user_keys_per_split) + tile - 1) // tile,
+                           0)
+
+        def user_body(i, carry):
+            k, v, ok = user_step(ku_ref, vu_ref, key0 + i * tile, user_len, tile)
+            return flash_step(q, k, v, ok, carry, qk_scale)
+
+        carry = lax.fori_loop(0, n_user, user_body, carry)
+    out, lse = finish(*carry)
     if R == groups:
         o_ref[...] = out.astype(o_ref.dtype)
         lse_ref[...] = lse
@@ -210,6 +250,31 @@ def _check_inputs(q_BHGD, k_HND, v_HND, block_ids, block_count, n_fixed, fixed_p
         )
 
 
+def _check_user(q_BHGD, k_user_BUHD, v_user_BUHD, user_len_B, user_keys_per_split, tile) -> bool:
+    """Whether the user-token part is given (all three arrays, or none), with shapes checked."""
+    given = [x is not None for x in (k_user_BUHD, v_user_BUHD, user_len_B)]
+    if not any(given):
+        return False
+    if not all(given):
+        raise ValueError("k_user_BUHD, v_user_BUHD and user_len_B go together: pass all three or none")
+    B, H, _, D = q_BHGD.shape
+    if k_user_BUHD.ndim != 4 or v_user_BUHD.shape != k_user_BUHD.shape:
+        raise ValueError(f"k_user/v_user must both be [B, U, H, D] of one shape, got {k_user_BUHD.shape}, "
+                         f"{v_user_BUHD.shape}")
+    if (k_user_BUHD.shape[0], k_user_BUHD.shape[2], k_user_BUHD.shape[3]) != (B, H, D) or k_user_BUHD.shape[1] < 1:
+        raise ValueError(f"k_user shape {k_user_BUHD.shape} does not match q shape {q_BHGD.shape}: expected "
+                         f"[{B}, U >= 1, {H}, {D}]")
+    if k_user_BUHD.dtype != q_BHGD.dtype or v_user_BUHD.dtype != q_BHGD.dtype:
+        raise TypeError(f"k_user/v_user must have q's dtype {q_BHGD.dtype}, got {k_user_BUHD.dtype}, "
+                        f"{v_user_BUHD.dtype}")
+    if user_len_B.shape != (B,) or not jnp.issubdtype(user_len_B.dtype, jnp.integer):
+        raise ValueError(f"user_len_B must be an integer [{B}] array, got {user_len_B.dtype}{list(user_len_B.shape)}")
+    if user_keys_per_split < tile or user_keys_per_split % tile:
+        raise ValueError(f"user_keys_per_split must be a positive multiple of blocks_per_step * block_k = {tile}, "
+                         f"got {user_keys_per_split}")
+    return True
+
+
 def default_num_splits(batch: int, heads: int, capacity: int, blocks_per_step: int) -> int:
     """Splits per (b, h) so that the grid has about TARGET_PROGRAMS programs (at most one step each)."""
     want = cdiv(TARGET_PROGRAMS, batch * heads)
@@ -234,22 +299,32 @@ def sparse_decode(
     interpret: bool | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_user_BUHD: jax.Array | None = None,
+    v_user_BUHD: jax.Array | None = None,
+    user_len_B: jax.Array | None = None,
+    user_keys_per_split: int = USER_KEYS_PER_SPLIT,
 ) -> tuple[jax.Array, jax.Array]:
-    """Attention of one decode token per (batch row, query head) over the selected key blocks.
+    """Attention of one decode token per (batch row, query head) over the selected key blocks, and
+    optionally over the row's own tokens too.
 
     `q_BHGD` (query head h*G+g), `k_HND`/`v_HND` shared by the batch, `block_ids[B, H, M]` sorted block
     ids (block j = positions [j*block_k, (j+1)*block_k)), `block_count[B, H]` in [1, M]. Valid key
-    positions are `[0, n_fixed) ∪ [fixed_pad, fixed_pad + n_clustered)`. Returns `out_BHGD` (q's dtype)
-    and `lse_BHG` (float32, natural log of the scaled logits; -inf if no valid key was selected).
+    positions are `[0, n_fixed) ∪ [fixed_pad, fixed_pad + n_clustered)`. With `k_user_BUHD, v_user_BUHD`
+    (a per-row KV cache) and `user_len_B`, the first `user_len_B[b]` cache entries are attended as well and
+    the result is over both key sets. Returns `out_BHGD` (q's dtype) and `lse_BHG` (float32, natural log of
+    the scaled logits; -inf if no valid key was selected).
     """
     _check_inputs(q_BHGD, k_HND, v_HND, block_ids, block_count, n_fixed, fixed_pad, n_clustered, block_k,
                   blocks_per_step)
+    user = _check_user(q_BHGD, k_user_BUHD, v_user_BUHD, user_len_B, user_keys_per_split,
+                       blocks_per_step * block_k)
     B, H, G, D = q_BHGD.shape
     M = block_ids.shape[2]
     P = blocks_per_step
     S = default_num_splits(B, H, M, P) if num_splits is None else int(num_splits)
     if S < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    S_user = cdiv(k_user_BUHD.shape[1], user_keys_per_split) if user else 0
     R = padded_rows(G)
     M_pad = round_up(M, P)
     ids = pad_axis(block_ids.astype(jnp.int32), 2, M_pad, mode="edge")
@@ -265,31 +340,41 @@ def sparse_decode(
         n_fixed=n_fixed,
         fixed_pad=fixed_pad,
         n_clustered=n_clustered,
+        user=user,
+        user_keys_per_split=user_keys_per_split,
     )
     N = k_HND.shape[1]
+    in_specs = [
+        pl.BlockSpec((None, None, M_pad), lambda b, h, s: (b, h, 0)),
+        pl.BlockSpec((None, None), lambda b, h, s: (b, h)),
+        pl.BlockSpec((None, None, R, D), lambda b, h, s: (b, h, 0, 0)),
+        pl.BlockSpec((None, N, D), lambda b, h, s: (h, 0, 0)),
+        pl.BlockSpec((None, N, D), lambda b, h, s: (h, 0, 0)),
+    ]
+    args = [ids, count, q_BHGD, k_HND, v_HND]
+    if user:
+        U = k_user_BUHD.shape[1]
+        in_specs += [pl.BlockSpec((None,), lambda b, h, s: (b,))]
+        in_specs += [pl.BlockSpec((None, U, None, D), lambda b, h, s: (b, 0, h, 0))] * 2
+        args += [user_len_B.astype(jnp.int32), k_user_BUHD, v_user_BUHD]
+    S_all = S + S_user
     o_BHSGD, lse_BHSG = pl.pallas_call(
         kernel,
-        grid=(B, H, S),
-        in_specs=[
-            pl.BlockSpec((None, None, M_pad), lambda b, h, s: (b, h, 0)),
-            pl.BlockSpec((None, None), lambda b, h, s: (b, h)),
-            pl.BlockSpec((None, None, R, D), lambda b, h, s: (b, h, 0, 0)),
-            pl.BlockSpec((None, N, D), lambda b, h, s: (h, 0, 0)),
-            pl.BlockSpec((None, N, D), lambda b, h, s: (h, 0, 0)),
-        ],
+        grid=(B, H, S_all),
+        in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, None, R, D), lambda b, h, s: (b, h, s, 0, 0)),
             pl.BlockSpec((None, None, None, R), lambda b, h, s: (b, h, s, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((B, H, S, G, D), jnp.float32),
-            jax.ShapeDtypeStruct((B, H, S, G), jnp.float32),
+            jax.ShapeDtypeStruct((B, H, S_all, G, D), jnp.float32),
+            jax.ShapeDtypeStruct((B, H, S_all, G), jnp.float32),
         ],
         compiler_params=compiler_params(num_warps, num_stages),
         interpret=resolve_interpret(interpret),
         name="sparse_decode",
-    )(ids, count, q_BHGD, k_HND, v_HND)
-    if S == 1:
+    )(*args)
+    if S_all == 1:
         return o_BHSGD[:, :, 0].astype(q_BHGD.dtype), lse_BHSG[:, :, 0]
     out, lse = combine_partials(o_BHSGD, lse_BHSG, axis=2)
     return out.astype(q_BHGD.dtype), lse
@@ -339,11 +424,18 @@ def sparse_decode_ref(
     interpret: bool | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_user_BUHD: jax.Array | None = None,
+    v_user_BUHD: jax.Array | None = None,
+    user_len_B: jax.Array | None = None,
+    user_keys_per_split: int = USER_KEYS_PER_SPLIT,
 ) -> tuple[jax.Array, jax.Array]:
-    """Pure-jnp reference of `sparse_decode` (same signature; tiling arguments are ignored)."""
+    """Pure-jnp reference of `sparse_decode` (same signature; tiling arguments are ignored): the selected
+    keys and, when given, the first `user_len_B[b]` cache entries, as one masked softmax."""
     del num_splits, interpret, num_warps, num_stages
     _check_inputs(q_BHGD, k_HND, v_HND, block_ids, block_count, n_fixed, fixed_pad, n_clustered, block_k,
                   blocks_per_step)
+    user = _check_user(q_BHGD, k_user_BUHD, v_user_BUHD, user_len_B, user_keys_per_split,
+                       blocks_per_step * block_k)
     D = q_BHGD.shape[-1]
     n_blocks = k_HND.shape[1] // block_k
     ids = jnp.clip(block_ids.astype(jnp.int32), 0, n_blocks - 1)
@@ -351,9 +443,18 @@ def sparse_decode_ref(
                                          n_clustered)
     s = default_scale(D, scale)
 
-    def one_head(q_GD, k_ND, v_ND, pos_K, ok_K):
-        return masked_attention_ref(q_GD, k_ND[pos_K], v_ND[pos_K], ok_K, s)
-
-    per_batch = jax.vmap(one_head, in_axes=(0, 0, 0, 0, 0))
-    out, lse = jax.vmap(per_batch, in_axes=(0, None, None, 0, 0))(q_BHGD, k_HND, v_HND, pos_BHK, ok_BHK)
+    B, H = q_BHGD.shape[:2]
+    k_BHKD = jnp.broadcast_to(k_HND[None], (B,) + k_HND.shape)
+    v_BHKD = jnp.broadcast_to(v_HND[None], (B,) + v_HND.shape)
+    k_BHKD = jnp.take_along_axis(k_BHKD, pos_BHK[..., None], axis=2)
+    v_BHKD = jnp.take_along_axis(v_BHKD, pos_BHK[..., None], axis=2)
+    if user:
+        U = k_user_BUHD.shape[1]
+        user_ok_BU = jnp.arange(U)[None, :] < user_len_B[:, None]
+        v_user_BUHD = jnp.where(user_ok_BU[:, :, None, None], v_user_BUHD, 0)
+        k_BHKD = jnp.concatenate([k_BHKD, k_user_BUHD.transpose(0, 2, 1, 3)], axis=2)
+        v_BHKD = jnp.concatenate([v_BHKD, v_user_BUHD.transpose(0, 2, 1, 3)], axis=2)
+        ok_BHK = jnp.concatenate([ok_BHK, jnp.broadcast_to(user_ok_BU[:, None], (B, H, U))], axis=2)
+    out, lse = jax.vmap(jax.vmap(masked_attention_ref, in_axes=(0, 0, 0, 0, None)), in_axes=(0, 0, 0, 0, None))(
+        q_BHGD, k_BHKD, v_BHKD, ok_BHK, s)
     return out.astype(q_BHGD.dtype), lse

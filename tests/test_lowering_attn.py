@@ -46,6 +46,24 @@ def test_sparse_decode_lowers(G, D, dtype, block_k, P, splits):
     assert has_triton_call(text)
 
 
+@pytest.mark.parametrize("G,D,dtype,U", [(4, 128, jnp.bfloat16, 512), (3, 64, jnp.float32, 1000)])
+def test_sparse_decode_with_user_tokens_lowers(G, D, dtype, U):
+    B, H, N, M = 2, 8, 8192, 100
+    text = lower_for_h100(
+        lambda q, k, v, ids, cnt, ku, vu, lens: sparse_decode(
+            q, k, v, ids, cnt, k_user_BUHD=ku, v_user_BUHD=vu, user_len_B=lens, interpret=False, **LAYOUT),
+        S((B, H, G, D), dtype),
+        S((H, N, D), dtype),
+        S((H, N, D), dtype),
+        S((B, H, M), jnp.int32),
+        S((B, H), jnp.int32),
+        S((B, U, H, D), dtype),
+        S((B, U, H, D), dtype),
+        S((B,), jnp.int32),
+    )
+    assert has_triton_call(text)
+
+
 @pytest.mark.parametrize(
     "T,G,D,dtype,block_q,rows,warps",
     [

@@ -189,3 +189,80 @@ def test_bad_inputs_raise():
         sparse_decode(q, k.astype(jnp.bfloat16), k, ids, cnt, **kw)
     with pytest.raises(ValueError, match="does not match"):
         sparse_decode(q, k[:1], k[:1], ids, cnt, **kw)
+
+
+# (seed, B, H, G, D, U, dtype, user_len per row, user_keys_per_split, blocks_per_step)
+USER_CASES = [
+    (20, 2, 2, 4, 64, 300, jnp.float32, (1, 300), 128, 8),  # one key / the whole cache; U not a tile multiple
+    (21, 3, 1, 3, 128, 64, jnp.bfloat16, (17, 64, 40), 128, 8),  # cache shorter than one split
+    (22, 1, 2, 8, 128, 513, jnp.bfloat16, (260,), 256, 4),  # splits past user_len do no work
+]
+
+
+@pytest.mark.parametrize("case", USER_CASES, ids=[f"user{c[0]}" for c in USER_CASES])
+def test_user_tokens_match_reference_and_dense(case):
+    """Context blocks + the row's own cache in one launch == the reference == context part merged with a
+    dense attention over the valid cache entries."""
+    from pallas_kernels.merge import dense_attention_lse, merge_attention
+
+    seed, B, H, G, D, U, dtype, lens, per_split, P = case
+    n_fixed, fixed_pad, n_clustered, N, M = 20, 64, 400, 512, 9
+    rng, q, k, v = _inputs(seed, B, H, G, D, N, dtype)
+    ku = jnp.asarray(rng.standard_normal((B, U, H, D)), dtype)
+    vu = jnp.asarray(rng.standard_normal((B, U, H, D)), dtype)
+    user_len = jnp.asarray(lens, jnp.int32)
+    cand = valid_blocks(n_fixed, fixed_pad, n_clustered, 16)
+    ids, cnt = random_block_selection(rng, (B, H), cand, rng.integers(1, M + 1, size=(B, H)), M)
+    ids, cnt = jnp.asarray(ids), jnp.asarray(cnt)
+    kw = dict(n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered, blocks_per_step=P, num_splits=2,
+              interpret=True)
+    user = dict(k_user_BUHD=ku, v_user_BUHD=vu, user_len_B=user_len, user_keys_per_split=per_split)
+    out, lse = sparse_decode(q, k, v, ids, cnt, **kw, **user)
+    out_r, lse_r = sparse_decode_ref(q, k, v, ids, cnt, **kw, **user)
+    assert out.shape == (B, H, G, D) and out.dtype == dtype and lse.shape == (B, H, G)
+    assert np.isfinite(np.asarray(out, np.float32)).all() and np.isfinite(np.asarray(lse)).all()
+    assert _rel_err(out, out_r) < _tol(dtype)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_r), atol=1e-4, rtol=1e-5)
+    # the same as the two-part computation it replaces
+    o_c, lse_c = sparse_decode_ref(q, k, v, ids, cnt, **kw)
+    mask_BU = jnp.arange(U)[None] < user_len[:, None]
+    o_u, lse_u = dense_attention_lse(q[:, :, None].astype(jnp.float32), ku.transpose(0, 2, 1, 3).astype(jnp.float32),
+                                     vu.transpose(0, 2, 1, 3).astype(jnp.float32), mask_BU[:, None, None, :])
+    o_m, lse_m = merge_attention(o_c[:, :, None].astype(jnp.float32), lse_c[:, :, None], o_u, lse_u)
+    assert _rel_err(out, o_m[:, :, 0]) < _tol(dtype)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_m[:, :, 0]), atol=1e-3, rtol=1e-4)
+
+
+def test_user_tokens_ignore_entries_past_length():
+    B, H, G, D, U = 1, 1, 2, 64, 200
+    rng, q, k, v = _inputs(30, B, H, G, D, 256, jnp.float32)
+    ku = jnp.asarray(rng.standard_normal((B, U, H, D)), jnp.float32)
+    vu = jnp.asarray(rng.standard_normal((B, U, H, D)), jnp.float32)
+    kw = dict(n_fixed=64, fixed_pad=64, n_clustered=192, num_splits=1, interpret=True)
+    ids, cnt = jnp.asarray([[[0, 3, 5]]]), jnp.asarray([[3]])
+    a = sparse_decode(q, k, v, ids, cnt, k_user_BUHD=ku, v_user_BUHD=vu, user_len_B=jnp.asarray([70]), **kw)
+    b = sparse_decode(q, k, v, ids, cnt, k_user_BUHD=ku.at[:, 70:].set(1e4), v_user_BUHD=vu.at[:, 70:].set(jnp.nan),
+                      user_len_B=jnp.asarray([70]), **kw)
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+
+
+def test_user_token_bad_inputs_raise():
+    q = jnp.zeros((2, 2, 4, 64), jnp.float32)
+    k = jnp.zeros((2, 256, 64), jnp.float32)
+    ids, cnt = jnp.zeros((2, 2, 4), jnp.int32), jnp.ones((2, 2), jnp.int32)
+    ku = jnp.zeros((2, 100, 2, 64), jnp.float32)
+    kw = dict(n_fixed=10, fixed_pad=64, n_clustered=100, interpret=True)
+    lens = jnp.asarray([3, 4], jnp.int32)
+    with pytest.raises(ValueError, match="go together"):
+        sparse_decode(q, k, k, ids, cnt, k_user_BUHD=ku, v_user_BUHD=ku, **kw)
+    with pytest.raises(ValueError, match="does not match"):
+        sparse_decode(q, k, k, ids, cnt, k_user_BUHD=ku[:, :, :1], v_user_BUHD=ku[:, :, :1], user_len_B=lens, **kw)
+    with pytest.raises(TypeError, match="dtype"):
+        bf = ku.astype(jnp.bfloat16)
+        sparse_decode(q, k, k, ids, cnt, k_user_BUHD=bf, v_user_BUHD=bf, user_len_B=lens, **kw)
+    with pytest.raises(ValueError, match="user_len_B"):
+        sparse_decode(q, k, k, ids, cnt, k_user_BUHD=ku, v_user_BUHD=ku, user_len_B=lens[:1], **kw)
+    with pytest.raises(ValueError, match="user_keys_per_split"):
+        sparse_decode(q, k, k, ids, cnt, k_user_BUHD=ku, v_user_BUHD=ku, user_len_B=lens, user_keys_per_split=100,
+                      **kw)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -215,29 +215,27 @@ class ContextAttention:
         G = Hq // H
         q_BHTGD = q_BTHqD.reshape(B, T, H, G, D).transpose(0, 2, 1, 3, 4)
 
-        # user / generated tokens: dense causal over the cache
-        S = new_kv.k_BSHD.shape[1]
-        t_T = jnp.arange(T, dtype=jnp.int32)
-        s_S = jnp.arange(S, dtype=jnp.int32)
-        mask_BTS = s_S[None, None, :] <= (lengths_B[:, None, None] + t_T[None, :, None])
-        k_BHSD = new_kv.k_BSHD.transpose(0, 2, 1, 3)
-        v_BHSD = new_kv.v_BSHD.transpose(0, 2, 1, 3)
-        o_user, lse_user = dense_attention_lse(q_BHTGD, k_BHSD, v_BHSD, mask_BTS[:, None])
-
-        # fixed context: sparse
-        o_ctx, lse_ctx, aux = self.context_part(q_BHTGD, seq_lens_B, idx, layer_state)
-        o, _ = merge_attention(o_ctx.astype(jnp.float32), lse_ctx, o_user.astype(jnp.float32), lse_user)
+        if T == 1 and not self.fidelity:
+            # decode: the token's own cache (first lengths + 1 entries) joins the context attention, one launch
+            user = UserKV(new_kv.k_BSHD, new_kv.v_BSHD, lengths_B + 1)
+            o, _, aux = self.context_part(q_BHTGD, seq_lens_B, idx, layer_state, user=user)
+        else:
+            # user / generated tokens: dense causal over the cache; fixed context: sparse; merged by LSE
+            o_user, lse_user = _user_attention(q_BHTGD, new_kv.k_BSHD, new_kv.v_BSHD, lengths_B)
+            o_ctx, lse_ctx, aux = self.context_part(q_BHTGD, seq_lens_B, idx, layer_state)
+            o, _ = merge_attention(o_ctx.astype(jnp.float32), lse_ctx, o_user.astype(jnp.float32), lse_user)
+            if self.fidelity:
+                aux.update(_fidelity(q_BHTGD, idx, seq_lens_B, aux.pop("_kept_BHTN"), lse_user))
         out = o.transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D).astype(q_BTHqD.dtype)
-        if self.fidelity:
-            aux.update(_fidelity(q_BHTGD, idx, seq_lens_B, aux.pop("_kept_BHTN"), lse_user))
         return out, new_kv, aux
 
     # ------------------------------------------------------------------ context part
-    def context_part(self, q_BHTGD, seq_lens_B, idx, state: ContextState):
+    def context_part(self, q_BHTGD, seq_lens_B, idx, state: ContextState, user: UserKV | None = None):
         """Attention of the user/generated queries over the fixed context: `(o, lse, aux)`; the selection
-        policy's sparse result, with the last `exact_tail` prefill rows replaced by exact attention."""
+        policy's sparse result, with the last `exact_tail` prefill rows replaced by exact attention. With
+        `user` (decode only), the result is over the context and the row's valid cache entries together."""
         o, lse, aux = self._context(q_BHTGD, seq_lens_B, idx, state.budget_B,
-                                    (state.block_lo_LHB, state.block_hi_LHB), state.box_table_LHCE)
+                                    (state.block_lo_LHB, state.block_hi_LHB), state.box_table_LHCE, user)
         T = q_BHTGD.shape[2]
         if self.exact_tail and T > 1:
             o, lse, aux = self._exact_tail(q_BHTGD, seq_lens_B, idx, o, lse, aux, min(self.exact_tail, T))
@@ -286,12 +284,15 @@ class ContextAttention:
         k_BH = jnp.clip(k_BH, min(fixed_blocks + 1, capacity), min(capacity, n_blocks_valid + fixed_blocks))
         return k_BH, capacity
 
-    def _context(self, q_BHTGD, seq_lens_B, idx, budget_B, block_ranges=(None, None), box_table_HCE=None):
+    def _context(self, q_BHTGD, seq_lens_B, idx, budget_B, block_ranges=(None, None), box_table_HCE=None,
+                 user: UserKV | None = None):
         B, H, T, G, D = q_BHTGD.shape
+        if user is not None and T != 1:
+            raise ValueError(f"user KV is attended with the context only in decode (T = 1), got T = {T}")
         if self.policy in KEY_POLICIES:
-            return self._key_policy(q_BHTGD, idx, budget_B)
+            return _with_user(q_BHTGD, *self._key_policy(q_BHTGD, idx, budget_B), user)
         if self.policy == "dense" and not self._pallas():
-            return self._dense(q_BHTGD, idx)
+            return _with_user(q_BHTGD, *self._dense(q_BHTGD, idx), user)
         decode = T == 1
         k_BH, capacity = self._k_blocks(idx, budget_B)
         nb = idx.keys.shape[1] // self.block_k
@@ -327,6 +328,8 @@ class ContextAttention:
         attend_decode = sparse_decode if pallas else sparse_decode_ref
         attend_prefill = sparse_prefill if pallas else sparse_prefill_ref
         if decode:
+            if user is not None:
+                kw.update(k_user_BUHD=user.k_BUHD, v_user_BUHD=user.v_BUHD, user_len_B=user.len_B)
             o, lse = attend_decode(rows_BHRD, idx.keys, idx.values, ids, count, interpret=self.interpret, **kw)
             o, lse = o[:, :, None], lse[:, :, None]
         else:
@@ -471,6 +474,34 @@ def calibrated_head_keys(budgets_HF: jax.Array | None, fractions: tuple[float, .
     keys_BH = cols_AH[j_B] + w_B[:, None] * (cols_AH[j_B + 1] - cols_AH[j_B])
     exact_col_BH = cols_AH[1 + jnp.argmax(exact_BF, axis=1)]
     return jnp.where(jnp.any(exact_BF, axis=1)[:, None], exact_col_BH, keys_BH)
+
+
+class UserKV(NamedTuple):
+    """A request's own tokens for one layer: KV cache `[B, U, H, D]` (k, v) and valid entries per row `[B]`."""
+
+    k_BUHD: jax.Array
+    v_BUHD: jax.Array
+    len_B: jax.Array
+
+
+def _user_attention(q_BHTGD, k_BSHD, v_BSHD, lengths_B):
+    """Dense causal attention of the T new tokens over the cache (entries up to each token's position).
+    Entries past the last token are zeroed in v: a stale slot must not reach the output even as 0 * inf."""
+    T, S = q_BHTGD.shape[2], k_BSHD.shape[1]
+    s_S = jnp.arange(S)
+    mask_BTS = s_S[None, None, :] <= (lengths_B[:, None, None] + jnp.arange(T)[None, :, None])
+    v_BSHD = jnp.where((s_S[None, :] < (lengths_B[:, None] + T))[:, :, None, None], v_BSHD, 0)
+    return dense_attention_lse(q_BHTGD, k_BSHD.transpose(0, 2, 1, 3), v_BSHD.transpose(0, 2, 1, 3),
+                               mask_BTS[:, None])
+
+
+def _with_user(q_BHTGD, o, lse, aux, user: UserKV | None):
+    """A context-only decode result merged with the dense attention over the valid cache entries."""
+    if user is None:
+        return o, lse, aux
+    o_u, lse_u = _user_attention(q_BHTGD, user.k_BUHD, user.v_BUHD, user.len_B - 1)
+    o, lse = merge_attention(o.astype(jnp.float32), lse, o_u.astype(jnp.float32), lse_u)
+    return o, lse, aux
 
 
 def _valid_keys(idx) -> jax.Array:

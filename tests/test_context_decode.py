@@ -1,0 +1,58 @@
+"""Decode through ContextAttention: the row's own cache is attended together with the fixed context (one
+launch on the kernel path) and must equal the two-part result (context part, dense cache part, LSE merge)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.kv_cache import LayerKV
+from pallas_kernels.merge import merge_attention
+from squeeze_jax.attention.context import ContextAttention, ContextState, LayerIndex, _user_attention
+from tests.test_block_select import tiny_index
+
+
+@pytest.mark.parametrize("policy,use_pallas", [("squeezed", True), ("squeezed", False), ("dense", False),
+                                               ("dense", True), ("streaming", False)])
+def test_decode_with_cache_equals_context_plus_cache_merged(policy, use_pallas):
+    index, (H, G, D) = tiny_index()
+    B, S = 2, 40
+    key = jax.random.key(3)
+    q = jax.random.normal(key, (B, 1, H * G, D))
+    k_new = jax.random.normal(jax.random.fold_in(key, 1), (B, 1, H, D))
+    v_new = jax.random.normal(jax.random.fold_in(key, 2), (B, 1, H, D))
+    # a cache with stale entries past each row's length: they must not be read
+    cache = LayerKV(jax.random.normal(jax.random.fold_in(key, 4), (B, S, H, D)),
+                    jax.random.normal(jax.random.fold_in(key, 5), (B, S, H, D)) * 100.0)
+    lengths = jnp.asarray([5, 31], jnp.int32)
+    backend = ContextAttention(policy=policy, max_budget=0.25, use_pallas=use_pallas,
+                               interpret=True if use_pallas else None)
+    state = jax.tree.map(lambda a: a[0], ContextState.for_backend(index, jnp.full((1, B), 0.25), backend))
+    out, new_kv, aux = backend(q, k_new, v_new, cache, lengths, lengths + 1, jnp.zeros((B, 1), jnp.int32), state)
+
+    q_BHTGD = q.reshape(B, 1, H, G, D).transpose(0, 2, 1, 3, 4)
+    o_c, lse_c, _ = backend.context_part(q_BHTGD, lengths + 1, LayerIndex.of(state.index), state)
+    o_u, lse_u = _user_attention(q_BHTGD, new_kv.k_BSHD, new_kv.v_BSHD, lengths)
+    o_m, _ = merge_attention(o_c.astype(jnp.float32), lse_c, o_u.astype(jnp.float32), lse_u)
+    want = o_m.transpose(0, 2, 1, 3, 4).reshape(B, 1, H * G, D)
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-4, atol=1e-4)
+    assert 0.0 < float(aux["kept_fraction"]) <= 1.0
+    # the stale tail of the cache really is ignored
+    poisoned = LayerKV(cache.k_BSHD.at[:, 32:].set(1e4), cache.v_BSHD.at[:, 32:].set(jnp.nan))
+    out_p = backend(q, k_new, v_new, poisoned, lengths, lengths + 1, jnp.zeros((B, 1), jnp.int32), state)[0]
+    np.testing.assert_allclose(np.asarray(out_p), np.asarray(out), rtol=1e-6, atol=1e-6)
+
+
+def test_user_kv_only_in_decode():
+    index, (H, G, D) = tiny_index()
+    backend = ContextAttention(max_budget=0.25, use_pallas=False)
+    state = jax.tree.map(lambda a: a[0], ContextState(index, jnp.full((1, 1), 0.25)))
+    from squeeze_jax.attention.context import UserKV
+
+    q = jnp.zeros((1, H, 3, G, D))
+    user = UserKV(jnp.zeros((1, 4, H, D)), jnp.zeros((1, 4, H, D)), jnp.ones((1,), jnp.int32))
+    with pytest.raises(ValueError, match="only in decode"):
+        backend.context_part(q, jnp.asarray([3]), LayerIndex.of(state.index), state, user=user)
