@@ -65,6 +65,7 @@ def ask(
     top_p: float = 1.0,
     seed: int = 0,
     exact_tail: int = QUESTION_TAIL,
+    exact_decode: int = 0,
     backend: ContextAttention | None = None,
 ) -> GenerationResult:
     """Answer a batch of questions against one context index.
@@ -73,7 +74,8 @@ def ask(
     window included), one value or one per question. `policy="dense"` attends every context key (the exact
     baseline). The last `exact_tail` prompt tokens (a short question whole) attend the context exactly in prefill:
     memory-bound, that costs about one dense decode step per question and keeps the answer's first tokens
-    right (results/many_facts_tail). `backend` overrides both policy and exact_tail.
+    right (results/many_facts_tail). The first `exact_decode` decode steps attend it exactly too (one dense
+    decode step each). `backend` overrides policy, exact_tail and exact_decode.
     """
     if isinstance(questions, str):
         raise TypeError("questions must be a list of strings")
@@ -84,8 +86,9 @@ def ask(
         raise TypeError("every question must be a string")
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
-    if not isinstance(exact_tail, int) or exact_tail < 0:
-        raise ValueError(f"exact_tail must be an int >= 0, got {exact_tail!r}")
+    for name, n in (("exact_tail", exact_tail), ("exact_decode", exact_decode)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {n!r}")
     budgets = [float(budget)] * len(questions) if np.isscalar(budget) else [float(b) for b in budget]
     if len(budgets) != len(questions):
         raise ValueError(f"got {len(budgets)} budgets for {len(questions)} questions")
@@ -94,7 +97,8 @@ def ask(
             raise ValueError(f"budget must be in (0, 1], got {b}")
     check_index_matches(model, index)
     prompts = [question_tokens(tokenizer, q) for q in questions]
-    backend = backend or ContextAttention(policy=policy, max_budget=max(budgets), exact_tail=exact_tail)
+    backend = backend or ContextAttention(policy=policy, max_budget=max(budgets), exact_tail=exact_tail,
+                                          exact_decode=exact_decode)
     n = len(prompts)
     B = 1
     while B < n:

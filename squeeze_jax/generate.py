@@ -114,12 +114,24 @@ def _decode(graphdef, state, first_logits_BV, cache, position_offset, backend_st
     done0 = jnp.isin(tok0, stop)
     n_gen0 = jnp.ones((B,), jnp.int32)
 
-    def step(tokens_B1, cache):
+    def step_with(attn, tokens_B1, cache):
         positions = position_offset + cache.lengths_B[:, None]
-        return apply(graphdef, state, tokens_B1, positions, jnp.ones((B,), jnp.int32), cache, backend,
+        return apply(graphdef, state, tokens_B1, positions, jnp.ones((B,), jnp.int32), cache, attn,
                      backend_state, logits_mode="last")
 
-    aux_shape = jax.eval_shape(step, tok0[:, None], cache)[2]
+    n_exact = getattr(backend, "exact_decode", 0)
+    if n_exact:  # the first n_exact steps (i = 1..n_exact) with the backend's exact variant
+        exact = backend.exact_variant()
+
+        def step(i, tokens_B1, cache):
+            return jax.lax.cond(i <= n_exact, functools.partial(step_with, exact),
+                                functools.partial(step_with, backend), tokens_B1, cache)
+    else:
+        def step(i, tokens_B1, cache):
+            del i
+            return step_with(backend, tokens_B1, cache)
+
+    aux_shape = jax.eval_shape(step, jnp.int32(1), tok0[:, None], cache)[2]
     aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape)
 
     def cond(carry):
@@ -128,7 +140,7 @@ def _decode(graphdef, state, first_logits_BV, cache, position_offset, backend_st
 
     def body(carry):
         i, tok, out, cache, done, n_gen, key, aux_sum = carry
-        logits, cache, aux = step(tok[:, None], cache)
+        logits, cache, aux = step(i, tok[:, None], cache)
         key, sub = jax.random.split(key)
         nxt = sample_next(logits, sub, sampling.temperature, sampling.top_p)
         nxt = jnp.where(done, PAD_ID, nxt)

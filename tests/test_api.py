@@ -79,6 +79,21 @@ def test_sparse_budget_keeps_the_stated_fraction(setup):
         ask(model, tok, index, ["What is word3?"], exact_tail=-1)
 
 
+def test_exact_decode_steps_equal_dense_and_count_as_full(setup):
+    """With the question exact in prefill and every decode step exact, a tiny budget answers as dense does; the
+    exact steps show in the decode kept fraction."""
+    model, tok, index = setup
+    qs = ["What is word3?", "Which word is 17?"]
+    dense = ask(model, tok, index, qs, policy="dense", max_new_tokens=6)
+    exact = ask(model, tok, index, qs, budget=0.25, max_new_tokens=6, exact_tail=64, exact_decode=6)
+    assert exact.tokens == dense.tokens
+    _, sparse_decode_kept = kept_fractions(ask(model, tok, index, qs, budget=0.25, max_new_tokens=6))
+    _, two_exact_kept = kept_fractions(ask(model, tok, index, qs, budget=0.25, max_new_tokens=6, exact_decode=2))
+    assert sparse_decode_kept < 0.3 and two_exact_kept > sparse_decode_kept + 0.1
+    with pytest.raises(ValueError, match="exact_decode"):
+        ask(model, tok, index, qs, exact_decode=-1)
+
+
 def test_saved_index_gives_identical_answers_in_new_process(setup, tmp_path):
     model, tok, index = setup
     path = tmp_path / "idx"

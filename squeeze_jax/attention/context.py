@@ -153,6 +153,8 @@ class ContextAttention:
     one head keep up to `max_head_share` x the uniform share (the static selection capacity grows accordingly).
     `exact_tail` (0 = off): in prefill, the last `exact_tail` valid user tokens of each row attend every context
     key exactly (one dense decode step's reads per token, once per question); the next token is read from them.
+    `exact_decode` (0 = off): `generate` runs the first `exact_decode` decode steps with `exact_variant()`
+    (every context key, one dense decode step each), so the answer's first tokens are read from exact attention.
     """
 
     policy: str = "squeezed"
@@ -171,10 +173,13 @@ class ContextAttention:
     allocation: str = "uniform"
     max_head_share: float = 4.0
     exact_tail: int = 0
+    exact_decode: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.exact_tail, int) or isinstance(self.exact_tail, bool) or self.exact_tail < 0:
-            raise ValueError(f"exact_tail must be an int >= 0, got {self.exact_tail!r}")
+        for name in ("exact_tail", "exact_decode"):
+            n = getattr(self, name)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {n!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
         if self.allocation not in ALLOCATIONS:
@@ -192,6 +197,10 @@ class ContextAttention:
         if self.score == "box" and self.hierarchical:
             raise ValueError("score='box' (the default) runs the flat lookup; the hierarchical lookup scores "
                              "centroids: pass score='mean' with hierarchical=True")
+
+    def exact_variant(self) -> ContextAttention:
+        """The same backend attending every context key (policy "dense"): the first `exact_decode` steps."""
+        return dataclasses.replace(self, policy="dense", exact_decode=0)
 
     def _calibrated(self, idx) -> bool:
         """Whether this layer's selection uses the index's calibrated per-head budgets (static)."""
@@ -313,7 +322,10 @@ class ContextAttention:
         rows = rows_BHRD.shape[0]
         k_rows = jnp.repeat(k_BH, rows // B, axis=0)
         lo_HB, hi_HB = block_ranges
-        if self.policy == "squeezed" and self._pallas() and lo_HB is not None and nb <= FUSED_SELECT_MAX_BLOCKS:
+        if self.policy == "dense":  # every block: nothing to score
+            ids = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (rows, H, capacity))
+            count = jnp.full((rows, H), capacity, jnp.int32)
+        elif self.policy == "squeezed" and self._pallas() and lo_HB is not None and nb <= FUSED_SELECT_MAX_BLOCKS:
             if lo_HB.shape != (H, nb):
                 raise ValueError(f"ContextState block tables are for {lo_HB.shape[-1]} blocks, the backend uses {nb} "
                                  f"(block_k={self.block_k}); build the state with ContextState.create(..., block_k)")
@@ -338,8 +350,11 @@ class ContextAttention:
             count = count.reshape(B, nQ, H).transpose(0, 2, 1)
             o, lse = attend_prefill(q_BHTGD, idx.keys, idx.values, ids, count, block_q=self.block_q,
                                     interpret=self.interpret, **kw)
-        kept = jnp.minimum(count * self.block_k, idx.keys.shape[1]).astype(jnp.float32)
-        aux = {"kept_fraction": jnp.mean(kept) / idx.context_len}
+        if self.policy == "dense":  # every block, padding ones included (masked in the kernel)
+            aux = {"kept_fraction": jnp.float32(idx.n_fixed + idx.n_clustered) / idx.context_len}
+        else:
+            kept = jnp.minimum(count * self.block_k, idx.keys.shape[1]).astype(jnp.float32)
+            aux = {"kept_fraction": jnp.mean(kept) / idx.context_len}
         if self.fidelity:
             aux["_kept_BHTN"] = _blocks_to_key_mask(ids if not decode else ids[:, :, None], count if not decode
                                                     else count[:, :, None], self.block_k, idx.keys.shape[1],
