@@ -43,6 +43,8 @@ def question_tokens(tokenizer, question: str) -> list[int]:
 
 # Prompt tokens that attend the fixed context exactly in `ask` (a short question with its chat template).
 QUESTION_TAIL = 32
+# Decode steps that attend the fixed context exactly in `ask` (the answer's first tokens; one dense step each).
+EXACT_DECODE_STEPS = 0
 
 
 def index_context(model, tokenizer, context: str, config: IndexConfig | None = None, *, progress: bool = True):
@@ -65,7 +67,7 @@ def ask(
     top_p: float = 1.0,
     seed: int = 0,
     exact_tail: int = QUESTION_TAIL,
-    exact_decode: int = 0,
+    exact_decode: int = EXACT_DECODE_STEPS,
     backend: ContextAttention | None = None,
 ) -> GenerationResult:
     """Answer a batch of questions against one context index.

@@ -76,13 +76,14 @@ def _check_ask_args(args) -> None:
         raise SystemExit(f"error: unknown --policy {args.policy!r}; expected one of {POLICIES}")
     if args.max_new_tokens < 1:
         raise SystemExit(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.exact_tail is not None and args.exact_tail < 0:
-        raise SystemExit(f"error: --exact-tail must be >= 0, got {args.exact_tail}")
+    for flag, n in (("--exact-tail", args.exact_tail), ("--exact-decode", args.exact_decode)):
+        if n is not None and n < 0:
+            raise SystemExit(f"error: {flag} must be >= 0, got {n}")
     read_index_metadata(args.index)  # not an index directory: IndexFormatError (a ValueError)
 
 
 def cmd_ask(args) -> int:
-    from squeeze_jax.api import QUESTION_TAIL, ask, kept_fractions
+    from squeeze_jax.api import EXACT_DECODE_STEPS, QUESTION_TAIL, ask, kept_fractions
     from squeeze_jax.index.io import load_index, model_fingerprint
 
     _check_ask_args(args)
@@ -92,14 +93,17 @@ def cmd_ask(args) -> int:
     from squeeze_jax.attention.context import ContextAttention
 
     tail = QUESTION_TAIL if args.exact_tail is None else args.exact_tail
-    backend = ContextAttention(policy=args.policy, max_budget=args.budget, score=args.score, exact_tail=tail)
+    steps = EXACT_DECODE_STEPS if args.exact_decode is None else args.exact_decode
+    backend = ContextAttention(policy=args.policy, max_budget=args.budget, score=args.score, exact_tail=tail,
+                               exact_decode=steps)
     res = ask(model, tok, index, args.question, policy=args.policy, budget=args.budget,
               max_new_tokens=args.max_new_tokens, backend=backend)
     wall = time.perf_counter() - t
     for q, a in zip(args.question, res.texts):
         print(f"Q: {q}\nA: {a.strip()}\n")
     kept_s = " / ".join("n/a" if k is None else f"{k:.3f}" for k in kept_fractions(res))
-    print(f"policy {args.policy}, budget {args.budget}, exact tail {tail}, kept fraction prefill / decode {kept_s}; "
+    print(f"policy {args.policy}, budget {args.budget}, exact tail {tail}, exact decode steps {steps}, "
+          f"kept fraction prefill / decode {kept_s}; "
           f"prefill {res.prefill_s:.2f} s, "
           f"decode {res.decode_ms_per_token:.1f} ms/token, total {wall:.2f} s (includes compilation)")
     return 0
@@ -155,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--exact-tail", type=int, default=None,
                    help="last prompt tokens that attend the whole context exactly in prefill (default 32: a short "
                         "question whole; 0 = every token sparse)")
+    a.add_argument("--exact-decode", type=int, default=None,
+                   help="first decode steps that attend the whole context exactly (default: EXACT_DECODE_STEPS of "
+                        "squeeze_jax.api)")
     a.set_defaults(fn=cmd_ask)
 
     i = sub.add_parser("info", help="describe a context index")
