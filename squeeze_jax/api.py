@@ -44,7 +44,7 @@ def question_tokens(tokenizer, question: str) -> list[int]:
 # Prompt tokens that attend the fixed context exactly in `ask` (a short question with its chat template).
 QUESTION_TAIL = 32
 # Decode steps that attend the fixed context exactly in `ask` (the answer's first tokens; one dense step each).
-EXACT_DECODE_STEPS = 0
+EXACT_DECODE_STEPS = 2
 
 
 def index_context(model, tokenizer, context: str, config: IndexConfig | None = None, *, progress: bool = True):

@@ -25,7 +25,7 @@ def _cache_dir() -> Path:
 
 def main() -> int:
     from models.pretrained import load_pretrained
-    from squeeze_jax.api import ask, context_tokens, index_context, kept_fractions
+    from squeeze_jax.api import EXACT_DECODE_STEPS, ask, context_tokens, index_context, kept_fractions
     from squeeze_jax.eval.tasks import passkey, score_answer
     from squeeze_jax.index.io import (
         IndexFormatError,
@@ -73,7 +73,7 @@ def main() -> int:
         kept_prefill, kept_decode = kept_fractions(res)
         kept_d = "n/a" if kept_decode is None else f"{kept_decode:.3f}"
         print(f"{policy:>8s}: {n_right[policy]}/{len(questions)} right, kept {kept_d} of the context keys per "
-              f"decode step ({kept_prefill:.3f} in prefill, question exact), "
+              f"decode step, the first {EXACT_DECODE_STEPS} exact ({kept_prefill:.3f} in prefill, question exact), "
               f"prefill {res.prefill_s:.2f} s, decode {res.decode_ms_per_token:.0f} ms/token "
               f"(CPU; {wall:.1f} s wall incl. compilation)")
     return 0 if n_right["squeezed"] >= n_right["dense"] else 1

@@ -72,7 +72,8 @@ def test_sparse_budget_keeps_the_stated_fraction(setup):
     assert float(kept.mean()) <= 0.5 + 16 / index.context_len and float(kept.mean()) > 0.3
     assert np.all(kept > 0) and np.all(kept <= 1.0)
     # by default the question attends the context exactly in prefill; decode steps keep the budget
-    prefill, decode = kept_fractions(ask(model, tok, index, ["What is word3?"], budget=0.5, max_new_tokens=3))
+    prefill, decode = kept_fractions(ask(model, tok, index, ["What is word3?"], budget=0.5, max_new_tokens=3,
+                                        exact_decode=0))
     assert prefill > float(kept.mean()) + 0.1 and prefill <= 1.0
     assert 0.3 < decode <= 0.5 + 16 / index.context_len
     with pytest.raises(ValueError, match="exact_tail"):
@@ -87,7 +88,7 @@ def test_exact_decode_steps_equal_dense_and_count_as_full(setup):
     dense = ask(model, tok, index, qs, policy="dense", max_new_tokens=6)
     exact = ask(model, tok, index, qs, budget=0.25, max_new_tokens=6, exact_tail=64, exact_decode=6)
     assert exact.tokens == dense.tokens
-    _, sparse_decode_kept = kept_fractions(ask(model, tok, index, qs, budget=0.25, max_new_tokens=6))
+    _, sparse_decode_kept = kept_fractions(ask(model, tok, index, qs, budget=0.25, max_new_tokens=6, exact_decode=0))
     _, two_exact_kept = kept_fractions(ask(model, tok, index, qs, budget=0.25, max_new_tokens=6, exact_decode=2))
     assert sparse_decode_kept < 0.3 and two_exact_kept > sparse_decode_kept + 0.1
     with pytest.raises(ValueError, match="exact_decode"):
