@@ -72,8 +72,9 @@ def main() -> int:
     for policy, (res, wall) in results.items():
         kept_prefill, kept_decode = kept_fractions(res)
         kept_d = "n/a" if kept_decode is None else f"{kept_decode:.3f}"
+        how = "" if policy == "dense" else f", the first {EXACT_DECODE_STEPS} exact"
         print(f"{policy:>8s}: {n_right[policy]}/{len(questions)} right, kept {kept_d} of the context keys per "
-              f"decode step, the first {EXACT_DECODE_STEPS} exact ({kept_prefill:.3f} in prefill, question exact), "
+              f"decode step{how} ({kept_prefill:.3f} in prefill, question exact), "
               f"prefill {res.prefill_s:.2f} s, decode {res.decode_ms_per_token:.0f} ms/token "
               f"(CPU; {wall:.1f} s wall incl. compilation)")
     return 0 if n_right["squeezed"] >= n_right["dense"] else 1
