@@ -37,6 +37,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -610,12 +611,14 @@ def run_backend(name: str, backend: MInferenceAttention, state, q, k, v, smoke: 
     k_t, v_t = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
     zeros, full = jnp.zeros((B,), jnp.int32), jnp.full((B,), T, jnp.int32)
 
-    def prefill(q_, k_, v_):  # what MInferenceAttention.__call__ does in prefill, minus the cache write
-        o, _, _ = backend.prefill_lse(q_, k_, v_, LayerKV(k_, v_), zeros, full, state)
+    def prefill(q_, k_, v_, attn=backend):  # what MInferenceAttention.__call__ does in prefill, minus the cache write
+        o, _, _ = attn.prefill_lse(q_, k_, v_, LayerKV(k_, v_), zeros, full, state)
         return jnp.transpose(o, (0, 2, 1, 3, 4)).reshape(B, T, H * G, D).astype(q_.dtype)
 
+    # the check compares with the sparse index's own reference, so it runs without the exact tail rows (those
+    # equal dense attention: tests/test_minference_backend.py); the timing includes them
+    out = jax.jit(functools.partial(prefill, attn=dataclasses.replace(backend, dense_tail=0)))(q_t, k_t, v_t)
     prefill = jax.jit(prefill)
-    out = prefill(q_t, k_t, v_t)
     index = jax.jit(backend.build_index)(q, k, full, state)
     err = _check_rows(jnp.transpose(out.reshape(B, T, H, G, D), (0, 2, 1, 3, 4)), q, k, v, index, T)
     tiles = np.asarray(index_cost(index), np.float64)
