@@ -39,7 +39,7 @@ from benchmarks.timing import (  # noqa: E402
 )
 from pallas_kernels.common import cdiv, random_block_selection, valid_blocks  # noqa: E402
 from pallas_kernels.merge import chunked_attention_lse, dense_attention_lse, merge_attention  # noqa: E402
-from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref  # noqa: E402
+from pallas_kernels.sparse_decode import all_keys_attention, sparse_decode, sparse_decode_ref  # noqa: E402
 from pallas_kernels.sparse_prefill import sparse_prefill, sparse_prefill_ref  # noqa: E402
 
 D = 128
@@ -326,28 +326,40 @@ def prefill_case(rows: list, name: str, n_keys: int, keep: float, variants: list
 
 def exact_tail_case(rows: list, name: str, n_keys: int, q, k, v, read_bw: float, tail: int = 32) -> None:
     """The exact-question pass of `ContextAttention(exact_tail=tail)`: the last `tail` user queries over every
-    context key (`chunked_attention_lse`, XLA), against the roofline of one read of K and V."""
+    context key, on the kernel path (`all_keys_attention`: the decode kernel with every block selected, what the
+    GPU runs) and as XLA key chunks (`chunked_attention_lse`, the jnp path), against the roofline of one read of
+    K and V."""
     Hq, Hk = SHAPES[name]
     q_t = q[:, :, -tail:]
+    B, _, _, G, _ = q_t.shape
     nbytes = 2 * Hk * n_keys * D * ITEM
-    row0 = dict(op="exact_tail", shape=name, n_keys=n_keys, T=tail, impl="chunked_attention_lse", bytes=nbytes,
-                flops=4 * Hq * tail * n_keys * D)
-    try:
-        every = lambda s0, s1: jnp.ones((1, 1, 1, s1 - s0), bool)
-        f = jax.jit(lambda q, k, v: chunked_attention_lse(q, k[None], v[None], every))
-        o, _ = f(q_t, k, v)
-        o_r, _ = dense_attention_lse(q_t[:, :1], k[None, :1], v[None, :1])
-        t = device_time(lambda i, q, k, v: f(q, k, v), (q_t, k, v), nbytes / read_bw)
-        row = {**row0, **t, "rel_err_vs_ref": rel_err(o[:, :1], o_r), "GBps": nbytes / t["s"] / 1e9,
-               "roofline_frac": nbytes / t["s"] / read_bw}
-        sparse = [r for r in rows if r.get("op") == "prefill" and r.get("impl") == "sparse_prefill"
-                  and r.get("n_keys") == n_keys and r.get("shape") == name and "s" in r]
-        if sparse:
-            row["vs_sparse_prefill"] = t["s"] / min(r["s"] for r in sparse)
-        rows.append(row)
-    except Exception as ex:
-        rows.append({**row0, "error": repr(ex)[:600], "trace": traceback.format_exc()[-1500:]})
-    print(_fmt(rows[-1]), flush=True)
+    every = lambda s0, s1: jnp.ones((1, 1, 1, s1 - s0), bool)  # noqa: E731
+    lay = dict(n_fixed=n_keys, fixed_pad=n_keys, n_clustered=0)  # every key attended
+
+    def kernel(q, k, v):
+        o, lse = all_keys_attention(q.reshape(B, Hk, tail * G, D), k, v, **lay)
+        return o.reshape(q.shape), lse
+
+    impls = {"all_keys_attention": kernel,
+             "chunked_attention_lse": lambda q, k, v: chunked_attention_lse(q, k[None], v[None], every)}
+    for impl, fn in impls.items():
+        row0 = dict(op="exact_tail", shape=name, n_keys=n_keys, T=tail, impl=impl, bytes=nbytes,
+                    flops=4 * Hq * tail * n_keys * D)
+        try:
+            f = jax.jit(fn)
+            o, _ = f(q_t, k, v)
+            o_r, _ = dense_attention_lse(q_t[:, :1], k[None, :1], v[None, :1])
+            t = device_time(lambda i, q, k, v, f=f: f(q, k, v), (q_t, k, v), nbytes / read_bw)
+            row = {**row0, **t, "rel_err_vs_ref": rel_err(o[:, :1], o_r), "GBps": nbytes / t["s"] / 1e9,
+                   "roofline_frac": nbytes / t["s"] / read_bw}
+            sparse = [r for r in rows if r.get("op") == "prefill" and r.get("impl") == "sparse_prefill"
+                      and r.get("n_keys") == n_keys and r.get("shape") == name and "s" in r]
+            if sparse:
+                row["vs_sparse_prefill"] = t["s"] / min(r["s"] for r in sparse)
+            rows.append(row)
+        except Exception as ex:
+            rows.append({**row0, "error": repr(ex)[:600], "trace": traceback.format_exc()[-1500:]})
+        print(_fmt(rows[-1]), flush=True)
 
 
 def merge_case(rows: list, copy_bw: float) -> None:

@@ -8,9 +8,10 @@ scores held in registers:
 1. block score = max of the scores of the clusters that overlap the block (clusters are contiguous runs of
    the reordered key axis, so the overlapping clusters of block b are a contiguous index range
    [lo_b, hi_b], computed once per index by `block_cluster_ranges`); fixed blocks score +inf;
-2. the k-th largest block score by bisection on the value (halvings of the score range, each a count over
-   the block vector) until exactly k blocks lie above the lower bound, at most `BISECT_ITERS` halvings (which
-   reach adjacent floats for log-probability scores; only ties at the k-th score need them all);
+2. the k-th largest block score by a search on the value: each step counts the blocks above the two inner
+   third points of the range in one block-wide reduction (the two counts packed in one int32) and keeps the
+   third holding the k-th score, until exactly k blocks lie above the lower bound, at most `SEARCH_ITERS` steps
+   (which reach adjacent floats for log-probability scores; only ties at the k-th score need them all);
 3. the chosen blocks (all above the cutoff, ties at the cutoff to the lower block index) are compacted in
    ascending order with a prefix sum and written with one permutation store; the tail carries the last id.
 
@@ -31,7 +32,10 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common import compiler_params, next_pow2, resolve_interpret
 from pallas_kernels.selection import select_topk
 
-BISECT_ITERS = 32
+# Most blocks per head: the search packs two block counts into one int32 (each below 2**15).
+MAX_BLOCKS = 2**15 - 1
+# Steps of the k-th-score search; each keeps a third of the range: 3**21 > 2**33, as fine as 33 halvings.
+SEARCH_ITERS = 21
 _NEG_INF = float("-inf")
 
 
@@ -85,18 +89,25 @@ def _select_kernel(k_ref, s_ref, size_ref, lo_ref, hi_ref, ids_ref, cnt_ref, *, 
 
     def unresolved(state):
         it, _, _, count_a = state
-        return (it < BISECT_ITERS) & (count_a != kk)
+        return (it < SEARCH_ITERS) & (count_a != kk)
 
-    def bisect(state):
+    def third(state):
+        # Counts at the two inner third points in one reduction: both counts are <= n_blocks < 2**15, so they
+        # pack into one int32 as c1 + c2 * 2**16 (the block-wide reduction, not the compares, is the cost).
         it, a, b, count_a = state
-        mid = 0.5 * (a + b)
-        c = jnp.sum((t >= mid).astype(jnp.int32))
-        go_up = c >= kk
-        return it + 1, jnp.where(go_up, mid, a), jnp.where(go_up, b, mid), jnp.where(go_up, c, count_a)
+        m1 = a + (b - a) / 3.0
+        m2 = a + (b - a) * (2.0 / 3.0)
+        packed = jnp.sum((t >= m1).astype(jnp.int32) + ((t >= m2).astype(jnp.int32) << 16))
+        c1, c2 = packed & 0xFFFF, packed >> 16
+        up1, up2 = c1 >= kk, c2 >= kk  # up2 implies up1 (c2 <= c1)
+        a_new = jnp.where(up2, m2, jnp.where(up1, m1, a))
+        ca_new = jnp.where(up2, c2, jnp.where(up1, c1, count_a))
+        b_new = jnp.where(up2, b, jnp.where(up1, m2, m1))
+        return it + 1, a_new, b_new, ca_new
 
     # Invariant: count(t >= a) >= kk > count(t >= b). Stops as soon as count(t >= a) == kk (then {t >= a} is
-    # the top kk exactly); only ties at the k-th score run all BISECT_ITERS halvings.
-    _, a, b, _ = lax.while_loop(unresolved, bisect, (jnp.int32(0), f_min, big + 1.0, n_valid))
+    # the top kk exactly); only ties at the k-th score run all SEARCH_ITERS steps.
+    _, a, b, _ = lax.while_loop(unresolved, third, (jnp.int32(0), f_min, big + 1.0, n_valid))
     gt = valid & (t >= b)
     eq = valid & (t >= a) & (t < b)
     need = kk - jnp.sum(gt.astype(jnp.int32))
@@ -107,8 +118,10 @@ def _select_kernel(k_ref, s_ref, size_ref, lo_ref, hi_ref, ids_ref, cnt_ref, *, 
     count = jnp.sum(take_i)
     last = jnp.where(count > 0, jnp.max(jnp.where(take, blk, -1)), 0)
     # A permutation of the slots: chosen blocks to [0, count) in block order, the rest to [count, nb_pad)
-    # carrying `last` as padding. One store, no two lanes on one address.
-    slot = jnp.where(take, jnp.cumsum(take_i) - 1, count + jnp.cumsum(1 - take_i) - 1)
+    # carrying `last` as padding (unchosen before block b: b - chosen before b). One store, no two lanes on one
+    # address.
+    taken_through = jnp.cumsum(take_i)
+    slot = jnp.where(take, taken_through - 1, count + blk - taken_through)
     plgpu.store(ids_ref.at[slot], jnp.where(take, blk, last))
     cnt_ref[...] = jnp.maximum(count, 1)
 
@@ -126,6 +139,9 @@ def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, 
             raise TypeError(f"{name} must be integer, got {x.dtype}")
     if k_BH.shape != (B, H) or not jnp.issubdtype(k_BH.dtype, jnp.integer):
         raise ValueError(f"k_BH must be an integer [{B}, {H}] array, got {k_BH.dtype}{list(k_BH.shape)}")
+    if n_blocks > MAX_BLOCKS:
+        raise ValueError(f"select_blocks handles at most {MAX_BLOCKS} blocks per head, got n_blocks={n_blocks}; use "
+                         "selection.block_scores + select_topk")
     if not 1 <= capacity <= n_blocks:
         raise ValueError(f"capacity must be in [1, n_blocks={n_blocks}], got {capacity}")
     if not 0 <= fixed_blocks <= n_blocks:

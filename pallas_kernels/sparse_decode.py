@@ -458,3 +458,43 @@ def sparse_decode_ref(
     out, lse = jax.vmap(jax.vmap(masked_attention_ref, in_axes=(0, 0, 0, 0, None)), in_axes=(0, 0, 0, 0, None))(
         q_BHGD, k_BHKD, v_BHKD, ok_BHK, s)
     return out.astype(q_BHGD.dtype), lse
+
+
+# Query rows per program of `all_keys_attention` (the tile of one flash step, like a prefill block).
+ALL_KEYS_ROWS = 128
+
+
+def all_keys_attention(
+    q_BHRD: jax.Array,
+    k_HND: jax.Array,
+    v_HND: jax.Array,
+    *,
+    n_fixed: int,
+    fixed_pad: int,
+    n_clustered: int,
+    block_k: int = 16,
+    rows_per_program: int | None = None,
+    interpret: bool | None = None,
+    reference: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Exact attention of R query rows per (row, KV head) over every valid context key: `(out_BHRD, lse_BHR)`.
+
+    For a few dozen rows (a question's exact tail) this is memory-bound, so it runs as `sparse_decode` with
+    every block selected and the rows as one tile of up to `rows_per_program` (default `ALL_KEYS_ROWS`; more
+    rows are folded into the batch axis): K/V are read once per tile instead of per query head, with the split-K
+    parallelism of decode. `reference=True` runs `sparse_decode_ref` on the same inputs.
+    """
+    B, H, R, D = q_BHRD.shape
+    rows = min(rows_per_program or ALL_KEYS_ROWS, padded_rows(R))
+    n_chunks = cdiv(R, rows)
+    q = pad_axis(q_BHRD, 2, n_chunks * rows).reshape(B, H, n_chunks, rows, D)
+    q = q.transpose(0, 2, 1, 3, 4).reshape(B * n_chunks, H, rows, D)
+    nb = k_HND.shape[1] // block_k
+    ids = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (B * n_chunks, H, nb))
+    count = jnp.full((B * n_chunks, H), nb, jnp.int32)
+    fn = sparse_decode_ref if reference else sparse_decode
+    o, lse = fn(q, k_HND, v_HND, ids, count, n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered,
+                block_k=block_k, interpret=interpret)
+    o = o.reshape(B, n_chunks, H, rows, D).transpose(0, 2, 1, 3, 4).reshape(B, H, n_chunks * rows, D)
+    lse = lse.reshape(B, n_chunks, H, rows).transpose(0, 2, 1, 3).reshape(B, H, n_chunks * rows)
+    return o[:, :, :R], lse[:, :, :R]

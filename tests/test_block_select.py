@@ -52,6 +52,24 @@ def test_select_blocks_matches_reference_and_unfused_path(seed, ties, dead):
     assert (np.diff(ids_np, axis=-1) >= 0).all() and (ids_np < c["kw"]["n_blocks"]).all()
 
 
+@pytest.mark.parametrize("seed,spread", [(10, 1e-3), (11, 50.0)])
+def test_select_blocks_many_blocks_close_scores(seed, spread):
+    """Thousands of blocks (the packed two-count reduction near its real sizes) with scores packed closely or
+    spread widely: the same blocks as the reference."""
+    rng = np.random.default_rng(seed)
+    H, C, block_k = 2, 1500, 4
+    starts, sizes, nb = _layout(rng, H, C, block_k, 2, max_size=40)
+    scores = jnp.asarray(rng.normal(size=(1, H, C)).astype(np.float32) * spread)
+    lo, hi = block_cluster_ranges(starts, sizes, n_blocks=nb, block_k=block_k)
+    k = jnp.asarray([[nb // 8, nb // 3]], jnp.int32)
+    kw = dict(n_blocks=nb, capacity=nb // 2, fixed_blocks=2)
+    ids, count = select_blocks(scores, sizes, lo, hi, k, interpret=True, **kw)
+    ids_r, count_r = select_blocks_ref(scores, sizes, lo, hi, k, **kw)
+    assert nb > 4000
+    np.testing.assert_array_equal(np.asarray(count), np.asarray(count_r))
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_r))
+
+
 def test_block_cluster_ranges_cover_exactly_the_overlapping_clusters():
     rng = np.random.default_rng(7)
     starts, sizes, nb = _layout(rng, 2, 30, 8, 1, max_size=20)
@@ -74,6 +92,11 @@ def test_select_blocks_bad_input():
     with pytest.raises(TypeError, match="lo_HB"):
         select_blocks(c["scores"], c["sizes"], c["lo"].astype(jnp.float32), c["hi"], c["k"], interpret=True,
                       **c["kw"])
+    H, nb = c["lo"].shape[0], 2**15
+    big = jnp.zeros((H, nb), jnp.int32)
+    with pytest.raises(ValueError, match="at most 32767 blocks"):
+        select_blocks(c["scores"], c["sizes"], big, big, c["k"], n_blocks=nb, capacity=8, fixed_blocks=0,
+                      interpret=True)
 
 
 def test_select_blocks_lowers_for_h100():

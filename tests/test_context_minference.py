@@ -140,17 +140,23 @@ def test_full_budget_equals_squeezed_context_attention(context_state):
     assert float(jnp.max(jnp.abs(sq[0] - dense[0]))) > 1e-3
 
 
-def test_exact_tail_rows_equal_dense_context_and_the_rest_unchanged(context_state, monkeypatch):
+@pytest.mark.parametrize("kernels", [False, True], ids=["jnp", "pallas"])
+def test_exact_tail_rows_equal_dense_context_and_the_rest_unchanged(context_state, monkeypatch, kernels):
+    """jnp path: the tail rows by key chunks merged by LSE; kernel path (interpret mode): by the decode kernel
+    with every block selected, rows folded into tiles of 16 (several tiles)."""
     import pallas_kernels.merge as merge_mod
+    import pallas_kernels.sparse_decode as sd_mod
 
     monkeypatch.setattr(merge_mod, "KEY_CHUNK", 80)  # several context-key chunks merged by LSE
+    monkeypatch.setattr(sd_mod, "ALL_KEYS_ROWS", 16)
     rows = 5
-    sparse = ContextAttention(policy="squeezed", max_budget=0.25)
-    tail = ContextAttention(policy="squeezed", max_budget=0.25, exact_tail=rows)
+    kw = dict(use_pallas=True, interpret=True, score="mean") if kernels else {}  # fixture state: no box table
+    sparse = ContextAttention(policy="squeezed", max_budget=0.25, **kw)
+    tail = ContextAttention(policy="squeezed", max_budget=0.25, exact_tail=rows, **kw)
     q, k, v = _chunk(3)
     seq, zeros = jnp.asarray(SEQ, jnp.int32), jnp.zeros((B,), jnp.int32)
     out = {name: _call(backend, q, k, v, _empty_kv(), zeros, seq, context_state)
-           for name, backend in (("dense", ContextAttention(policy="dense")), ("sparse", sparse), ("tail", tail))}
+           for name, backend in (("dense", ContextAttention(policy="dense", **kw)), ("sparse", sparse), ("tail", tail))}
     for b, n in enumerate(SEQ):
         last = slice(n - rows, n)
         np.testing.assert_allclose(np.asarray(out["tail"][0][b, last]), np.asarray(out["dense"][0][b, last]),
@@ -159,7 +165,8 @@ def test_exact_tail_rows_equal_dense_context_and_the_rest_unchanged(context_stat
         head = slice(0, n - rows)
         np.testing.assert_array_equal(np.asarray(out["tail"][0][b, head]), np.asarray(out["sparse"][0][b, head]))
     assert float(out["sparse"][2]["kept_fraction"]) < float(out["tail"][2]["kept_fraction"]) < 1.0
-    _compare_full_budget(tail, context_state, more=False)  # the same rows through ContextMInference
+    if not kernels:
+        _compare_full_budget(tail, context_state, more=False)  # the same rows through ContextMInference
     with pytest.raises(ValueError, match="exact_tail"):
         ContextAttention(exact_tail=-2)
 

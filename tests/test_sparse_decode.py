@@ -266,3 +266,20 @@ def test_user_token_bad_inputs_raise():
     with pytest.raises(ValueError, match="user_keys_per_split"):
         sparse_decode(q, k, k, ids, cnt, k_user_BUHD=ku, v_user_BUHD=ku, user_len_B=lens, user_keys_per_split=100,
                       **kw)
+
+
+@pytest.mark.parametrize("R,rows_per_program,dtype", [(37, 16, jnp.float32), (12, 128, jnp.bfloat16)])
+def test_all_keys_attention_equals_dense(R, rows_per_program, dtype):
+    """Many query rows over every valid key (rows folded into several tiles when R > rows_per_program)."""
+    from pallas_kernels.sparse_decode import all_keys_attention
+
+    B, H, D, N, n_fixed, n_clustered = 2, 2, 64, 512, 45, 400
+    _, q, k, v = _inputs(40 + R, B, H, R, D, N, dtype)
+    lay = dict(n_fixed=n_fixed, fixed_pad=64, n_clustered=n_clustered)
+    out, lse = all_keys_attention(q, k, v, rows_per_program=rows_per_program, interpret=True, **lay)
+    out_r, lse_r = all_keys_attention(q, k, v, reference=True, **lay)
+    out_d, lse_d = _dense_valid(q, k, v, **lay)
+    assert out.shape == (B, H, R, D) and lse.shape == (B, H, R)
+    assert _rel_err(out, out_r) < _tol(dtype) and _rel_err(out, out_d) < _tol(dtype)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_r), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse), lse_d, atol=1e-3, rtol=1e-4)

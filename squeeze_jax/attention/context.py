@@ -51,7 +51,7 @@ from pallas_kernels.merge import (
     merge_attention,
     put_rows,
 )
-from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref
+from pallas_kernels.sparse_decode import all_keys_attention, sparse_decode, sparse_decode_ref
 from pallas_kernels.sparse_prefill import sparse_prefill, sparse_prefill_ref
 from squeeze_jax.index.bounds import index_box_table, signed_split
 
@@ -258,8 +258,13 @@ class ContextAttention:
         # the context's keys are shared by the batch: fold the batch into the query rows instead of copying K/V
         G, D = q_BHTGD.shape[3:]
         q_1HRGD = q_BHLGD.transpose(1, 0, 2, 3, 4).reshape(1, H, B * rows, G, D)
-        o_1, lse_1 = chunked_attention_lse(q_1HRGD, idx.keys[None], idx.values[None],
-                                           lambda s0, s1: valid_N[s0:s1][None, None, None, :])
+        if self._pallas():  # the decode kernel with every block selected, the rows as one tile
+            o_1, lse_1 = all_keys_attention(q_1HRGD.reshape(1, H, B * rows * G, D), idx.keys, idx.values,
+                                            n_fixed=idx.n_fixed, fixed_pad=idx.fixed_pad, n_clustered=idx.n_clustered,
+                                            block_k=self.block_k, interpret=self.interpret)
+        else:
+            o_1, lse_1 = chunked_attention_lse(q_1HRGD, idx.keys[None], idx.values[None],
+                                               lambda s0, s1: valid_N[s0:s1][None, None, None, :])
         o_t = o_1.reshape(H, B, rows, G, D).transpose(1, 0, 2, 3, 4)
         lse_t = lse_1.reshape(H, B, rows, G).transpose(1, 0, 2, 3)
         o = put_rows(o.astype(jnp.float32), pos_BL, o_t)
