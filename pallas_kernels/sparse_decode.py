@@ -493,8 +493,9 @@ def all_keys_attention(
     ids = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (B * n_chunks, H, nb))
     count = jnp.full((B * n_chunks, H), nb, jnp.int32)
     fn = sparse_decode_ref if reference else sparse_decode
+    # a [rows, 128-key] tile per step: 8 warps for the big tiles, as a prefill kernel would use
     o, lse = fn(q, k_HND, v_HND, ids, count, n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered,
-                block_k=block_k, interpret=interpret)
+                block_k=block_k, interpret=interpret, num_warps=8 if rows >= 64 else 4)
     o = o.reshape(B, n_chunks, H, rows, D).transpose(0, 2, 1, 3, 4).reshape(B, H, n_chunks * rows, D)
     lse = lse.reshape(B, n_chunks, H, rows).transpose(0, 2, 1, 3).reshape(B, H, n_chunks * rows)
     return o[:, :, :R], lse[:, :, :R]
