@@ -26,6 +26,7 @@ LAYOUT = dict(n_fixed=1000, fixed_pad=1024, n_clustered=7000)
         (1, 128, jnp.bfloat16, 16, 4, 8),
         (3, 64, jnp.float32, 32, 2, 3),
         (8, 64, jnp.bfloat16, 64, 1, 1),
+        (128, 128, jnp.bfloat16, 16, 8, None),  # all_keys_attention's 128-row tiles
     ],
 )
 def test_sparse_decode_lowers(G, D, dtype, block_k, P, splits):
