@@ -88,19 +88,17 @@ def ask(
         raise TypeError("every question must be a string")
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
-    for name, n in (("exact_tail", exact_tail), ("exact_decode", exact_decode)):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {n!r}")
     budgets = [float(budget)] * len(questions) if np.isscalar(budget) else [float(b) for b in budget]
     if len(budgets) != len(questions):
         raise ValueError(f"got {len(budgets)} budgets for {len(questions)} questions")
     for b in budgets:
         if not 0.0 < b <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {b}")
-    check_index_matches(model, index)
-    prompts = [question_tokens(tokenizer, q) for q in questions]
+    # the backend checks exact_tail / exact_decode; built before any work
     backend = backend or ContextAttention(policy=policy, max_budget=max(budgets), exact_tail=exact_tail,
                                           exact_decode=exact_decode)
+    check_index_matches(model, index)
+    prompts = [question_tokens(tokenizer, q) for q in questions]
     n = len(prompts)
     B = 1
     while B < n:
