@@ -55,8 +55,9 @@ def block_cluster_ranges(cluster_start_HC: jax.Array, cluster_size_HC: jax.Array
     return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
-def _select_kernel(k_ref, s_ref, size_ref, lo_ref, hi_ref, ids_ref, cnt_ref, *, n_blocks: int, nb_pad: int,
-                   fixed_blocks: int, capacity: int):
+def _select_kernel(k_ref, s_ref, size_ref, lo_ref, hi_ref, *refs, n_blocks: int, nb_pad: int,
+                   fixed_blocks: int, capacity: int, search_iters: int, prior: bool):
+    prior_ref, ids_ref, cnt_ref = refs if prior else (None, *refs)
     blk = lax.broadcasted_iota(jnp.int32, (nb_pad,), 0)
     lo = lo_ref[...]
     hi = hi_ref[...]
@@ -72,6 +73,8 @@ def _select_kernel(k_ref, s_ref, size_ref, lo_ref, hi_ref, ids_ref, cnt_ref, *, 
         return jnp.where(ok & (n > 0), jnp.maximum(acc, s), acc)
 
     score = lax.fori_loop(0, span, gather_max, jnp.full((nb_pad,), _NEG_INF, jnp.float32))
+    if prior:
+        score = jnp.maximum(score, plgpu.load(prior_ref, mask=real, other=_NEG_INF).astype(jnp.float32))
     score = jnp.where(real & (blk < fixed_blocks), jnp.inf, score)
 
     valid = score > _NEG_INF
@@ -89,7 +92,7 @@ def _select_kernel(k_ref, s_ref, size_ref, lo_ref, hi_ref, ids_ref, cnt_ref, *, 
 
     def unresolved(state):
         it, _, _, count_a = state
-        return (it < SEARCH_ITERS) & (count_a != kk)
+        return (it < search_iters) & (count_a != kk)
 
     def third(state):
         # Counts at the two inner third points in one reduction: both counts are <= n_blocks < 2**15, so they
@@ -106,7 +109,7 @@ def _select_kernel(k_ref, s_ref, size_ref, lo_ref, hi_ref, ids_ref, cnt_ref, *, 
         return it + 1, a_new, b_new, ca_new
 
     # Invariant: count(t >= a) >= kk > count(t >= b). Stops as soon as count(t >= a) == kk (then {t >= a} is
-    # the top kk exactly); only ties at the k-th score run all SEARCH_ITERS steps.
+    # the top kk exactly); only ties at the k-th score run all `search_iters` steps.
     _, a, b, _ = lax.while_loop(unresolved, third, (jnp.int32(0), f_min, big + 1.0, n_valid))
     gt = valid & (t >= b)
     eq = valid & (t >= a) & (t < b)
@@ -126,10 +129,14 @@ def _select_kernel(k_ref, s_ref, size_ref, lo_ref, hi_ref, ids_ref, cnt_ref, *, 
     cnt_ref[...] = jnp.maximum(count, 1)
 
 
-def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks):
+def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB=None):
     if scores_BHC.ndim != 3:
         raise ValueError(f"scores_BHC must be [B, H, C], got {scores_BHC.shape}")
     B, H, C = scores_BHC.shape
+    if prior_BHB is not None and (prior_BHB.shape != (B, H, n_blocks)
+                                  or not jnp.issubdtype(prior_BHB.dtype, jnp.floating)):
+        raise ValueError(f"prior_BHB must be a float [{B}, {H}, n_blocks={n_blocks}] array, got "
+                         f"{prior_BHB.dtype}{list(prior_BHB.shape)}")
     if cluster_size_HC.shape != (H, C):
         raise ValueError(f"cluster_size_HC must be [{H}, {C}], got {cluster_size_HC.shape}")
     for name, x in (("lo_HB", lo_HB), ("hi_HB", hi_HB)):
@@ -148,7 +155,10 @@ def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, 
         raise ValueError(f"fixed_blocks must be in [0, n_blocks={n_blocks}], got {fixed_blocks}")
 
 
-@functools.partial(jax.jit, static_argnames=("n_blocks", "capacity", "fixed_blocks", "num_warps", "interpret"))
+_STATIC = ("n_blocks", "capacity", "fixed_blocks", "num_warps", "interpret", "search_iters")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def select_blocks(
     scores_BHC: jax.Array,
     cluster_size_HC: jax.Array,
@@ -161,30 +171,43 @@ def select_blocks(
     fixed_blocks: int,
     num_warps: int = 8,
     interpret: bool | None = None,
+    search_iters: int = SEARCH_ITERS,
+    prior_BHB: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Top-k key blocks per (row, head) straight from cluster scores: (block_ids[B, H, capacity], count[B, H]).
 
     `scores_BHC`: per-cluster scores (e.g. `centroid_scores`); `lo_HB, hi_HB` from `block_cluster_ranges`;
     `k_BH`: blocks to keep (fixed blocks included), clipped to [1, capacity]. Ids ascending, padded with the
-    last. Clusters of size 0 are ignored.
+    last. Clusters of size 0 are ignored. `prior_BHB` (optional, float): a block's score is the max of its
+    clusters' scores and its prior (e.g. the question's exact block log-probabilities; -inf = no prior).
+    `search_iters` < SEARCH_ITERS stops the search early: still exactly k blocks, every block scoring above the
+    final band [a, b) (width range / 3**search_iters) and the lowest-index blocks inside it (0 = the first k
+    blocks with a score: the search's fixed cost, for profiling).
     """
-    _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks)
+    _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB)
     B, H, C = scores_BHC.shape
     nb_pad = next_pow2(n_blocks)
     lo = jnp.pad(lo_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=1)
     hi = jnp.pad(hi_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=0)
+    if not 0 <= search_iters <= SEARCH_ITERS:
+        raise ValueError(f"search_iters must be in [0, {SEARCH_ITERS}], got {search_iters}")
     kernel = functools.partial(_select_kernel, n_blocks=n_blocks, nb_pad=nb_pad, fixed_blocks=fixed_blocks,
-                               capacity=capacity)
+                               capacity=capacity, search_iters=search_iters, prior=prior_BHB is not None)
+    in_specs = [
+        pl.BlockSpec((None, None), lambda b, h: (b, h)),
+        pl.BlockSpec((None, None, C), lambda b, h: (b, h, 0)),
+        pl.BlockSpec((None, C), lambda b, h: (h, 0)),
+        pl.BlockSpec((None, nb_pad), lambda b, h: (h, 0)),
+        pl.BlockSpec((None, nb_pad), lambda b, h: (h, 0)),
+    ]
+    args = [k_BH.astype(jnp.int32), scores_BHC, cluster_size_HC.astype(jnp.int32), lo, hi]
+    if prior_BHB is not None:  # padded blocks are masked on load
+        in_specs.append(pl.BlockSpec((None, None, nb_pad), lambda b, h: (b, h, 0)))
+        args.append(jnp.pad(prior_BHB, ((0, 0), (0, 0), (0, nb_pad - n_blocks)), constant_values=_NEG_INF))
     ids, count = pl.pallas_call(
         kernel,
         grid=(B, H),
-        in_specs=[
-            pl.BlockSpec((None, None), lambda b, h: (b, h)),
-            pl.BlockSpec((None, None, C), lambda b, h: (b, h, 0)),
-            pl.BlockSpec((None, C), lambda b, h: (h, 0)),
-            pl.BlockSpec((None, nb_pad), lambda b, h: (h, 0)),
-            pl.BlockSpec((None, nb_pad), lambda b, h: (h, 0)),
-        ],
+        in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, nb_pad), lambda b, h: (b, h, 0)),
             pl.BlockSpec((None, None), lambda b, h: (b, h)),
@@ -193,10 +216,11 @@ def select_blocks(
         compiler_params=compiler_params(num_warps=num_warps, num_stages=1),
         interpret=resolve_interpret(interpret),
         name="squeeze_select_blocks",
-    )(k_BH.astype(jnp.int32), scores_BHC, cluster_size_HC.astype(jnp.int32), lo, hi)
+    )(*args)
     return ids[..., :capacity], count
 
 
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def select_blocks_ref(
     scores_BHC: jax.Array,
     cluster_size_HC: jax.Array,
@@ -209,11 +233,14 @@ def select_blocks_ref(
     fixed_blocks: int,
     num_warps: int = 8,
     interpret: bool | None = None,
+    search_iters: int = SEARCH_ITERS,
+    prior_BHB: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Pure-jnp reference: block score = max over each block's cluster range (a gather per range offset), then
-    `select_topk`. Memory O(rows x blocks), so it also checks 512K-key contexts."""
-    del num_warps, interpret
-    _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks)
+    """Pure-jnp reference (exact top-k; `search_iters` is accepted for the signature only): block score = max
+    over each block's cluster range (a gather per range offset) and the prior, then `select_topk`. Memory
+    O(rows x blocks), so it also checks 512K-key contexts."""
+    del num_warps, interpret, search_iters
+    _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB)
     B, H, C = scores_BHC.shape
     s_BHC = jnp.where(cluster_size_HC[None] > 0, scores_BHC.astype(jnp.float32), _NEG_INF)
     span = jnp.max(hi_HB - lo_HB + 1)
@@ -225,5 +252,7 @@ def select_blocks_ref(
         return jnp.where(ok_HB[None], jnp.maximum(acc_BHB, got), acc_BHB)
 
     bs_BHB = lax.fori_loop(0, jnp.maximum(span, 0), one_offset, jnp.full((B, H, n_blocks), _NEG_INF, jnp.float32))
+    if prior_BHB is not None:
+        bs_BHB = jnp.maximum(bs_BHB, prior_BHB.astype(jnp.float32))
     bs_BHB = jnp.where((jnp.arange(n_blocks) < fixed_blocks)[None, None], jnp.inf, bs_BHB)
     return select_topk(bs_BHB, k_BH, capacity)

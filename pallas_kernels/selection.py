@@ -82,6 +82,44 @@ def block_scores(
     return jnp.where((jnp.arange(n_blocks) < fixed_blocks)[None, None, :], jnp.inf, out)
 
 
+# Keys per step of `block_logprob_max` (bounds its [B, H, R, keys] float32 logits).
+PRIOR_KEY_CHUNK = 4096
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "scale"))
+def block_logprob_max(q_BHRD: jax.Array, k_HND: jax.Array, lse_BHR: jax.Array, valid_N: jax.Array, *,
+                      block_k: int, scale: float) -> jax.Array:
+    """Per key block, the largest log-probability any row gives one of its keys, [B, H, N / block_k] float32:
+    max over r and the block's keys k of `scale * q_r . k - lse_r`, with `lse_r` the row's log-sum-exp over
+    the same keys (so the values are exact attention log-probabilities). Keys where `valid_N` is False count
+    as absent; a block with none scores -inf. Chunks of PRIOR_KEY_CHUNK keys bound the memory."""
+    B, H, R, D = q_BHRD.shape
+    N = k_HND.shape[1]
+    if k_HND.shape != (H, N, D) or lse_BHR.shape != (B, H, R) or valid_N.shape != (N,):
+        raise ValueError(f"block_logprob_max: q {q_BHRD.shape}, k {k_HND.shape}, lse {lse_BHR.shape}, valid "
+                         f"{valid_N.shape} do not match ([B, H, R, D], [H, N, D], [B, H, R], [N])")
+    if N % block_k:
+        raise ValueError(f"block_logprob_max: N = {N} is not a multiple of block_k = {block_k}")
+    nb = N // block_k
+    chunk_blocks = max(1, PRIOR_KEY_CHUNK // block_k)
+    n_chunks = -(-nb // chunk_blocks)
+    pad = n_chunks * chunk_blocks * block_k - N
+    k_HCKD = jnp.pad(k_HND, ((0, 0), (0, pad), (0, 0))).reshape(H, n_chunks, chunk_blocks * block_k, D)
+    ok_CK = jnp.pad(valid_N, (0, pad)).reshape(n_chunks, chunk_blocks * block_k)
+    q = q_BHRD.astype(jnp.float32)
+    lse = jnp.where(jnp.isfinite(lse_BHR), lse_BHR, jnp.inf)  # a row with no valid key gives -inf everywhere
+
+    def one_chunk(xs):
+        k_HKD, ok_K = xs
+        s = jnp.einsum("bhrd,hkd->bhrk", q, k_HKD.astype(jnp.float32), precision=lax.Precision.HIGHEST) * scale
+        s = jnp.max(s - lse[..., None], axis=2)
+        s = jnp.where(ok_K[None, None], s, _NEG_INF)
+        return jnp.max(s.reshape(B, H, chunk_blocks, block_k), axis=-1)
+
+    out = lax.map(one_chunk, (k_HCKD.transpose(1, 0, 2, 3), ok_CK))  # [n_chunks, B, H, chunk_blocks]
+    return out.transpose(1, 2, 0, 3).reshape(B, H, n_chunks * chunk_blocks)[..., :nb]
+
+
 def _finish_selection(vals: jax.Array, ids: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     """From top-`capacity` candidates (descending) and a per-row count `k` (1..capacity) to a selection.
 

@@ -2,6 +2,8 @@
 
 Generation knows nothing of clustering: it takes an attention backend (a hashable, static object) and its state
 (a pytree with a leading layer axis, e.g. a context index), plus the RoPE position at which the user tokens start.
+A backend that defines `after_prefill(state, aux) -> (state, aux)` gets the prefill's per-layer aux once, before
+decode, and may move per-request data from it into the state decode reads.
 Prompts are right-padded to a length bucket and the batch to a size bucket so that shapes recompile rarely.
 """
 
@@ -239,6 +241,9 @@ def generate(
     t0 = time.perf_counter()
     logits, cache, aux_prefill = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(seq_lens), offset,
                                           backend_state, backend=backend, cache_len=cache_len)
+    handoff = getattr(backend, "after_prefill", None)
+    if handoff is not None:
+        backend_state, aux_prefill = handoff(backend_state, aux_prefill)
     logits.block_until_ready()
     t1 = time.perf_counter()
     out, n_gen, steps, aux_sum = _decode(graphdef, state, logits, cache, offset, backend_state,

@@ -23,3 +23,16 @@ def test_runner_smoke_writes_results_and_report(tmp_path):
     assert tail and all("s" in r and r["rel_err_vs_ref"] < 1e-2 for r in tail), tail
     text = md.read_text()
     assert "Decode pipeline" in text and "select_fused" in text
+
+
+def test_variant_timings_smoke(tmp_path):
+    """The stage-variant profiler runs on CPU (interpret mode): every floor/select variant times without error."""
+    import json
+
+    from benchmarks import bench_variants
+
+    out = tmp_path / "variants.json"
+    assert bench_variants.main(["--smoke", "--sections", "floor,select", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["section"] for r in rows} == {"floor", "select"}
+    assert all("error" not in r and r["us"] > 0 for r in rows), rows

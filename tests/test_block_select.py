@@ -70,6 +70,61 @@ def test_select_blocks_many_blocks_close_scores(seed, spread):
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_r))
 
 
+@pytest.mark.parametrize("seed", [4, 5])
+def test_select_blocks_with_prior(seed):
+    """A per-block prior joins the cluster scores by max: kernel == reference == unfused scores maxed with it."""
+    c = _case(seed)
+    nb = c["kw"]["n_blocks"]
+    B, H = c["k"].shape
+    rng = np.random.default_rng(seed)
+    prior = rng.normal(size=(B, H, nb)).astype(np.float32) * 3.0
+    prior = jnp.asarray(np.where(rng.random(prior.shape) < 0.5, -np.inf, prior))
+    args = (c["scores"], c["sizes"], c["lo"], c["hi"], c["k"])
+    ids, count = select_blocks(*args, interpret=True, prior_BHB=prior, **c["kw"])
+    ids_r, count_r = select_blocks_ref(*args, prior_BHB=prior, **c["kw"])
+    bs = block_scores(c["scores"], c["starts"], c["sizes"], block_k=c["block_k"], n_blocks=nb,
+                      fixed_blocks=c["kw"]["fixed_blocks"])
+    ids_u, count_u = select_topk(jnp.maximum(bs, prior), c["k"], c["kw"]["capacity"])
+    for got in ((ids, count), (ids_r, count_r)):
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(count_u))
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ids_u))
+    # a prior of +inf ranks a block with the fixed ones: kept wherever more than the fixed blocks are kept
+    forced = jnp.full((B, H, nb), -jnp.inf).at[:, :, nb - 1].set(jnp.inf)
+    ids_f, count_f = select_blocks(*args, interpret=True, prior_BHB=forced, **c["kw"])
+    rows = [(b, h) for b in range(B) for h in range(H) if int(count_f[b, h]) > c["kw"]["fixed_blocks"]]
+    assert rows and all(nb - 1 in np.asarray(ids_f)[b, h, : int(count_f[b, h])] for b, h in rows)
+    with pytest.raises(ValueError, match="prior_BHB"):
+        select_blocks(*args, interpret=True, prior_BHB=prior[:, :, :-1], **c["kw"])
+
+
+def test_select_blocks_short_search():
+    """search_iters < SEARCH_ITERS: still exactly k blocks; every block scoring clearly above the k-th score
+    (by more than the final band, range / 3**iters) is kept; 0 steps = the first k blocks that have a score."""
+    rng = np.random.default_rng(12)
+    H, C, block_k = 2, 400, 4
+    starts, sizes, nb = _layout(rng, H, C, block_k, 0, max_size=12)
+    scores = jnp.asarray(rng.normal(size=(1, H, C)).astype(np.float32))
+    lo, hi = block_cluster_ranges(starts, sizes, n_blocks=nb, block_k=block_k)
+    kk = nb // 5
+    k = jnp.full((1, H), kk, jnp.int32)
+    kw = dict(n_blocks=nb, capacity=nb // 2, fixed_blocks=0)
+    bs = np.asarray(block_scores(scores, starts, sizes, n_blocks=nb, block_k=block_k, fixed_blocks=0))
+    for iters in (0, 3, 6):
+        ids, count = select_blocks(scores, sizes, lo, hi, k, interpret=True, search_iters=iters, **kw)
+        for h in range(H):
+            got = set(np.asarray(ids)[0, h, : int(count[0, h])].tolist())
+            assert int(count[0, h]) == kk == len(got)
+            s = bs[0, h]
+            fin = s[np.isfinite(s)]
+            kth = np.sort(fin)[::-1][kk - 1]
+            band = (fin.max() - fin.min() + 1.0) / 3.0 ** iters
+            assert {b for b in range(nb) if s[b] > kth + band} <= got
+            if iters == 0:
+                assert sorted(got) == [b for b in range(nb) if np.isfinite(s[b])][:kk]
+    with pytest.raises(ValueError, match="search_iters"):
+        select_blocks(scores, sizes, lo, hi, k, interpret=True, search_iters=99, **kw)
+
+
 def test_block_cluster_ranges_cover_exactly_the_overlapping_clusters():
     rng = np.random.default_rng(7)
     starts, sizes, nb = _layout(rng, 2, 30, 8, 1, max_size=20)

@@ -80,6 +80,7 @@ class ContextState:
     block_lo_LHB: jax.Array | None = None
     block_hi_LHB: jax.Array | None = None
     box_table_LHCE: jax.Array | None = None
+    prior_LBHN: jax.Array | None = None  # per request: the question's block log-probabilities (question_prior)
 
     @classmethod
     def create(cls, index, budget_LB: jax.Array, block_k: int = 16, box_weight: float | None = None
@@ -155,6 +156,11 @@ class ContextAttention:
     key exactly (one dense decode step's reads per token, once per question); the next token is read from them.
     `exact_decode` (0 = off): `generate` runs the first `exact_decode` decode steps with `exact_variant()`
     (every context key, one dense decode step each), so the answer's first tokens are read from exact attention.
+    `question_prior` (0 = off; <= exact_tail, squeezed policy): the exact pass of the question's last
+    `question_prior` tokens also gives, per (row, KV head) and key block, the largest attention log-probability
+    of any of its keys; `generate` carries it into decode (`after_prefill`), where each step's block score is
+    the max of that prior and the step's own cluster estimate. The budget is unchanged: blocks the question
+    attended compete with the step's own choices for the same k blocks.
     """
 
     policy: str = "squeezed"
@@ -174,9 +180,11 @@ class ContextAttention:
     max_head_share: float = 4.0
     exact_tail: int = 0
     exact_decode: int = 0
+    question_prior: int = 0
+    prior_pin: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("exact_tail", "exact_decode"):
+        for name in ("exact_tail", "exact_decode", "question_prior"):
             n = getattr(self, name)
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {n!r}")
@@ -194,13 +202,27 @@ class ContextAttention:
             raise ValueError(f"unknown agg {self.agg!r}; expected 'max' or 'mean'")
         if not 0.0 <= self.box_weight <= 1.0:
             raise ValueError(f"box_weight must be in [0, 1], got {self.box_weight}")
+        if self.question_prior and (self.question_prior > self.exact_tail or self.policy != "squeezed"):
+            raise ValueError(f"question_prior={self.question_prior} reads the exact question pass: it needs policy "
+                             f"'squeezed' and exact_tail >= question_prior (got policy {self.policy!r}, "
+                             f"exact_tail={self.exact_tail})")
+        if not 0.0 <= self.prior_pin < 1.0 or (self.prior_pin and not self.question_prior):
+            raise ValueError(f"prior_pin must be in [0, 1) and needs question_prior >= 1, got {self.prior_pin}")
         if self.score == "box" and self.hierarchical:
             raise ValueError("score='box' (the default) runs the flat lookup; the hierarchical lookup scores "
                              "centroids: pass score='mean' with hierarchical=True")
 
     def exact_variant(self) -> ContextAttention:
         """The same backend attending every context key (policy "dense"): the first `exact_decode` steps."""
-        return dataclasses.replace(self, policy="dense", exact_decode=0)
+        return dataclasses.replace(self, policy="dense", exact_decode=0, question_prior=0)
+
+    def after_prefill(self, state: ContextState, aux: dict) -> tuple[ContextState, dict]:
+        """What a prefill hands to decode (called by `generate`): with `question_prior`, the question's block
+        log-probabilities `[L, B, H, blocks]` move from the prefill's aux into the state; aux keeps the stats."""
+        if not self.question_prior or aux is None or "_prior_BHN" not in aux:
+            return state, aux
+        aux = dict(aux)
+        return dataclasses.replace(state, prior_LBHN=aux.pop("_prior_BHN")), aux
 
     def _calibrated(self, idx) -> bool:
         """Whether this layer's selection uses the index's calibrated per-head budgets (static)."""
@@ -243,14 +265,17 @@ class ContextAttention:
         """Attention of the user/generated queries over the fixed context: `(o, lse, aux)`; the selection
         policy's sparse result, with the last `exact_tail` prefill rows replaced by exact attention. With
         `user` (decode only), the result is over the context and the row's valid cache entries together."""
+        T = q_BHTGD.shape[2]
+        prior = state.prior_LBHN if T == 1 and self.question_prior else None  # the layer's [B, H, blocks]
         o, lse, aux = self._context(q_BHTGD, seq_lens_B, idx, state.budget_B,
-                                    (state.block_lo_LHB, state.block_hi_LHB), state.box_table_LHCE, user)
+                                    (state.block_lo_LHB, state.block_hi_LHB), state.box_table_LHCE, user, prior)
         T = q_BHTGD.shape[2]
         if self.exact_tail and T > 1:
-            o, lse, aux = self._exact_tail(q_BHTGD, seq_lens_B, idx, o, lse, aux, min(self.exact_tail, T))
+            o, lse, aux = self._exact_tail(q_BHTGD, seq_lens_B, idx, o, lse, aux, min(self.exact_tail, T),
+                                           state.budget_B)
         return o, lse, aux
 
-    def _exact_tail(self, q_BHTGD, seq_lens_B, idx, o, lse, aux, rows: int):
+    def _exact_tail(self, q_BHTGD, seq_lens_B, idx, o, lse, aux, rows: int, budget_B=None):
         B, H, T = q_BHTGD.shape[:3]
         pos_BL = last_valid_positions(seq_lens_B, rows, T)
         q_BHLGD = jnp.take_along_axis(q_BHTGD, pos_BL[:, None, :, None, None], axis=2)
@@ -269,12 +294,31 @@ class ContextAttention:
         lse_t = lse_1.reshape(H, B, rows, G).transpose(1, 0, 2, 3)
         o = put_rows(o.astype(jnp.float32), pos_BL, o_t)
         lse = put_rows(lse, pos_BL, lse_t)
+        if self.question_prior:  # the last question_prior rows' exact block log-probabilities
+            p = min(self.question_prior, rows)
+            prior = selection.block_logprob_max(
+                q_BHLGD[:, :, -p:].reshape(B, H, p * G, D), idx.keys, lse_t[:, :, -p:].reshape(B, H, p * G),
+                valid_N, block_k=self.block_k, scale=1.0 / math.sqrt(D))
+            aux = dict(aux, _prior_BHN=self._pin(prior, idx, budget_B) if self.prior_pin else prior)
         full = jnp.float32(idx.n_fixed + idx.n_clustered) / idx.context_len
         aux = dict(aux, kept_fraction=aux["kept_fraction"] + (full - aux["kept_fraction"]) * (rows / T))
         if "_kept_BHTN" in aux:
             kept = aux["_kept_BHTN"]
             aux["_kept_BHTN"] = put_rows(kept, pos_BL, jnp.broadcast_to(valid_N, (B, H, rows, kept.shape[-1])))
         return o, lse, aux
+
+    def _pin(self, prior_BHN, idx, budget_B) -> jax.Array:
+        """The prior as pins: +inf on the question's top `prior_pin` share of each decode step's clustered blocks
+        (at least one block is left to the step's own choice), -inf elsewhere."""
+        k_BH, _ = self._k_blocks(idx, budget_B)
+        fixed = -(-idx.n_fixed // self.block_k)
+        n_pin = jnp.clip(jnp.floor(self.prior_pin * (k_BH - fixed)).astype(jnp.int32), 0,
+                         jnp.maximum(k_BH - fixed - 1, 0))
+        nb = prior_BHN.shape[-1]
+        desc = -jnp.sort(-prior_BHN, axis=-1)
+        cut = jnp.take_along_axis(desc, jnp.clip(n_pin - 1, 0, nb - 1)[..., None], axis=-1)
+        pinned = (prior_BHN >= cut) & (n_pin[..., None] > 0) & (prior_BHN > -jnp.inf)
+        return jnp.where(pinned, jnp.inf, -jnp.inf)
 
     def _k_blocks(self, idx, budget_B) -> tuple[jax.Array, int]:
         """Blocks to select per (row, KV head) `[B, H]` (fixed blocks included) and the static capacity."""
@@ -299,10 +343,14 @@ class ContextAttention:
         return k_BH, capacity
 
     def _context(self, q_BHTGD, seq_lens_B, idx, budget_B, block_ranges=(None, None), box_table_HCE=None,
-                 user: UserKV | None = None):
+                 user: UserKV | None = None, prior_BHN: jax.Array | None = None):
         B, H, T, G, D = q_BHTGD.shape
         if user is not None and T != 1:
             raise ValueError(f"user KV is attended with the context only in decode (T = 1), got T = {T}")
+        nb_all = idx.keys.shape[1] // self.block_k
+        if prior_BHN is not None and prior_BHN.shape != (B, H, nb_all):
+            raise ValueError(f"ContextState.prior_LBHN holds {prior_BHN.shape} per layer, this step needs "
+                             f"[{B}, {H}, {nb_all}]: it must come from this backend's prefill of the same batch")
         if self.policy in KEY_POLICIES:
             return _with_user(q_BHTGD, *self._key_policy(q_BHTGD, idx, budget_B), user)
         if self.policy == "dense" and not self._pallas():
@@ -337,9 +385,11 @@ class ContextAttention:
             ids, count = select_blocks(self._cluster_scores(rows_BHRD, idx, box_table_HCE), idx.cluster_size,
                                        lo_HB, hi_HB, k_rows,
                                        n_blocks=nb, capacity=capacity, fixed_blocks=-(-idx.n_fixed // self.block_k),
-                                       interpret=self.interpret)
+                                       interpret=self.interpret, prior_BHB=prior_BHN)
         else:
             bscores = self._block_scores(rows_BHRD, idx, nb, box_table_HCE)
+            if prior_BHN is not None and self.policy == "squeezed":
+                bscores = jnp.maximum(bscores, prior_BHN)
             ids, count = selection.select_topk(bscores, k_rows, capacity)
         pallas = self._pallas()
         attend_decode = sparse_decode if pallas else sparse_decode_ref

@@ -53,7 +53,8 @@ BUILTIN_METHODS: dict[str, dict[str, Any]] = {
     "random": {"policy": "random"},
 }
 BACKEND_OPTIONS = ("policy", "block_k", "block_q", "score", "radius_weight", "box_weight", "agg", "hierarchical",
-                   "coarse_keep_fraction", "allocation", "max_head_share", "exact_tail", "exact_decode")
+                   "coarse_keep_fraction", "allocation", "max_head_share", "exact_tail", "exact_decode",
+                   "question_prior", "prior_pin")
 RESULTS_FILE = "results.jsonl"
 
 

@@ -1,0 +1,166 @@
+"""Variant timings of the decode pipeline's stages (GQA 32/8, d128, bf16, 1/8 kept): what limits each one.
+
+    PYTHONPATH=. python3 benchmarks/bench_variants.py --out benchmarks/results/variants.json   # GPU
+    PYTHONPATH=. python3 benchmarks/bench_variants.py --smoke --out /tmp/variants.json         # CPU, interpret
+
+Each stage is timed alone (chained calls inside one jit, `timing.device_time`) under the knobs that decide
+its cost, next to the floor of an empty launch on the same grid:
+  floor     a Pallas kernel that writes one int per program, grids (1, 8) and (8, 33)
+  select    fused block selection: warps x search steps (0 = no search: gather + compaction only), and the
+            gather at span 1 (every block one cluster)
+  lookup    flat centroid lookup over the mean centroids (f32 [C, D]) and the box table (bf16 [C, 2D]):
+            phase-2 method, centroids per step, steps per program
+  decode    sparse decode with 512 user tokens in the launch: splits, blocks per step, warps, stages; and
+            the split combine alone
+  tail      the exact-question pass (32 queries over every key): kernel vs XLA key chunks
+Rows go to the JSON file as they finish (a run cut short keeps them).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+
+from benchmarks import bench_e2e, timing  # noqa: E402
+from pallas_kernels.block_select import SEARCH_ITERS, select_blocks  # noqa: E402
+from pallas_kernels.centroid_lookup import centroid_scores  # noqa: E402
+from pallas_kernels.common import compiler_params, resolve_interpret  # noqa: E402
+from pallas_kernels.merge import combine_partials  # noqa: E402
+from pallas_kernels.sparse_decode import sparse_decode  # noqa: E402
+from squeeze_jax.index.bounds import index_box_table, signed_split  # noqa: E402
+
+D, BK, NF, USER = bench_e2e.D, bench_e2e.BLOCK_K, bench_e2e.N_FIXED, bench_e2e.USER
+
+
+def _floor(grid: tuple[int, int]):
+    """An empty launch: each program writes its flat id (the fixed cost of one kernel in the chained loop)."""
+    def kernel(x_ref, o_ref):
+        o_ref[...] = x_ref[...] + pl.program_id(0) * grid[1] + pl.program_id(1)
+
+    def run(i, x_AB):
+        return pl.pallas_call(
+            kernel, grid=grid, in_specs=[pl.BlockSpec((None, None), lambda a, b: (a, b))],
+            out_specs=pl.BlockSpec((None, None), lambda a, b: (a, b)),
+            out_shape=jax.ShapeDtypeStruct(grid, jnp.float32),
+            compiler_params=compiler_params(num_warps=4, num_stages=1), interpret=resolve_interpret(None),
+            name="floor")(x_AB)
+
+    return (jnp.zeros(grid, jnp.float32),), run
+
+
+def stage_variants(n: int, smoke: bool):
+    """(section, variant dict, args, step) for every timed variant at context length n."""
+    H, G = 8, 4
+    ix = bench_e2e.synthetic_index(n, H, seed=n)
+    key = jax.random.PRNGKey(0)
+    q = jax.random.normal(key, (1, H, G, D), jnp.bfloat16)
+    k_u = jax.random.normal(jax.random.fold_in(key, 1), (1, USER, H, D), jnp.bfloat16)
+    user_len = jnp.full((1,), USER, jnp.int32)
+    fine = (ix["centroids"], ix["log_sizes"], ix["radius"])
+    box = index_box_table(ix["keys"], ix["centroids"], ix["cluster_start"], ix["cluster_size"], 0.25,
+                          dtype=jnp.bfloat16)
+    kb = max(NF // BK + 1, int(round(0.125 * ix["n_blocks"])))
+    k_BH = jnp.full((1, H), kb, jnp.int32)
+    scores = centroid_scores(q, *fine)
+    sel = dict(n_blocks=ix["n_blocks"], capacity=kb, fixed_blocks=NF // BK)
+    ids, cnt = select_blocks(scores, ix["cluster_size"], ix["lo"], ix["hi"], k_BH, **sel)
+    lay = dict(n_fixed=NF, fixed_pad=NF, n_clustered=n - NF)
+    out = []
+    for grid in ((1, 8), (8, 33)):
+        out.append(("floor", {"grid": list(grid)}, *_floor(grid)))
+    for warps in (4, 8, 16):
+        for iters in (0, 6, SEARCH_ITERS):
+            out.append(("select", {"num_warps": warps, "search_iters": iters}, (scores,),
+                        lambda i, s, w=warps, it=iters: select_blocks(s, ix["cluster_size"], ix["lo"], ix["hi"], k_BH,
+                                                                      num_warps=w, search_iters=it, **sel)))
+    out.append(("select", {"num_warps": 8, "search_iters": 0, "span": 1}, (scores,),
+                lambda i, s: select_blocks(s, ix["cluster_size"], ix["lo"], ix["lo"], k_BH, search_iters=0, **sel)))
+    q_box = signed_split(q)
+    zeros = jnp.zeros_like(ix["log_sizes"])
+    for table, args in (("mean_f32", fine), ("box_bf16", (box, ix["log_sizes"], zeros))):
+        qq = q if table == "mean_f32" else q_box
+        for method in ("logits", "recompute"):
+            for block_c in (64, 128, 256):
+                for cpp in (1, 2, 4):
+                    if smoke and (block_c != 64 or cpp != 1):
+                        continue
+                    v = {"table": table, "method": method, "block_c": block_c, "chunks_per_program": cpp}
+                    out.append(("lookup", v, (qq,), lambda i, x, a=args, v=v: centroid_scores(
+                        x, *a, method=v["method"], block_c=v["block_c"], chunks_per_program=v["chunks_per_program"],
+                        scale=D ** -0.5)))
+    user = dict(k_user_BUHD=k_u, v_user_BUHD=k_u, user_len_B=user_len)
+    decode = [{}] + [{"num_splits": s} for s in (8, 16, 66, 132)]
+    decode += [{"blocks_per_step": p} for p in (4, 16)] + [{"num_warps": 8}]
+    decode += [{"num_stages": s} for s in (1, 3)] + [{"blocks_per_step": 16, "num_warps": 8}]
+    decode += [{"blocks_per_step": 4, "num_splits": 66}, {"user_keys_per_split": 512}]
+    for v in decode[: 2 if smoke else None]:
+        out.append(("decode", v or {"default": True}, (q,), lambda i, x, v=v: sparse_decode(
+            x, ix["keys"], ix["values"], ids, cnt, **lay, **user, **v)))
+    S = 33 + USER // 256
+    o_p = jax.random.normal(key, (1, H, S, G, D), jnp.float32)
+    lse_p = jax.random.normal(key, (1, H, S, G), jnp.float32)
+    out.append(("decode", {"combine_only": True, "splits": S}, (o_p,),
+                lambda i, o: combine_partials(o, lse_p, axis=2)))
+    return out
+
+
+def tail_rows(n: int, read_bw: float) -> list[dict]:
+    from benchmarks import bench_sparse_attention as bsa
+
+    rows: list[dict] = []
+    q, k, v = bsa.make_inputs("gqa", n, 64)
+    bsa.exact_tail_case(rows, "gqa", n, q, k, v, read_bw)
+    return [{"section": "tail", **{k: val for k, val in r.items() if k != "trace"}} for r in rows]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--context", type=int, default=131072)
+    ap.add_argument("--smoke", action="store_true", help="CPU: 2K keys, interpret mode, a few variants")
+    ap.add_argument("--sections", default="floor,select,lookup,decode,tail")
+    args = ap.parse_args(argv)
+    timing.set_smoke(args.smoke)
+    n = 2048 if args.smoke else args.context
+    wanted = set(args.sections.split(","))
+    result = {"device": timing.device_info(), "context": n, "rows": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        args.out.write_text(json.dumps(result, indent=1))
+
+    read_bw = timing.read_bandwidth()
+    result["read_GBps"] = read_bw / 1e9
+    for section, variant, xs, step in stage_variants(n, args.smoke):
+        if section not in wanted:
+            continue
+        row = {"section": section, **variant}
+        try:
+            row["us"] = timing.device_time(step, xs, est_s=3e-5, unroll=4, reps=3) * 1e6
+        except Exception as ex:  # noqa: BLE001 - a variant that does not compile is reported
+            row["error"] = repr(ex)[:300]
+            row["trace"] = traceback.format_exc()[-800:]
+        result["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
+        save()
+    if "tail" in wanted and not args.smoke:
+        t0 = time.perf_counter()
+        result["rows"] += tail_rows(n, read_bw)
+        result["tail_wall_s"] = time.perf_counter() - t0
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
