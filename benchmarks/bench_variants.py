@@ -8,6 +8,7 @@ its cost, next to the floor of an empty launch on the same grid:
   floor     a Pallas kernel that writes one int per program, grids (1, 8) and (8, 33)
   select    fused block selection: warps x search steps (0 = no search: gather + compaction only), and the
             gather at span 1 (every block one cluster)
+  prior     the question prior: selection with a prior row, and the prefill pass building it (16 rows)
   lookup    flat centroid lookup over the mean centroids (f32 [C, D]) and the box table (bf16 [C, 2D]):
             phase-2 method, centroids per step, steps per program
   decode    sparse decode with 512 user tokens in the launch: splits, blocks per step, warps, stages; and
@@ -37,6 +38,7 @@ from pallas_kernels.block_select import SEARCH_ITERS, select_blocks  # noqa: E40
 from pallas_kernels.centroid_lookup import centroid_scores  # noqa: E402
 from pallas_kernels.common import compiler_params, resolve_interpret  # noqa: E402
 from pallas_kernels.merge import combine_partials  # noqa: E402
+from pallas_kernels.selection import block_logprob_max  # noqa: E402
 from pallas_kernels.sparse_decode import sparse_decode  # noqa: E402
 from squeeze_jax.index.bounds import index_box_table, signed_split  # noqa: E402
 
@@ -86,6 +88,16 @@ def stage_variants(n: int, smoke: bool):
                                                                       num_warps=w, search_iters=it, **sel)))
     out.append(("select", {"num_warps": 8, "search_iters": 0, "span": 1}, (scores,),
                 lambda i, s: select_blocks(s, ix["cluster_size"], ix["lo"], ix["lo"], k_BH, search_iters=0, **sel)))
+    # question prior: the decode selection with a prior row per (row, head), and the prefill pass that builds it
+    # (4 question tokens x 4 query heads over every key)
+    prior = jax.random.normal(key, (1, H, ix["n_blocks"]), jnp.float32) - 12.0
+    out.append(("prior", {"stage": "select_with_prior"}, (scores,),
+                lambda i, s: select_blocks(s, ix["cluster_size"], ix["lo"], ix["hi"], k_BH, prior_BHB=prior, **sel)))
+    q_rows = jax.random.normal(key, (1, H, 4 * G, D), jnp.bfloat16)
+    lse_rows = jnp.full((1, H, 4 * G), 12.0, jnp.float32)
+    valid = jnp.ones((n,), bool)
+    out.append(("prior", {"stage": "block_logprob_max", "rows": 4 * G}, (q_rows,),
+                lambda i, x: block_logprob_max(x, ix["keys"], lse_rows, valid, block_k=BK, scale=D ** -0.5)))
     q_box = signed_split(q)
     zeros = jnp.zeros_like(ix["log_sizes"])
     for table, args in (("mean_f32", fine), ("box_bf16", (box, ix["log_sizes"], zeros))):
@@ -129,7 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--smoke", action="store_true", help="CPU: 2K keys, interpret mode, a few variants")
-    ap.add_argument("--sections", default="floor,select,lookup,decode,tail")
+    ap.add_argument("--sections", default="floor,select,prior,lookup,decode,tail")
     args = ap.parse_args(argv)
     timing.set_smoke(args.smoke)
     n = 2048 if args.smoke else args.context

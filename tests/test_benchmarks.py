@@ -32,7 +32,7 @@ def test_variant_timings_smoke(tmp_path):
     from benchmarks import bench_variants
 
     out = tmp_path / "variants.json"
-    assert bench_variants.main(["--smoke", "--sections", "floor,select", "--out", str(out)]) == 0
+    assert bench_variants.main(["--smoke", "--sections", "floor,select,prior", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["section"] for r in rows} == {"floor", "select"}
+    assert {r["section"] for r in rows} == {"floor", "select", "prior"}
     assert all("error" not in r and r["us"] > 0 for r in rows), rows

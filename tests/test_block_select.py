@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,6 +163,11 @@ def test_select_blocks_lowers_for_h100():
                          S((H, nb), jnp.int32), S((B, H), jnp.int32), n_blocks=nb, capacity=1024, fixed_blocks=64,
                          interpret=False)
     assert has_triton_call(txt)
+    with_prior = lower_for_h100(functools.partial(select_blocks, prior_BHB=jnp.zeros((B, H, nb))),
+                                S((B, H, C), jnp.float32), S((H, C), jnp.int32), S((H, nb), jnp.int32),
+                                S((H, nb), jnp.int32), S((B, H), jnp.int32), n_blocks=nb, capacity=1024,
+                                fixed_blocks=64, interpret=False)
+    assert has_triton_call(with_prior)
 
 
 def tiny_index():
