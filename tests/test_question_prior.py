@@ -120,4 +120,38 @@ def test_prior_pin_pins_the_questions_top_blocks():
     with pytest.raises(ValueError, match="prior_pin"):
         ContextAttention(prior_pin=0.5)
     with pytest.raises(ValueError, match="prior_pin"):
-        ContextAttention(exact_tail=4, question_prior=2, prior_pin=1.0)
+        ContextAttention(exact_tail=4, question_prior=2, prior_pin=1.5)
+
+
+@pytest.mark.parametrize("use_pallas", [False, True])
+def test_prior_pin_one_decodes_over_the_questions_selection(use_pallas):
+    """prior_pin=1: prefill chooses each row's blocks once (fixed blocks + the question's top prior); decode steps
+    attend exactly those blocks, whatever their query, at the budget's block count."""
+    index, (H, G, D) = tiny_index()
+    B, T = 2, 6
+    backend = ContextAttention(max_budget=0.25, exact_tail=T, question_prior=2, prior_pin=1.0, fidelity=True,
+                               use_pallas=use_pallas, interpret=True if use_pallas else None)
+    state_L = ContextState.for_backend(index, jnp.full((1, B), 0.25), backend)
+    state = jax.tree.map(lambda a: a[0], state_L)
+    idx = LayerIndex.of(state.index)
+    key = jax.random.key(2)
+    _, _, aux = backend.context_part(jax.random.normal(key, (B, H, T, G, D)), jnp.asarray([T, 5]), idx, state)
+    assert "_prior_BHN" not in aux
+    new_L, rest = backend.after_prefill(state_L, {k: v[None] for k, v in aux.items()})
+    assert "_question_ids_BHM" not in rest and new_L.prior_LBHN is None
+    ids, count = np.asarray(new_L.question_ids_LBHM[0]), np.asarray(new_L.question_count_LBH[0])
+    k_BH, _ = backend._k_blocks(idx, jnp.full((B,), 0.25))
+    np.testing.assert_array_equal(count, np.asarray(k_BH))
+    st = jax.tree.map(lambda a: a[0], new_L)
+    bk = backend.block_k
+    for s in range(2):
+        q_dec = jax.random.normal(jax.random.fold_in(key, 10 + s), (B, H, 1, G, D))
+        o, _, aux_d = backend.context_part(q_dec, jnp.asarray([1, 1]), idx, st)
+        kept = np.asarray(aux_d["_kept_BHTN"])[:, :, 0]
+        for b in range(B):
+            for h in range(H):
+                want = np.zeros(kept.shape[-1], bool)
+                for blk in ids[b, h, : count[b, h]]:
+                    want[blk * bk:(blk + 1) * bk] = True
+                np.testing.assert_array_equal(kept[b, h], want & np.asarray(_valid_keys(idx))[h])
+        assert np.isfinite(np.asarray(o)).all()

@@ -81,6 +81,8 @@ class ContextState:
     block_hi_LHB: jax.Array | None = None
     box_table_LHCE: jax.Array | None = None
     prior_LBHN: jax.Array | None = None  # per request: the question's block log-probabilities (question_prior)
+    question_ids_LBHM: jax.Array | None = None  # per request: the question's own selection (prior_pin=1)
+    question_count_LBH: jax.Array | None = None
 
     @classmethod
     def create(cls, index, budget_LB: jax.Array, block_k: int = 16, box_weight: float | None = None
@@ -160,7 +162,9 @@ class ContextAttention:
     `question_prior` tokens also gives, per (row, KV head) and key block, the largest attention log-probability
     of any of its keys; `generate` carries it into decode (`after_prefill`), where each step's block score is
     the max of that prior and the step's own cluster estimate. The budget is unchanged: blocks the question
-    attended compete with the step's own choices for the same k blocks.
+    attended compete with the step's own choices for the same k blocks. `prior_pin=f` in (0, 1) pins the
+    question's top f share of each step's clustered blocks instead; `prior_pin=1` makes the question choose
+    every block once, in prefill, and decode steps run no lookup or selection at all.
     """
 
     policy: str = "squeezed"
@@ -206,8 +210,8 @@ class ContextAttention:
             raise ValueError(f"question_prior={self.question_prior} reads the exact question pass: it needs policy "
                              f"'squeezed' and exact_tail >= question_prior (got policy {self.policy!r}, "
                              f"exact_tail={self.exact_tail})")
-        if not 0.0 <= self.prior_pin < 1.0 or (self.prior_pin and not self.question_prior):
-            raise ValueError(f"prior_pin must be in [0, 1) and needs question_prior >= 1, got {self.prior_pin}")
+        if not 0.0 <= self.prior_pin <= 1.0 or (self.prior_pin and not self.question_prior):
+            raise ValueError(f"prior_pin must be in [0, 1] and needs question_prior >= 1, got {self.prior_pin}")
         if self.score == "box" and self.hierarchical:
             raise ValueError("score='box' (the default) runs the flat lookup; the hierarchical lookup scores "
                              "centroids: pass score='mean' with hierarchical=True")
@@ -219,9 +223,14 @@ class ContextAttention:
     def after_prefill(self, state: ContextState, aux: dict) -> tuple[ContextState, dict]:
         """What a prefill hands to decode (called by `generate`): with `question_prior`, the question's block
         log-probabilities `[L, B, H, blocks]` move from the prefill's aux into the state; aux keeps the stats."""
-        if not self.question_prior or aux is None or "_prior_BHN" not in aux:
+        if not self.question_prior or aux is None:
             return state, aux
         aux = dict(aux)
+        if "_question_ids_BHM" in aux:
+            return dataclasses.replace(state, question_ids_LBHM=aux.pop("_question_ids_BHM"),
+                                       question_count_LBH=aux.pop("_question_count_BH")), aux
+        if "_prior_BHN" not in aux:
+            return state, aux
         return dataclasses.replace(state, prior_LBHN=aux.pop("_prior_BHN")), aux
 
     def _calibrated(self, idx) -> bool:
@@ -267,8 +276,12 @@ class ContextAttention:
         `user` (decode only), the result is over the context and the row's valid cache entries together."""
         T = q_BHTGD.shape[2]
         prior = state.prior_LBHN if T == 1 and self.question_prior else None  # the layer's [B, H, blocks]
+        chosen = None  # prior_pin=1: the selection the question made in prefill, [B, H, M] and [B, H]
+        if T == 1 and self.question_prior and state.question_ids_LBHM is not None:
+            chosen = (state.question_ids_LBHM, state.question_count_LBH)
         o, lse, aux = self._context(q_BHTGD, seq_lens_B, idx, state.budget_B,
-                                    (state.block_lo_LHB, state.block_hi_LHB), state.box_table_LHCE, user, prior)
+                                    (state.block_lo_LHB, state.block_hi_LHB), state.box_table_LHCE, user, prior,
+                                    chosen)
         T = q_BHTGD.shape[2]
         if self.exact_tail and T > 1:
             o, lse, aux = self._exact_tail(q_BHTGD, seq_lens_B, idx, o, lse, aux, min(self.exact_tail, T),
@@ -299,13 +312,24 @@ class ContextAttention:
             prior = selection.block_logprob_max(
                 q_BHLGD[:, :, -p:].reshape(B, H, p * G, D), idx.keys, lse_t[:, :, -p:].reshape(B, H, p * G),
                 valid_N, block_k=self.block_k, scale=1.0 / math.sqrt(D))
-            aux = dict(aux, _prior_BHN=self._pin(prior, idx, budget_B) if self.prior_pin else prior)
+            if self.prior_pin == 1.0:
+                ids, count = self._question_selection(prior, idx, budget_B)
+                aux = dict(aux, _question_ids_BHM=ids, _question_count_BH=count)
+            else:
+                aux = dict(aux, _prior_BHN=self._pin(prior, idx, budget_B) if self.prior_pin else prior)
         full = jnp.float32(idx.n_fixed + idx.n_clustered) / idx.context_len
         aux = dict(aux, kept_fraction=aux["kept_fraction"] + (full - aux["kept_fraction"]) * (rows / T))
         if "_kept_BHTN" in aux:
             kept = aux["_kept_BHTN"]
             aux["_kept_BHTN"] = put_rows(kept, pos_BL, jnp.broadcast_to(valid_N, (B, H, rows, kept.shape[-1])))
         return o, lse, aux
+
+    def _question_selection(self, prior_BHN, idx, budget_B) -> tuple[jax.Array, jax.Array]:
+        """prior_pin=1: every decode step's blocks, chosen once by the question (fixed blocks + the top prior)."""
+        k_BH, capacity = self._k_blocks(idx, budget_B)
+        fixed = -(-idx.n_fixed // self.block_k)
+        bs = jnp.where(jnp.arange(prior_BHN.shape[-1]) < fixed, jnp.inf, prior_BHN)
+        return selection.select_topk(bs, k_BH, capacity)
 
     def _pin(self, prior_BHN, idx, budget_B) -> jax.Array:
         """The prior as pins: +inf on the question's top `prior_pin` share of each decode step's clustered blocks
@@ -343,7 +367,7 @@ class ContextAttention:
         return k_BH, capacity
 
     def _context(self, q_BHTGD, seq_lens_B, idx, budget_B, block_ranges=(None, None), box_table_HCE=None,
-                 user: UserKV | None = None, prior_BHN: jax.Array | None = None):
+                 user: UserKV | None = None, prior_BHN: jax.Array | None = None, chosen=None):
         B, H, T, G, D = q_BHTGD.shape
         if user is not None and T != 1:
             raise ValueError(f"user KV is attended with the context only in decode (T = 1), got T = {T}")
@@ -375,7 +399,12 @@ class ContextAttention:
         rows = rows_BHRD.shape[0]
         k_rows = jnp.repeat(k_BH, rows // B, axis=0)
         lo_HB, hi_HB = block_ranges
-        if self.policy == "dense":  # every block: nothing to score
+        if chosen is not None:  # chosen by the question in prefill (prior_pin=1): no lookup, no selection
+            ids, count = chosen
+            if ids.shape != (B, H, capacity) or count.shape != (B, H):
+                raise ValueError(f"ContextState.question_ids_LBHM holds {ids.shape} per layer, this step needs "
+                                 f"[{B}, {H}, {capacity}]: it must come from this backend's prefill of the same batch")
+        elif self.policy == "dense":  # every block: nothing to score
             ids = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (rows, H, capacity))
             count = jnp.full((rows, H), capacity, jnp.int32)
         elif self.policy == "squeezed" and self._pallas() and lo_HB is not None and nb <= FUSED_SELECT_MAX_BLOCKS:
