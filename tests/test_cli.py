@@ -40,7 +40,10 @@ def test_ask_errors_before_loading_the_model(tmp_path, capsys, monkeypatch):
     bad = [(["-q", "  "], "empty"), (["-q", "hi", "--budget", "0"], "budget"),
            (["-q", "hi", "--budget", "1.5"], "budget"), (["-q", "hi", "--policy", "nope"], "policy"),
            (["-q", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
-           (["-q", "hi", "--exact-tail", "-1"], "exact-tail"), (["-q", "hi", "--exact-decode", "-2"], "exact-decode")]
+           (["-q", "hi", "--exact-tail", "-1"], "exact-tail"), (["-q", "hi", "--exact-decode", "-2"], "exact-decode"),
+           (["-q", "hi", "--question-prior", "64"], "question_prior"),
+           (["-q", "hi", "--question-prior", "4", "--prior-pin", "1.5"], "prior_pin"),
+           (["-q", "hi", "--prior-pin", "0.25"], "prior_pin")]
     for extra, msg in bad:
         with pytest.raises(SystemExit, match=msg):
             main(["ask", "--index", str(tmp_path), *extra])

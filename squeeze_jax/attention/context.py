@@ -222,7 +222,8 @@ class ContextAttention:
 
     def after_prefill(self, state: ContextState, aux: dict) -> tuple[ContextState, dict]:
         """What a prefill hands to decode (called by `generate`): with `question_prior`, the question's block
-        log-probabilities `[L, B, H, blocks]` move from the prefill's aux into the state; aux keeps the stats."""
+        prior `[L, B, H, blocks]` (or with prior_pin=1 its block selection) moves from the prefill's aux into the
+        state; aux keeps the stats."""
         if not self.question_prior or aux is None:
             return state, aux
         aux = dict(aux)
@@ -282,13 +283,12 @@ class ContextAttention:
         o, lse, aux = self._context(q_BHTGD, seq_lens_B, idx, state.budget_B,
                                     (state.block_lo_LHB, state.block_hi_LHB), state.box_table_LHCE, user, prior,
                                     chosen)
-        T = q_BHTGD.shape[2]
         if self.exact_tail and T > 1:
             o, lse, aux = self._exact_tail(q_BHTGD, seq_lens_B, idx, o, lse, aux, min(self.exact_tail, T),
                                            state.budget_B)
         return o, lse, aux
 
-    def _exact_tail(self, q_BHTGD, seq_lens_B, idx, o, lse, aux, rows: int, budget_B=None):
+    def _exact_tail(self, q_BHTGD, seq_lens_B, idx, o, lse, aux, rows: int, budget_B):
         B, H, T = q_BHTGD.shape[:3]
         pos_BL = last_valid_positions(seq_lens_B, rows, T)
         q_BHLGD = jnp.take_along_axis(q_BHTGD, pos_BL[:, None, :, None, None], axis=2)
