@@ -187,10 +187,10 @@ def select_blocks(
     _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB)
     B, H, C = scores_BHC.shape
     nb_pad = next_pow2(n_blocks)
-    lo = jnp.pad(lo_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=1)
-    hi = jnp.pad(hi_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=0)
     if not 0 <= search_iters <= SEARCH_ITERS:
         raise ValueError(f"search_iters must be in [0, {SEARCH_ITERS}], got {search_iters}")
+    lo = jnp.pad(lo_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=1)
+    hi = jnp.pad(hi_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=0)
     kernel = functools.partial(_select_kernel, n_blocks=n_blocks, nb_pad=nb_pad, fixed_blocks=fixed_blocks,
                                capacity=capacity, search_iters=search_iters, prior=prior_BHB is not None)
     in_specs = [

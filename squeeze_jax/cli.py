@@ -61,8 +61,9 @@ def cmd_index_build(args) -> int:
     return 0
 
 
-def _check_ask_args(args) -> None:
-    """Argument errors of `ask` that need neither the model nor the index arrays (raised before any work)."""
+def _check_ask_args(args):
+    """Argument errors of `ask` that need neither the model nor the index arrays (raised before any work); returns
+    the checked backend."""
     from squeeze_jax.attention.context import POLICIES
     from squeeze_jax.index.io import read_index_metadata
 
@@ -80,10 +81,11 @@ def _check_ask_args(args) -> None:
         if n is not None and n < 0:
             raise SystemExit(f"error: {flag} must be >= 0, got {n}")
     try:
-        _ask_backend(args)
+        backend = _ask_backend(args)
     except ValueError as ex:
         raise SystemExit(f"error: {ex} (--question-prior / --prior-pin)") from None
     read_index_metadata(args.index)  # not an index directory: IndexFormatError (a ValueError)
+    return backend
 
 
 def _ask_backend(args):
@@ -101,11 +103,10 @@ def cmd_ask(args) -> int:
     from squeeze_jax.api import ask, kept_fractions
     from squeeze_jax.index.io import load_index, model_fingerprint
 
-    _check_ask_args(args)
+    backend = _check_ask_args(args)  # the ContextAttention to run, checked before the model loads
     _, model, tok = _load_model(args.model)
     index = load_index(args.index, expected_model_fingerprint=model_fingerprint(model))
     t = time.perf_counter()
-    backend = _ask_backend(args)
     tail, steps = backend.exact_tail, backend.exact_decode
     res = ask(model, tok, index, args.question, policy=args.policy, budget=args.budget,
               max_new_tokens=args.max_new_tokens, backend=backend)

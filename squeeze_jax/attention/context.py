@@ -327,7 +327,7 @@ class ContextAttention:
     def _question_selection(self, prior_BHN, idx, budget_B) -> tuple[jax.Array, jax.Array]:
         """prior_pin=1: every decode step's blocks, chosen once by the question (fixed blocks + the top prior)."""
         k_BH, capacity = self._k_blocks(idx, budget_B)
-        fixed = -(-idx.n_fixed // self.block_k)
+        fixed = self._fixed_blocks(idx)
         bs = jnp.where(jnp.arange(prior_BHN.shape[-1]) < fixed, jnp.inf, prior_BHN)
         return selection.select_topk(bs, k_BH, capacity)
 
@@ -335,7 +335,7 @@ class ContextAttention:
         """The prior as pins: +inf on the question's top `prior_pin` share of each decode step's clustered blocks
         (at least one block is left to the step's own choice), -inf elsewhere."""
         k_BH, _ = self._k_blocks(idx, budget_B)
-        fixed = -(-idx.n_fixed // self.block_k)
+        fixed = self._fixed_blocks(idx)
         n_pin = jnp.clip(jnp.floor(self.prior_pin * (k_BH - fixed)).astype(jnp.int32), 0,
                          jnp.maximum(k_BH - fixed - 1, 0))
         nb = prior_BHN.shape[-1]
@@ -344,11 +344,15 @@ class ContextAttention:
         pinned = (prior_BHN >= cut) & (n_pin[..., None] > 0) & (prior_BHN > -jnp.inf)
         return jnp.where(pinned, jnp.inf, -jnp.inf)
 
+    def _fixed_blocks(self, idx) -> int:
+        """Key blocks the fixed region (sinks + window) spans: always selected."""
+        return -(-idx.n_fixed // self.block_k)
+
     def _k_blocks(self, idx, budget_B) -> tuple[jax.Array, int]:
         """Blocks to select per (row, KV head) `[B, H]` (fixed blocks included) and the static capacity."""
         H = idx.keys.shape[0]
         n_blocks_valid = math.ceil(idx.context_len / self.block_k)
-        fixed_blocks = -(-idx.n_fixed // self.block_k)
+        fixed_blocks = self._fixed_blocks(idx)
         all_blocks = idx.keys.shape[1] // self.block_k
         if self.policy == "dense":
             return jnp.full((budget_B.shape[0], H), all_blocks, jnp.int32), all_blocks
@@ -413,7 +417,7 @@ class ContextAttention:
                                  f"(block_k={self.block_k}); build the state with ContextState.create(..., block_k)")
             ids, count = select_blocks(self._cluster_scores(rows_BHRD, idx, box_table_HCE), idx.cluster_size,
                                        lo_HB, hi_HB, k_rows,
-                                       n_blocks=nb, capacity=capacity, fixed_blocks=-(-idx.n_fixed // self.block_k),
+                                       n_blocks=nb, capacity=capacity, fixed_blocks=self._fixed_blocks(idx),
                                        interpret=self.interpret, prior_BHB=prior_BHN)
         else:
             bscores = self._block_scores(rows_BHRD, idx, nb, box_table_HCE)
@@ -473,7 +477,7 @@ class ContextAttention:
                   radius_weight=self.radius_weight, agg=self.agg, interpret=self.interpret)
 
     def _block_scores(self, rows_BHRD, idx, nb, box_table_HCE=None):
-        fixed_blocks = -(-idx.n_fixed // self.block_k)
+        fixed_blocks = self._fixed_blocks(idx)
         if self.policy == "squeezed":
             return selection.block_scores(self._cluster_scores(rows_BHRD, idx, box_table_HCE), idx.cluster_start,
                                           idx.cluster_size,
