@@ -80,6 +80,20 @@ def test_position_masks_and_agreement():
     assert out["kl"] == pytest.approx(0.0, abs=1e-12) and out["kl_answer"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_answer_margins_hand_computed():
+    # row 0: answer tokens [2, 0] predicted by positions 1, 2; row 1: answer token [1] predicted by position 0
+    logits = np.full((2, 4, 3), -50.0)
+    logits[0, 1] = [0.0, 0.0, np.log(3.0)]  # right token 2 at p=3/5 vs 1/5: margin log 3
+    logits[0, 2] = [0.0, np.log(2.0), 0.0]  # right token 0 at 1/4 vs token 1 at 2/4: margin -log 2
+    logits[1, 0] = [0.0, 1.0, 0.5]
+    got = metrics.answer_margins(logits, [[5, 5, 2, 0], [7, 1]], [2, 1])
+    assert got == pytest.approx([-np.log(2.0), 0.5])
+    with pytest.raises(ValueError, match="answer start"):
+        metrics.answer_margins(logits, [[5, 5]], [2])
+    with pytest.raises(ValueError, match="rows"):
+        metrics.answer_margins(logits, [[5, 5, 2]], [1, 2])
+
+
 def test_fidelity_summary_and_bytes():
     stats = {"prefill": {"recall": np.array([1.0, 0.5]), "out_rel_err": np.array([0.0, 0.2]),
                          "kept_fraction": np.array([0.125, 0.125])},
@@ -347,6 +361,7 @@ def test_smoke_config_end_to_end_on_a_tiny_model(tmp_path):
     assert dense["top1"] == 1.0 and dense["kl"] == pytest.approx(0.0, abs=1e-9) and dense["prefill_recall"] == 1.0
     squeezed = next(r for r in recs if r["method"] == "squeezed")
     assert 0.0 < squeezed["prefill_recall"] <= 1.0 and len(squeezed["answers"]) == squeezed["n_questions"] == 2
+    assert len(dense["dense_margin"]) == 2 and squeezed["dense_margin"] == dense["dense_margin"]
     assert runner.eval_main(["--config", "smoke", "--out", str(tmp_path), "--report-only"]) == 0
     assert (tmp_path / "report.md").is_file() and (tmp_path / "accuracy_vs_budget.png").is_file()
     assert len(runner.run_eval(cfg, tmp_path, model_bundle=None, progress=False, log=lambda *_: None)) == 2
@@ -371,6 +386,14 @@ def test_per_question_report_and_complete_contexts():
     assert "| 2 | kiwi | ✓ 7. | ✗ no \\| way | ✗ no \\| way |" in per_q
     md = report.report_markdown(recs, "t")
     assert "left out (not every method run yet): many_facts 4096 s1" in md and "Answers per question" in md
+    # dense's right answer 2 ("kiwi") lost at 1/8; answers 1 and 2 lost at 1/16; margins shown when recorded
+    lost = report.lost_answers_table(recs)
+    assert lost.count("\n") == 1 + 3 and "| squeezed 1/8 | many_facts 4096 s0 | 2 | kiwi | no \\| way | – |" in lost
+    for r in recs:
+        r["dense_margin"] = [0.5, 0.031, 2.0]
+    assert "| squeezed 1/16 | many_facts 4096 s0 | 1 | 7 | no \\| way | 0.50 |" in report.lost_answers_table(recs)
+    assert "Answers dense got right and a method lost" in report.report_markdown(recs, "t")
+    assert report.lost_answers_table([r for r in recs if r["method"] == "dense"]) is None
     with pytest.raises(ValueError, match="reference"):
         report.kept_of_reference([True], [True, False])
 

@@ -254,7 +254,31 @@ def logits_agreement(ref_logits: np.ndarray, logits: np.ndarray, seq_lens: Seque
     return out
 
 
+def answer_margins(logits: np.ndarray, rows: Sequence[Sequence[int]],
+                   answer_starts: Sequence[int]) -> list[float]:
+    """Per row, the smallest log-probability margin of the right answer token over the best other token along
+    the answer, from teacher-forced logits `[rows, T, V]` (row b's answer is `rows[b][answer_starts[b]:]`):
+    how near the model is to answering otherwise. Negative where its greedy choice differs at an answer token."""
+    logits = np.asarray(logits, np.float32)
+    if logits.ndim != 3 or logits.shape[0] < len(rows) or len(rows) != len(answer_starts):
+        raise ValueError(f"answer_margins: logits {logits.shape} for {len(rows)} rows / {len(answer_starts)} starts")
+    out = []
+    for b, (row, start) in enumerate(zip(rows, answer_starts)):
+        if not 1 <= start < len(row) <= logits.shape[1]:
+            raise ValueError(f"answer_margins: row {b} of {len(row)} tokens, answer start {start}, "
+                             f"logits of {logits.shape[1]} positions")
+        z = logits[b, start - 1:len(row) - 1].astype(np.float64)
+        lp = z - z.max(-1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+        steps = np.arange(len(row) - start)
+        right = lp[steps, np.asarray(row[start:])]
+        lp[steps, np.asarray(row[start:])] = -np.inf
+        out.append(float(np.min(right - lp.max(-1))))
+    return out
+
+
 __all__ = [
+    "answer_margins",
     "TeacherForced",
     "attention_recall",
     "bytes_read_fraction",

@@ -157,6 +157,28 @@ def answer_counts_table(records: Sequence[dict[str, Any]], methods: Sequence[str
     return markdown_table(["context"] + [_col_title(m, b) for m, b in cols], body)
 
 
+def lost_answers_table(records: Sequence[dict[str, Any]], methods: Sequence[str] | None = None) -> str | None:
+    """One row per answer dense got right and a method lost, with dense's own margin on that answer (the
+    teacher-forced log-probability gap to its best other token, when the run recorded it); None if none lost."""
+    recs = [r for r in records if "correct" in r]
+    dense = {_context(r): r for r in recs if r["method"] == "dense"}
+    body = []
+    for m, b in _columns(recs, methods):
+        for r in sorted((r for r in recs if r["method"] == m and r["budget"] == b and m != "dense"), key=_context):
+            ref = dense.get(_context(r))
+            if ref is None:
+                continue
+            margins = ref.get("dense_margin")
+            for i, (ok, ok_ref) in enumerate(zip(r["correct"], ref["correct"])):
+                if ok_ref and not ok:
+                    c = _context(r)
+                    body.append([_col_title(m, b), f"{c[0]} {c[1]} s{c[2]}", str(i + 1), _cell_text(r["expected"][i]),
+                                 _cell_text(r["answers"][i]), "–" if margins is None else f"{margins[i]:.2f}"])
+    if not body:
+        return None
+    return markdown_table(["method", "context", "#", "expected", "answered", "dense margin (nats)"], body)
+
+
 def _cell_text(text: str, limit: int = 24) -> str:
     text = " ".join(text.split()).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -217,6 +239,12 @@ def report_markdown(records: Sequence[dict[str, Any]], title: str, methods: Sequ
         "",
         answer_counts_table(records, methods),
     ]
+    lost = lost_answers_table(records, methods)
+    if lost is not None:
+        parts += ["", "## Answers dense got right and a method lost", "",
+                  "Dense margin: dense's teacher-forced log-probability gap between the right answer token and its "
+                  "best other token, smallest along the answer (– where the run was not teacher-forced).", "",
+                  lost]
     for b in budgets:
         parts += ["", f"## Exact match by task and length, budget {_budget_label(b)}", "",
                   by_task_table(summary_recs, "em", "{:.2f}", b, methods),

@@ -532,6 +532,7 @@ def run_eval(cfg: EvalConfig, out_dir: Path, *, cache_dir: Path | None = None, p
                 ref_logits, _, _ = metrics.teacher_forced_logits(
                     model, rows, backend=dense, backend_state=context_state(index, _bucket(len(rows)), 1.0),
                     position_offset=index.context_len)
+                margins = metrics.answer_margins(ref_logits, rows, starts)
             for method in cfg.methods:
                 budgets = [e[4] for e in entries if e[3].name == method.name]
                 if not budgets:
@@ -542,6 +543,8 @@ def run_eval(cfg: EvalConfig, out_dir: Path, *, cache_dir: Path | None = None, p
                 for r in recs:
                     r["index_s"] = index_s
                     r["index_cached"] = cached
+                    if ref_logits is not None:
+                        r["dense_margin"] = margins  # per question: how near dense is to another answer
                 append_jsonl(results, recs)
                 bar.update(len(recs))
     finally:
