@@ -254,31 +254,46 @@ def logits_agreement(ref_logits: np.ndarray, logits: np.ndarray, seq_lens: Seque
     return out
 
 
-def answer_margins(logits: np.ndarray, rows: Sequence[Sequence[int]],
-                   answer_starts: Sequence[int]) -> list[float]:
-    """Per row, the smallest log-probability margin of the right answer token over the best other token along
-    the answer, from teacher-forced logits `[rows, T, V]` (row b's answer is `rows[b][answer_starts[b]:]`):
-    how near the model is to answering otherwise. Negative where its greedy choice differs at an answer token."""
+def answer_margins(logits: np.ndarray, rows: Sequence[Sequence[int]], answer_starts: Sequence[int],
+                   answer_ends: Sequence[int] | None = None) -> list[float | None]:
+    """Per row, the smallest log-probability margin of the row's next token over the best other token along
+    `rows[b][answer_starts[b]:answer_ends[b]]` (default: to the row's end), from teacher-forced logits
+    `[rows, T, V]`. On a model's own greedy tokens it says how near the model was to answering otherwise (>= 0);
+    on a reference answer it is negative where the greedy choice differs. None for an empty span."""
     logits = np.asarray(logits, np.float32)
-    if logits.ndim != 3 or logits.shape[0] < len(rows) or len(rows) != len(answer_starts):
-        raise ValueError(f"answer_margins: logits {logits.shape} for {len(rows)} rows / {len(answer_starts)} starts")
-    out = []
-    for b, (row, start) in enumerate(zip(rows, answer_starts)):
-        if not 1 <= start < len(row) <= logits.shape[1]:
-            raise ValueError(f"answer_margins: row {b} of {len(row)} tokens, answer start {start}, "
+    ends = [len(r) for r in rows] if answer_ends is None else list(answer_ends)
+    if logits.ndim != 3 or logits.shape[0] < len(rows) or not len(rows) == len(answer_starts) == len(ends):
+        raise ValueError(f"answer_margins: logits {logits.shape} for {len(rows)} rows, {len(answer_starts)} "
+                         f"starts, {len(ends)} ends")
+    out: list[float | None] = []
+    for b, (row, start, end) in enumerate(zip(rows, answer_starts, ends)):
+        if not 1 <= start <= end <= len(row) <= logits.shape[1]:
+            raise ValueError(f"answer_margins: row {b} of {len(row)} tokens, answer span [{start}, {end}), "
                              f"logits of {logits.shape[1]} positions")
-        z = logits[b, start - 1:len(row) - 1].astype(np.float64)
+        if end == start:
+            out.append(None)
+            continue
+        z = logits[b, start - 1:end - 1].astype(np.float64)
         lp = z - z.max(-1, keepdims=True)
         lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-        steps = np.arange(len(row) - start)
-        right = lp[steps, np.asarray(row[start:])]
-        lp[steps, np.asarray(row[start:])] = -np.inf
+        steps, target = np.arange(end - start), np.asarray(row[start:end])
+        right = lp[steps, target]
+        lp[steps, target] = -np.inf
         out.append(float(np.min(right - lp.max(-1))))
     return out
 
 
+def answer_prefix_length(tokenizer, tokens: Sequence[int], answer: str) -> int:
+    """Generated tokens up to the first point where the decoded text holds the answer (all of them if never)."""
+    for n in range(1, len(tokens) + 1):
+        if exact_match(tokenizer.decode(list(tokens[:n])), answer):
+            return n
+    return len(tokens)
+
+
 __all__ = [
     "answer_margins",
+    "answer_prefix_length",
     "TeacherForced",
     "attention_recall",
     "bytes_read_fraction",

@@ -158,8 +158,9 @@ def answer_counts_table(records: Sequence[dict[str, Any]], methods: Sequence[str
 
 
 def lost_answers_table(records: Sequence[dict[str, Any]], methods: Sequence[str] | None = None) -> str | None:
-    """One row per answer dense got right and a method lost, with dense's own margin on that answer (the
-    teacher-forced log-probability gap to its best other token, when the run recorded it); None if none lost."""
+    """One row per answer dense got right and a method lost, with dense's own margin on that answer (the smallest
+    log-probability gap between a token of its greedy answer and the next best, when the run was teacher-forced);
+    None if none lost."""
     recs = [r for r in records if "correct" in r]
     dense = {_context(r): r for r in recs if r["method"] == "dense"}
     body = []
@@ -173,7 +174,8 @@ def lost_answers_table(records: Sequence[dict[str, Any]], methods: Sequence[str]
                 if ok_ref and not ok:
                     c = _context(r)
                     body.append([_col_title(m, b), f"{c[0]} {c[1]} s{c[2]}", str(i + 1), _cell_text(r["expected"][i]),
-                                 _cell_text(r["answers"][i]), "–" if margins is None else f"{margins[i]:.2f}"])
+                                 _cell_text(r["answers"][i]),
+                                 "–" if margins is None or margins[i] is None else f"{margins[i]:.2f}"])
     if not body:
         return None
     return markdown_table(["method", "context", "#", "expected", "answered", "dense margin (nats)"], body)
@@ -242,8 +244,9 @@ def report_markdown(records: Sequence[dict[str, Any]], title: str, methods: Sequ
     lost = lost_answers_table(records, methods)
     if lost is not None:
         parts += ["", "## Answers dense got right and a method lost", "",
-                  "Dense margin: dense's teacher-forced log-probability gap between the right answer token and its "
-                  "best other token, smallest along the answer (– where the run was not teacher-forced).", "",
+                  "Dense margin: along dense's own greedy answer (up to where it holds the expected answer), the "
+                  "smallest log-probability gap between the token dense chose and the next best: how near dense "
+                  "itself was to answering otherwise (– where the run was not teacher-forced).", "",
                   lost]
     for b in budgets:
         parts += ["", f"## Exact match by task and length, budget {_budget_label(b)}", "",

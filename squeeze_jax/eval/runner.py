@@ -474,6 +474,8 @@ def evaluate_method(model, tokenizer, index, ctx: Context, method: MethodSpec, b
             "decode_s": res.decode_s,
         }
         rec["em"] = float(np.mean(rec["correct"]))
+        if method.policy == "dense" and ref_logits is not None:
+            rec["dense_margin"] = greedy_answer_margins(model, tokenizer, index, ctx, res.tokens, tf_backend)
         rec.update(metrics.fidelity_summary(res.stats))
         if ref_logits is not None:
             from squeeze_jax.generate import batch_bucket
@@ -492,6 +494,24 @@ def evaluate_method(model, tokenizer, index, ctx: Context, method: MethodSpec, b
                     "context_len": index.context_len, "n_questions": len(ctx.questions),
                     "n_clusters": int(index.n_clusters), "n_fixed": int(index.n_fixed)})
     return out
+
+
+def greedy_answer_margins(model, tokenizer, index, ctx: Context, tokens: Sequence[Sequence[int]],
+                          backend) -> list[float | None]:
+    """Per question, how near the greedy generation was to another token before its answer was complete: the
+    smallest log-probability gap between each generated token and the next best, teacher-forced over the
+    generated tokens up to the answer (all of them when the answer never appears)."""
+    from squeeze_jax.api import question_tokens
+    from squeeze_jax.generate import batch_bucket
+
+    q_rows = [question_tokens(tokenizer, q.text) for q in ctx.questions]
+    rows = [q + list(t) for q, t in zip(q_rows, tokens)]
+    ends = [len(q) + metrics.answer_prefix_length(tokenizer, t, q_.answer)
+            for q, t, q_ in zip(q_rows, tokens, ctx.questions)]
+    logits, _, _ = metrics.teacher_forced_logits(model, rows, backend=backend,
+                                                 backend_state=context_state(index, batch_bucket(len(rows)), 1.0),
+                                                 position_offset=index.context_len)
+    return metrics.answer_margins(logits, rows, [len(q) for q in q_rows], ends)
 
 
 def run_eval(cfg: EvalConfig, out_dir: Path, *, cache_dir: Path | None = None, progress: bool = True,
@@ -532,7 +552,6 @@ def run_eval(cfg: EvalConfig, out_dir: Path, *, cache_dir: Path | None = None, p
                 ref_logits, _, _ = metrics.teacher_forced_logits(
                     model, rows, backend=dense, backend_state=context_state(index, _bucket(len(rows)), 1.0),
                     position_offset=index.context_len)
-                margins = metrics.answer_margins(ref_logits, rows, starts)
             for method in cfg.methods:
                 budgets = [e[4] for e in entries if e[3].name == method.name]
                 if not budgets:
@@ -543,8 +562,6 @@ def run_eval(cfg: EvalConfig, out_dir: Path, *, cache_dir: Path | None = None, p
                 for r in recs:
                     r["index_s"] = index_s
                     r["index_cached"] = cached
-                    if ref_logits is not None:
-                        r["dense_margin"] = margins  # per question: how near dense is to another answer
                 append_jsonl(results, recs)
                 bar.update(len(recs))
     finally:
