@@ -5,6 +5,7 @@ and causal; the constructor rejects what it cannot compose."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -165,6 +166,15 @@ def test_exact_tail_rows_equal_dense_context_and_the_rest_unchanged(context_stat
         head = slice(0, n - rows)
         np.testing.assert_array_equal(np.asarray(out["tail"][0][b, head]), np.asarray(out["sparse"][0][b, head]))
     assert float(out["sparse"][2]["kept_fraction"]) < float(out["tail"][2]["kept_fraction"]) < 1.0
+    # exact_end (teacher forcing question + answer rows): the exact rows end there, the later rows stay sparse
+    ends = (SEQ[0] - 7, SEQ[1] - 2)
+    st = dataclasses.replace(context_state, exact_end_LB=jnp.asarray(ends, jnp.int32))
+    got = _call(tail, q, k, v, _empty_kv(), zeros, seq, st)[0]
+    for b, (n, e) in enumerate(zip(SEQ, ends)):
+        np.testing.assert_allclose(np.asarray(got[b, e - rows:e]), np.asarray(out["dense"][0][b, e - rows:e]),
+                                   atol=2e-5, rtol=0)
+        for part in (slice(0, e - rows), slice(e, n)):
+            np.testing.assert_array_equal(np.asarray(got[b, part]), np.asarray(out["sparse"][0][b, part]))
     if not kernels:
         _compare_full_budget(tail, context_state, more=False)  # the same rows through ContextMInference
     with pytest.raises(ValueError, match="exact_tail"):

@@ -83,6 +83,9 @@ class ContextState:
     prior_LBHN: jax.Array | None = None  # per request: the question's block log-probabilities (question_prior)
     question_ids_LBHM: jax.Array | None = None  # per request: the question's own selection (prior_pin=1)
     question_count_LBH: jax.Array | None = None
+    # per request: where the prompt rows that `exact_tail` makes exact end (default: each row's length). Teacher
+    # forcing a question + answer row sets the answer's start, so that the answer tokens stay sparse as in decode.
+    exact_end_LB: jax.Array | None = None
 
     @classmethod
     def create(cls, index, budget_LB: jax.Array, block_k: int = 16, box_weight: float | None = None
@@ -284,13 +287,15 @@ class ContextAttention:
                                     (state.block_lo_LHB, state.block_hi_LHB), state.box_table_LHCE, user, prior,
                                     chosen)
         if self.exact_tail and T > 1:
-            o, lse, aux = self._exact_tail(q_BHTGD, seq_lens_B, idx, o, lse, aux, min(self.exact_tail, T),
+            ends_B = seq_lens_B if state.exact_end_LB is None else jnp.minimum(state.exact_end_LB, seq_lens_B)
+            o, lse, aux = self._exact_tail(q_BHTGD, ends_B, idx, o, lse, aux, min(self.exact_tail, T),
                                            state.budget_B)
         return o, lse, aux
 
-    def _exact_tail(self, q_BHTGD, seq_lens_B, idx, o, lse, aux, rows: int, budget_B):
+    def _exact_tail(self, q_BHTGD, ends_B, idx, o, lse, aux, rows: int, budget_B):
+        """Rows `ends_B - rows .. ends_B - 1` of each request attend every context key exactly."""
         B, H, T = q_BHTGD.shape[:3]
-        pos_BL = last_valid_positions(seq_lens_B, rows, T)
+        pos_BL = last_valid_positions(ends_B, rows, T)
         q_BHLGD = jnp.take_along_axis(q_BHTGD, pos_BL[:, None, :, None, None], axis=2)
         valid_N = _valid_keys(idx)[0]
         # the context's keys are shared by the batch: fold the batch into the query rows instead of copying K/V

@@ -367,11 +367,17 @@ def default_index_cache() -> Path:
     return default_cache_dir() / "eval_indexes"
 
 
-def context_state(index, batch: int, budget: float):
-    """`ContextState` for `batch` rows at one budget (leaves carry the layer axis)."""
+def context_state(index, batch: int, budget: float, exact_end: Sequence[int] | None = None):
+    """`ContextState` for `batch` rows at one budget (leaves carry the layer axis); `exact_end`: per row, where
+    the rows an exact tail covers end (teacher forcing: the answer's start)."""
     from squeeze_jax.attention.context import ContextState
 
-    return ContextState(index=index, budget_B=jnp.full((index.n_layers, batch), budget, jnp.float32))
+    ends = None
+    if exact_end is not None:
+        padded = list(exact_end) + [1] * (batch - len(exact_end))
+        ends = jnp.broadcast_to(jnp.asarray(padded, jnp.int32), (index.n_layers, batch))
+    return ContextState(index=index, budget_B=jnp.full((index.n_layers, batch), budget, jnp.float32),
+                        exact_end_LB=ends)
 
 
 # ================================================================================================ results
@@ -480,7 +486,8 @@ def evaluate_method(model, tokenizer, index, ctx: Context, method: MethodSpec, b
         if ref_logits is not None:
             from squeeze_jax.generate import batch_bucket
 
-            state = context_state(index, batch_bucket(len(rows)), b)
+            state = context_state(index, batch_bucket(len(rows)), b, exact_end=starts)  # question exact, answer
+            # tokens at the budget, as in decode
             logits, lens, _ = metrics.teacher_forced_logits(model, rows, backend=tf_backend, backend_state=state,
                                                             position_offset=index.context_len)
             rec.update(metrics.logits_agreement(ref_logits, logits, lens, starts))
