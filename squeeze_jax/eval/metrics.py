@@ -273,9 +273,7 @@ def answer_margins(logits: np.ndarray, rows: Sequence[Sequence[int]], answer_sta
         if end == start:
             out.append(None)
             continue
-        z = logits[b, start - 1:end - 1].astype(np.float64)
-        lp = z - z.max(-1, keepdims=True)
-        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+        lp = _log_softmax(logits[b, start - 1:end - 1])
         steps, target = np.arange(end - start), np.asarray(row[start:end])
         right = lp[steps, target]
         lp[steps, target] = -np.inf

@@ -481,7 +481,8 @@ def evaluate_method(model, tokenizer, index, ctx: Context, method: MethodSpec, b
         }
         rec["em"] = float(np.mean(rec["correct"]))
         if method.policy == "dense" and ref_logits is not None:
-            rec["dense_margin"] = greedy_answer_margins(model, tokenizer, index, ctx, res.tokens, tf_backend)
+            q_rows = [row[:s] for row, s in zip(rows, starts)]  # the question tokens of the teacher-forced rows
+            rec["dense_margin"] = greedy_answer_margins(model, tokenizer, index, ctx, q_rows, res.tokens, tf_backend)
         rec.update(metrics.fidelity_summary(res.stats))
         if ref_logits is not None:
             from squeeze_jax.generate import batch_bucket
@@ -503,16 +504,14 @@ def evaluate_method(model, tokenizer, index, ctx: Context, method: MethodSpec, b
     return out
 
 
-def greedy_answer_margins(model, tokenizer, index, ctx: Context, tokens: Sequence[Sequence[int]],
-                          backend) -> list[float | None]:
-    """Per question, how near the greedy generation was to another token before its answer was complete: the
-    smallest log-probability gap between each generated token and the next best, teacher-forced over the
-    generated tokens up to the answer (all of them when the answer never appears)."""
-    from squeeze_jax.api import question_tokens
+def greedy_answer_margins(model, tokenizer, index, ctx: Context, q_rows: Sequence[Sequence[int]],
+                          tokens: Sequence[Sequence[int]], backend) -> list[float | None]:
+    """Per question (`q_rows`: its tokens), how near the greedy generation `tokens` was to another token before
+    its answer was complete: the smallest log-probability gap between each generated token and the next best,
+    teacher-forced over the generated tokens up to the answer (all of them when the answer never appears)."""
     from squeeze_jax.generate import batch_bucket
 
-    q_rows = [question_tokens(tokenizer, q.text) for q in ctx.questions]
-    rows = [q + list(t) for q, t in zip(q_rows, tokens)]
+    rows = [list(q) + list(t) for q, t in zip(q_rows, tokens)]
     ends = [len(q) + metrics.answer_prefix_length(tokenizer, t, q_.answer)
             for q, t, q_ in zip(q_rows, tokens, ctx.questions)]
     logits, _, _ = metrics.teacher_forced_logits(model, rows, backend=backend,
