@@ -6,8 +6,8 @@
 Each stage is timed alone (chained calls inside one jit, `timing.device_time`) under the knobs that decide
 its cost, next to the floor of an empty launch on the same grid:
   floor     a Pallas kernel that writes one int per program, grids (1, 8) and (8, 33)
-  select    fused block selection: warps x search steps (0 = no search: gather + compaction only), and the
-            gather at span 1 (every block one cluster)
+  select    fused block selection: warps x search steps (0 = no search: gather + compaction only), points
+            counted per search step, and the gather at span 1 (every block one cluster)
   prior     the question prior: selection with a prior row, and the prefill pass building it (16 rows)
   lookup    flat centroid lookup over the mean centroids (f32 [C, D]) and the box table (bf16 [C, 2D]):
             phase-2 method, centroids per step, steps per program
@@ -34,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
 from benchmarks import bench_e2e, timing  # noqa: E402
+from pallas_kernels import centroid_lookup as cl  # noqa: E402
 from pallas_kernels.block_select import SEARCH_ITERS, select_blocks  # noqa: E402
 from pallas_kernels.centroid_lookup import centroid_scores  # noqa: E402
 from pallas_kernels.common import compiler_params, resolve_interpret  # noqa: E402
@@ -82,10 +83,14 @@ def stage_variants(n: int, smoke: bool):
     for grid in ((1, 8), (8, 33)):
         out.append(("floor", {"grid": list(grid)}, *_floor(grid)))
     for warps in (4, 8, 16):
-        for iters in (0, 6, SEARCH_ITERS):
+        for iters in (0, 3, SEARCH_ITERS):
             out.append(("select", {"num_warps": warps, "search_iters": iters}, (scores,),
                         lambda i, s, w=warps, it=iters: select_blocks(s, ix["cluster_size"], ix["lo"], ix["hi"], k_BH,
                                                                       num_warps=w, search_iters=it, **sel)))
+    for points, iters in ((2, 21), (4, 15), (8, 11), (32, 7)):  # points per search step, steps to adjacent floats
+        out.append(("select", {"num_warps": 8, "search_points": points, "search_iters": iters}, (scores,),
+                    lambda i, s, p=points, it=iters: select_blocks(s, ix["cluster_size"], ix["lo"], ix["hi"], k_BH,
+                                                                   search_points=p, search_iters=it, **sel)))
     out.append(("select", {"num_warps": 8, "search_iters": 0, "span": 1}, (scores,),
                 lambda i, s: select_blocks(s, ix["cluster_size"], ix["lo"], ix["lo"], k_BH, search_iters=0, **sel)))
     # question prior: the decode selection with a prior row per (row, head), and the prefill pass that builds it
@@ -111,6 +116,15 @@ def stage_variants(n: int, smoke: bool):
                     out.append(("lookup", v, (qq,), lambda i, x, a=args, v=v: centroid_scores(
                         x, *a, method=v["method"], block_c=v["block_c"], chunks_per_program=v["chunks_per_program"],
                         scale=D ** -0.5)))
+    # phase 1 alone (partial normalisers + logits written): the rest of the lookup is the finish launch
+    for table, args in (("mean_f32", fine), ("box_bf16", (box, ix["log_sizes"], zeros))):
+        qq = q if table == "mean_f32" else q_box
+        cfg = cl._make_cfg(qq, "mean", 1.0, "max", D ** -0.5, None)
+        q_p = cl._prepare_q(qq)
+        qn = jnp.zeros(q_p.shape[:3], jnp.float32)
+        out.append(("lookup", {"table": table, "phase1_only": True}, (q_p,), lambda i, x, a=args, cfg=cfg, qn=qn: (
+            cl._flat_partials(x, qn, *a, cfg, block_c=128, cpp=cl._default_chunks_per_program(
+                -(-a[0].shape[1] // 128), x.shape[2]), want_logits=True, interpret=resolve_interpret(None)))))
     user = dict(k_user_BUHD=k_u, v_user_BUHD=k_u, user_len_B=user_len)
     decode = [{}] + [{"num_splits": s} for s in (8, 16, 66, 132)]
     decode += [{"blocks_per_step": p} for p in (4, 16)] + [{"num_warps": 8}]
