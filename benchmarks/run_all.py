@@ -38,8 +38,8 @@ from benchmarks import bench_e2e, timing  # noqa: E402
 from benchmarks.report import write_benchmarks_md, write_plots  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-BREAKDOWN_STAGES = ("lookup_flat", "lookup_hierarchical", "select_fused", "select_unfused", "sparse_attention",
-                    "user_attention_merge", "sparse_attention_with_user")
+BREAKDOWN_STAGES = ("lookup_flat", "lookup_logits", "lookup_hierarchical", "select_fused", "select_from_logits",
+                    "select_unfused", "sparse_attention", "sparse_attention_with_user", "user_attention_merge")
 # MInference in the one-command run: the 128K target length and the configurations that answer it (dense
 # cuDNN / torch SDPA, A-shape, the paper's vertical-slash budget with its online index, block-sparse top-100,
 # the model backend with mixed per-head patterns); benchmarks/bench_minference.py alone covers more lengths.
@@ -102,8 +102,8 @@ def breakdown_rows(stages_at: dict[int, tuple[str, ...]], read_bw: float) -> lis
 
 
 def _breakdown_stages(n: int):
-    from pallas_kernels.block_select import select_blocks
-    from pallas_kernels.centroid_lookup import centroid_scores, hierarchical_scores
+    from pallas_kernels.block_select import select_blocks, select_blocks_from_logits
+    from pallas_kernels.centroid_lookup import centroid_logits, centroid_scores, hierarchical_scores
     from pallas_kernels.merge import dense_attention_lse, merge_attention
     from pallas_kernels.selection import block_scores, select_topk
     from pallas_kernels.sparse_decode import sparse_decode
@@ -120,6 +120,7 @@ def _breakdown_stages(n: int):
     kb = max(NF // BK + 1, int(round(0.125 * ix["n_blocks"])))
     k_BH = jnp.full((1, 8), kb, jnp.int32)
     scores = centroid_scores(q, *fine)
+    logits = centroid_logits(q, *fine)
     ids, cnt = select_blocks(scores, ix["cluster_size"], ix["lo"], ix["hi"], k_BH, n_blocks=ix["n_blocks"],
                              capacity=kb, fixed_blocks=NF // BK)
     lay = dict(n_fixed=NF, fixed_pad=NF, n_clustered=n - NF)
@@ -131,6 +132,10 @@ def _breakdown_stages(n: int):
             coarse_keep=ck, max_fine_per_coarse=ix["max_fine"])),
         "select_fused": ((scores,), lambda i, s: select_blocks(
             s, ix["cluster_size"], ix["lo"], ix["hi"], k_BH, n_blocks=ix["n_blocks"], capacity=kb,
+            fixed_blocks=NF // BK)),
+        "lookup_logits": ((q,), lambda i, q: centroid_logits(q, *fine)),
+        "select_from_logits": ((logits,), lambda i, lg: select_blocks_from_logits(
+            lg, ix["cluster_size"], ix["lo"], ix["hi"], k_BH, n_blocks=ix["n_blocks"], capacity=kb,
             fixed_blocks=NF // BK)),
         "select_unfused": ((scores,), lambda i, s: select_topk(block_scores(
             s, ix["cluster_start"], ix["cluster_size"], n_blocks=ix["n_blocks"], block_k=BK,

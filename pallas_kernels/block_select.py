@@ -25,6 +25,7 @@ finite or +inf score) blocks; when no block has a score the selection is block 0
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.centroid_lookup import ClusterLogits, lse_from_partials, scores_from_logits
 from pallas_kernels.common import compiler_params, next_pow2, resolve_interpret
 from pallas_kernels.selection import select_topk
 
@@ -64,14 +66,33 @@ def block_cluster_ranges(cluster_start_HC: jax.Array, cluster_size_HC: jax.Array
     return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
-def _select_kernel(k_ref, s_ref, size_ref, lo_ref, hi_ref, *refs, n_blocks: int, nb_pad: int,
-                   fixed_blocks: int, capacity: int, search_iters: int, search_points: int, prior: bool):
+def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks: int, capacity: int,
+                   search_iters: int, search_points: int, prior: bool, n_rows: int, agg: str):
+    """`s_ref`: cluster scores [C], or (n_rows > 0) the lookup's logits [n_rows, C] with its partial
+    normalisers in the two refs after it (the lookup's finish done in the gather)."""
+    if n_rows:
+        m_ref, l_ref, *refs = refs
+    size_ref, lo_ref, hi_ref, *refs = refs
     prior_ref, ids_ref, cnt_ref = refs if prior else (None, *refs)
     blk = lax.broadcasted_iota(jnp.int32, (nb_pad,), 0)
     lo = lo_ref[...]
     hi = hi_ref[...]
     real = blk < n_blocks
     span = jnp.max(jnp.where(real, hi - lo + 1, 0))
+    if n_rows:
+        lse = lse_from_partials(m_ref, l_ref)
+        row = lax.broadcasted_iota(jnp.int32, lse.shape, 0)
+        lse_r = [jnp.sum(jnp.where(row == r, lse, 0.0)) for r in range(n_rows)]
+
+    def cluster_score(c_safe, ok):
+        if not n_rows:
+            return plgpu.load(s_ref.at[c_safe], mask=ok, other=_NEG_INF).astype(jnp.float32)
+        x = [plgpu.load(s_ref.at[r, c_safe], mask=ok, other=0.0) - lse_r[r] for r in range(n_rows)]
+        m = functools.reduce(jnp.maximum, x)
+        if agg == "max":
+            return m
+        m_safe = jnp.where(m > _NEG_INF, m, 0.0)
+        return m_safe + jnp.log(functools.reduce(jnp.add, [jnp.exp(v - m_safe) for v in x])) - math.log(n_rows)
 
     def gather_max(j, acc):
         # GATHER_UNROLL range offsets per step: their loads are all issued before the first is used, so the
@@ -81,9 +102,8 @@ def _select_kernel(k_ref, s_ref, size_ref, lo_ref, hi_ref, *refs, n_blocks: int,
             c = lo + (j * GATHER_UNROLL + u)
             ok = real & (c <= hi)
             c_safe = jnp.where(ok, c, 0)
-            s = plgpu.load(s_ref.at[c_safe], mask=ok, other=_NEG_INF).astype(jnp.float32)
             n = plgpu.load(size_ref.at[c_safe], mask=ok, other=0)
-            got.append((ok & (n > 0), s))
+            got.append((ok & (n > 0), cluster_score(c_safe, ok)))
         for ok, s in got:
             acc = jnp.where(ok, jnp.maximum(acc, s), acc)
         return acc
@@ -178,6 +198,49 @@ def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, 
 _STATIC = ("n_blocks", "capacity", "fixed_blocks", "num_warps", "interpret", "search_iters", "search_points")
 
 
+def _check_search(search_iters: int, search_points: int) -> None:
+    if not 0 <= search_iters <= MAX_SEARCH_ITERS:
+        raise ValueError(f"search_iters must be in [0, {MAX_SEARCH_ITERS}], got {search_iters}")
+    if search_points < 2 or search_points & (search_points - 1):
+        raise ValueError(f"search_points must be a power of two >= 2, got {search_points}")
+
+
+def _select_call(source: list[jax.Array], source_specs: list, cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, *,
+                 B: int, H: int, n_blocks: int, capacity: int, fixed_blocks: int, num_warps: int,
+                 interpret: bool | None, search_iters: int, search_points: int, n_rows: int,
+                 agg: str) -> tuple[jax.Array, jax.Array]:
+    """The selection launch: grid (B, H), one program per row and KV head, over the given score source."""
+    C = cluster_size_HC.shape[1]
+    nb_pad = next_pow2(n_blocks)
+    lo = jnp.pad(lo_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=1)
+    hi = jnp.pad(hi_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=0)
+    kernel = functools.partial(_select_kernel, n_blocks=n_blocks, nb_pad=nb_pad, fixed_blocks=fixed_blocks,
+                               capacity=capacity, search_iters=search_iters, search_points=search_points,
+                               prior=prior_BHB is not None, n_rows=n_rows, agg=agg)
+    in_specs = [pl.BlockSpec((None, None), lambda b, h: (b, h)), *source_specs,
+                pl.BlockSpec((None, C), lambda b, h: (h, 0)),
+                pl.BlockSpec((None, nb_pad), lambda b, h: (h, 0)),
+                pl.BlockSpec((None, nb_pad), lambda b, h: (h, 0))]
+    args = [k_BH.astype(jnp.int32), *source, cluster_size_HC.astype(jnp.int32), lo, hi]
+    if prior_BHB is not None:  # padded blocks are masked on load
+        in_specs.append(pl.BlockSpec((None, None, nb_pad), lambda b, h: (b, h, 0)))
+        args.append(jnp.pad(prior_BHB, ((0, 0), (0, 0), (0, nb_pad - n_blocks)), constant_values=_NEG_INF))
+    ids, count = pl.pallas_call(
+        kernel,
+        grid=(B, H),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, None, nb_pad), lambda b, h: (b, h, 0)),
+            pl.BlockSpec((None, None), lambda b, h: (b, h)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((B, H, nb_pad), jnp.int32), jax.ShapeDtypeStruct((B, H), jnp.int32)],
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=1),
+        interpret=resolve_interpret(interpret),
+        name="squeeze_select_blocks",
+    )(*args)
+    return ids[..., :capacity], count
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def select_blocks(
     scores_BHC: jax.Array,
@@ -207,42 +270,96 @@ def select_blocks(
     score: the search's fixed cost, for profiling).
     """
     _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB)
+    _check_search(search_iters, search_points)
     B, H, C = scores_BHC.shape
-    nb_pad = next_pow2(n_blocks)
-    if not 0 <= search_iters <= MAX_SEARCH_ITERS:
-        raise ValueError(f"search_iters must be in [0, {MAX_SEARCH_ITERS}], got {search_iters}")
-    if search_points < 2 or search_points & (search_points - 1):
-        raise ValueError(f"search_points must be a power of two >= 2, got {search_points}")
-    lo = jnp.pad(lo_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=1)
-    hi = jnp.pad(hi_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=0)
-    kernel = functools.partial(_select_kernel, n_blocks=n_blocks, nb_pad=nb_pad, fixed_blocks=fixed_blocks,
-                               capacity=capacity, search_iters=search_iters, search_points=search_points,
-                               prior=prior_BHB is not None)
-    in_specs = [
-        pl.BlockSpec((None, None), lambda b, h: (b, h)),
-        pl.BlockSpec((None, None, C), lambda b, h: (b, h, 0)),
-        pl.BlockSpec((None, C), lambda b, h: (h, 0)),
-        pl.BlockSpec((None, nb_pad), lambda b, h: (h, 0)),
-        pl.BlockSpec((None, nb_pad), lambda b, h: (h, 0)),
-    ]
-    args = [k_BH.astype(jnp.int32), scores_BHC, cluster_size_HC.astype(jnp.int32), lo, hi]
-    if prior_BHB is not None:  # padded blocks are masked on load
-        in_specs.append(pl.BlockSpec((None, None, nb_pad), lambda b, h: (b, h, 0)))
-        args.append(jnp.pad(prior_BHB, ((0, 0), (0, 0), (0, nb_pad - n_blocks)), constant_values=_NEG_INF))
-    ids, count = pl.pallas_call(
-        kernel,
-        grid=(B, H),
-        in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, None, nb_pad), lambda b, h: (b, h, 0)),
-            pl.BlockSpec((None, None), lambda b, h: (b, h)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((B, H, nb_pad), jnp.int32), jax.ShapeDtypeStruct((B, H), jnp.int32)],
-        compiler_params=compiler_params(num_warps=num_warps, num_stages=1),
-        interpret=resolve_interpret(interpret),
-        name="squeeze_select_blocks",
-    )(*args)
-    return ids[..., :capacity], count
+    return _select_call([scores_BHC], [pl.BlockSpec((None, None, C), lambda b, h: (b, h, 0))], cluster_size_HC,
+                        lo_HB, hi_HB, k_BH, prior_BHB, B=B, H=H, n_blocks=n_blocks, capacity=capacity,
+                        fixed_blocks=fixed_blocks, num_warps=num_warps, interpret=interpret,
+                        search_iters=search_iters, search_points=search_points, n_rows=0, agg="max")
+
+
+# Most rows whose logits the fused selection reads per cluster (decode: the GQA group); more rows are cheaper
+# through the lookup's own finish launch.
+FROM_LOGITS_MAX_ROWS = 8
+
+
+def _check_logits(cl: ClusterLogits, agg: str) -> None:
+    if not isinstance(cl, ClusterLogits):
+        raise TypeError(f"expected ClusterLogits (centroid_lookup.centroid_logits), got {type(cl).__name__}")
+    if agg not in ("max", "mean"):
+        raise ValueError(f"agg must be 'max' or 'mean', got {agg!r}")
+    B, H, R, _ = cl.logits_BHRC.shape
+    if not 1 <= R <= FROM_LOGITS_MAX_ROWS:
+        raise ValueError(f"select_blocks_from_logits reads at most {FROM_LOGITS_MAX_ROWS} rows per cluster, got "
+                         f"{R}: use centroid_scores + select_blocks")
+    if (cl.m_BHPR.shape != cl.l_BHPR.shape or cl.m_BHPR.ndim != 4 or cl.m_BHPR.shape[:2] != (B, H)
+            or cl.m_BHPR.shape[3] < R):
+        raise ValueError(f"ClusterLogits partials must be [{B}, {H}, P, >= {R}], got {cl.m_BHPR.shape} and "
+                         f"{cl.l_BHPR.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("agg",))
+def select_blocks_from_logits(
+    cl: ClusterLogits,
+    cluster_size_HC: jax.Array,
+    lo_HB: jax.Array,
+    hi_HB: jax.Array,
+    k_BH: jax.Array,
+    *,
+    n_blocks: int,
+    capacity: int,
+    fixed_blocks: int,
+    agg: str = "max",
+    num_warps: int = 8,
+    interpret: bool | None = None,
+    search_iters: int = SEARCH_ITERS,
+    prior_BHB: jax.Array | None = None,
+    search_points: int = SEARCH_POINTS,
+) -> tuple[jax.Array, jax.Array]:
+    """`select_blocks(scores_from_logits(cl, ...), ...)` in one launch: the lookup's finish (logit minus the
+    row's log-normaliser, aggregated over the rows with `agg`) runs inside the block-score gather, so a decode
+    step's lookup + selection is two launches, not three. For few rows (<= FROM_LOGITS_MAX_ROWS)."""
+    _check_logits(cl, agg)
+    B, H, R, C = cl.logits_BHRC.shape
+    _check(cl.logits_BHRC[:, :, 0], cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks,
+           prior_BHB)
+    _check_search(search_iters, search_points)
+    P, Rm = cl.m_BHPR.shape[2:]
+    Pp, Rp = next_pow2(P), next_pow2(Rm)
+    pad = ((0, 0), (0, 0), (0, Pp - P), (0, Rp - Rm))
+    m = jnp.pad(cl.m_BHPR.astype(jnp.float32), pad, constant_values=_NEG_INF)
+    l_sum = jnp.pad(cl.l_BHPR.astype(jnp.float32), pad)
+    part = pl.BlockSpec((None, None, Pp, Rp), lambda b, h: (b, h, 0, 0))
+    return _select_call([cl.logits_BHRC.astype(jnp.float32), m, l_sum],
+                        [pl.BlockSpec((None, None, R, C), lambda b, h: (b, h, 0, 0)), part, part],
+                        cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, B=B, H=H, n_blocks=n_blocks,
+                        capacity=capacity, fixed_blocks=fixed_blocks, num_warps=num_warps, interpret=interpret,
+                        search_iters=search_iters, search_points=search_points, n_rows=R, agg=agg)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("agg",))
+def select_blocks_from_logits_ref(
+    cl: ClusterLogits,
+    cluster_size_HC: jax.Array,
+    lo_HB: jax.Array,
+    hi_HB: jax.Array,
+    k_BH: jax.Array,
+    *,
+    n_blocks: int,
+    capacity: int,
+    fixed_blocks: int,
+    agg: str = "max",
+    num_warps: int = 8,
+    interpret: bool | None = None,
+    search_iters: int = SEARCH_ITERS,
+    prior_BHB: jax.Array | None = None,
+    search_points: int = SEARCH_POINTS,
+) -> tuple[jax.Array, jax.Array]:
+    """Pure-jnp reference: `scores_from_logits` (clusters of size 0 masked), then `select_blocks_ref`."""
+    _check_logits(cl, agg)
+    mask_HC = jnp.where(cluster_size_HC > 0, 0.0, _NEG_INF)
+    return select_blocks_ref(scores_from_logits(cl, mask_HC, agg), cluster_size_HC, lo_HB, hi_HB, k_BH,
+                             n_blocks=n_blocks, capacity=capacity, fixed_blocks=fixed_blocks, prior_BHB=prior_BHB)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

@@ -250,7 +250,7 @@ def _flat_lse_kernel(q_ref, qn_ref, c_ref, logn_ref, rad_ref, m_ref, l_ref, *log
     l_ref[...] = l_sum
 
 
-def _lse_from_partials(m_ref, l_ref) -> jax.Array:
+def lse_from_partials(m_ref, l_ref) -> jax.Array:
     """In-kernel merge of per-program (max, sum) partials [nP, Rp] into each row's log-normaliser [Rp]."""
     nP, Rp = m_ref.shape
     nPp = next_pow2(nP)
@@ -267,7 +267,7 @@ def _flat_score_kernel(q_ref, qn_ref, c_ref, logn_ref, rad_ref, m_ref, l_ref, ou
     """Aggregated scores of this program's chunks (recomputed logits; normaliser merged from partials)."""
     q = q_ref[...]
     qn = qn_ref[...] if cfg.use_radius else None
-    lse = _lse_from_partials(m_ref, l_ref)
+    lse = lse_from_partials(m_ref, l_ref)
     row_ok = jnp.arange(q.shape[0]) < cfg.n_rows
     first, n = _chunk_range(n_clusters, block_c, cpp)
 
@@ -284,7 +284,7 @@ def _flat_score_kernel(q_ref, qn_ref, c_ref, logn_ref, rad_ref, m_ref, l_ref, ou
 def _flat_finish_kernel(logits_ref, logn_ref, m_ref, l_ref, out_ref, *, cfg, n_clusters, block_c):
     """Aggregated scores of one chunk from stored logits (normaliser merged from partials)."""
     Rp = m_ref.shape[1]
-    lse = _lse_from_partials(m_ref, l_ref)
+    lse = lse_from_partials(m_ref, l_ref)
     row_ok = jnp.arange(Rp) < cfg.n_rows
     start = pl.program_id(2) * block_c
     col_ok = start + jnp.arange(block_c) < n_clusters
@@ -480,6 +480,100 @@ def centroid_scores(
                                      method=method, cpp=chunks_per_program,
                                      interpret=resolve_interpret(interpret))
     return scores
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ClusterLogits:
+    """Phase 1 of the flat lookup, for a consumer that finishes the scores itself (the fused selection).
+
+    `logits_BHRC`: scaled (radius-boosted) logits of the R real rows, f32. `m_BHPR, l_BHPR`: per-program
+    partial (max, sum exp) of logit + log N over the clusters, rows padded to a power of two; merged they give
+    each row's log-normaliser, and score_j = agg_r(logit_rj - lse_r) (`scores_from_logits`).
+    """
+
+    logits_BHRC: jax.Array
+    m_BHPR: jax.Array
+    l_BHPR: jax.Array
+
+    @property
+    def n_rows(self) -> int:
+        return self.logits_BHRC.shape[2]
+
+
+@functools.partial(jax.jit, static_argnames=("score", "radius_weight", "scale", "block_c", "interpret",
+                                             "dot_dtype", "chunks_per_program"))
+def centroid_logits(
+    q_BHRD: jax.Array,
+    centroids_HCD: jax.Array,
+    log_sizes_HC: jax.Array,
+    radius_HC: jax.Array,
+    *,
+    score: Score = "mean",
+    radius_weight: float = 1.0,
+    scale: float | None = None,
+    block_c: int | None = None,
+    interpret: bool | None = None,
+    dot_dtype: str | None = None,
+    chunks_per_program: int | None = None,
+) -> ClusterLogits:
+    """The flat lookup's first launch alone: logits and partial normalisers (`ClusterLogits`), one kernel.
+
+    For few rows (decode) the second launch, which only turns these into scores, can be folded into the
+    consumer (`block_select.select_blocks_from_logits`). Same arguments as `centroid_scores` (no `agg`).
+    """
+    _check_options(score, "max", "logits", radius_weight, dot_dtype)
+    _check_level(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, "fine")
+    _check_cpp(chunks_per_program)
+    block_c = _resolve_block_c(block_c, q_BHRD.shape[2])
+    cfg = _make_cfg(q_BHRD, score, radius_weight, "max", scale, dot_dtype)
+    C = centroids_HCD.shape[1]
+    q_p = _prepare_q(q_BHRD)
+    B, H, Rp, _ = q_p.shape
+    qn = _q_norms(q_p) if cfg.use_radius else jnp.zeros((B, H, Rp), jnp.float32)
+    cpp = _default_chunks_per_program(pl.cdiv(C, block_c), Rp) if chunks_per_program is None else chunks_per_program
+    m, l_sum, logits = _flat_partials(q_p, qn, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c, cpp=cpp,
+                                      want_logits=True, interpret=resolve_interpret(interpret))
+    return ClusterLogits(logits, m, l_sum)
+
+
+@functools.partial(jax.jit, static_argnames=("score", "radius_weight", "scale", "block_c", "interpret",
+                                             "dot_dtype", "chunks_per_program"))
+def centroid_logits_ref(
+    q_BHRD: jax.Array,
+    centroids_HCD: jax.Array,
+    log_sizes_HC: jax.Array,
+    radius_HC: jax.Array,
+    *,
+    score: Score = "mean",
+    radius_weight: float = 1.0,
+    scale: float | None = None,
+    block_c: int | None = None,
+    interpret: bool | None = None,
+    dot_dtype: str | None = None,
+    chunks_per_program: int | None = None,
+) -> ClusterLogits:
+    """Pure-jnp reference of `centroid_logits` in f32: one partial (P = 1) over all clusters, rows unpadded."""
+    del block_c, interpret, chunks_per_program
+    _check_options(score, "max", "logits", radius_weight, dot_dtype)
+    _check_level(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, "fine")
+    cfg = _make_cfg(q_BHRD, score, radius_weight, "max", scale, None)
+    logits = _ref_logits(q_BHRD, centroids_HCD, radius_HC, cfg)
+    w = logits + log_sizes_HC.astype(jnp.float32)[None, :, None, :]
+    m = jnp.max(w, axis=-1)
+    m_safe = jnp.where(m > _NEG_INF, m, 0.0)
+    l_sum = jnp.sum(jnp.exp(w - m_safe[..., None]), axis=-1)
+    return ClusterLogits(logits, m[:, :, None], l_sum[:, :, None])
+
+
+def scores_from_logits(cl: ClusterLogits, log_sizes_HC: jax.Array, agg: Agg = "max") -> jax.Array:
+    """Aggregated cluster scores [B, H, C] from `ClusterLogits` (what the second lookup launch computes)."""
+    if agg not in _AGGS:
+        raise ValueError(f"agg must be one of {_AGGS}, got {agg!r}")
+    R = cl.n_rows
+    lse_BHR = _merge_partials(cl.m_BHPR, cl.l_BHPR)[:, :, :R]
+    ok_BHC = jnp.broadcast_to(log_sizes_HC[None] > _NEG_INF, (cl.logits_BHRC.shape[0],) + log_sizes_HC.shape)
+    return _aggregate_logits(cl.logits_BHRC, lse_BHR, ok_BHC, agg)
 
 
 def _ref_logits(q_BHRD, centroids_HCD, radius_HC, cfg: _ScoreCfg) -> jax.Array:

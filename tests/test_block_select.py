@@ -9,7 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.block_select import block_cluster_ranges, select_blocks, select_blocks_ref
+from pallas_kernels.block_select import (
+    FROM_LOGITS_MAX_ROWS,
+    block_cluster_ranges,
+    select_blocks,
+    select_blocks_from_logits,
+    select_blocks_from_logits_ref,
+    select_blocks_ref,
+)
+from pallas_kernels.centroid_lookup import (
+    centroid_logits,
+    centroid_logits_ref,
+    centroid_scores,
+    scores_from_logits,
+)
 from pallas_kernels.common import has_triton_call, lower_for_h100
 from pallas_kernels.selection import block_scores, select_topk
 from tests.test_selection import _layout
@@ -178,6 +191,73 @@ def test_select_blocks_lowers_for_h100():
                                 S((H, nb), jnp.int32), S((B, H), jnp.int32), n_blocks=nb, capacity=1024,
                                 fixed_blocks=64, interpret=False)
     assert has_triton_call(with_prior)
+
+
+@pytest.mark.parametrize("seed,R,agg,D,dtype", [(20, 1, "max", 64, jnp.float32), (21, 3, "mean", 128, jnp.bfloat16),
+                                               (22, 4, "max", 128, jnp.bfloat16), (23, 8, "mean", 64, jnp.float32)])
+def test_select_blocks_from_logits_matches_reference_and_two_launch_path(seed, R, agg, D, dtype):
+    """The lookup's finish folded into the selection: the same blocks as its jnp reference and as
+    centroid_scores + select_blocks, for any row count up to the limit, both aggregations, empty clusters and
+    a prior; the logits' own reference (one partial, unpadded rows) gives the same scores."""
+    rng = np.random.default_rng(seed)
+    B, H, C, block_k = 2, 3, int(rng.integers(150, 400)), int(rng.choice([4, 16]))
+    starts, sizes, nb = _layout(rng, H, C, block_k, 2, max_size=30)
+    q = jnp.asarray(rng.normal(size=(B, H, R, D)), dtype)
+    cents = jnp.asarray(rng.normal(size=(H, C, D)).astype(np.float32))
+    log_n = jnp.log(jnp.maximum(sizes, 1).astype(jnp.float32))
+    radius = jnp.ones((H, C), jnp.float32)
+    lo, hi = block_cluster_ranges(starts, sizes, n_blocks=nb, block_k=block_k)
+    k = jnp.asarray(rng.integers(1, nb // 3 + 2, size=(B, H)), jnp.int32)
+    prior = jnp.asarray(np.where(rng.random((B, H, nb)) < 0.05, 5.0, -np.inf).astype(np.float32))
+    kw = dict(n_blocks=nb, capacity=nb // 3 + 1, fixed_blocks=2, prior_BHB=prior)
+    logits = centroid_logits(q, cents, log_n, radius, interpret=True)
+    ids, count = select_blocks_from_logits(logits, sizes, lo, hi, k, agg=agg, interpret=True, **kw)
+    ids_two, count_two = select_blocks(centroid_scores(q, cents, log_n, radius, agg=agg, interpret=True), sizes, lo,
+                                       hi, k, interpret=True, **kw)
+    ids_r, count_r = select_blocks_from_logits_ref(logits, sizes, lo, hi, k, agg=agg, **kw)
+    for got_ids, got_count in ((ids_two, count_two), (ids_r, count_r)):
+        np.testing.assert_array_equal(np.asarray(count), np.asarray(got_count))
+        np.testing.assert_array_equal(np.asarray(ids), np.asarray(got_ids))
+    ref = centroid_logits_ref(q, cents, log_n, radius)
+    assert ref.m_BHPR.shape == (B, H, 1, R)
+    np.testing.assert_allclose(np.asarray(scores_from_logits(ref, log_n, agg)),
+                               np.asarray(scores_from_logits(logits, log_n, agg)), rtol=2e-2, atol=2e-2)
+
+
+def test_select_blocks_from_logits_rejects_bad_input():
+    rng = np.random.default_rng(0)
+    starts, sizes, nb = _layout(rng, 2, 40, 4, 0, max_size=8)
+    lo, hi = block_cluster_ranges(starts, sizes, n_blocks=nb, block_k=4)
+    kw = dict(n_blocks=nb, capacity=4, fixed_blocks=0)
+    k = jnp.ones((1, 2), jnp.int32)
+    many = centroid_logits_ref(jnp.ones((1, 2, FROM_LOGITS_MAX_ROWS + 1, 16)), jnp.ones((2, 40, 16)),
+                               jnp.zeros((2, 40)), jnp.ones((2, 40)))
+    with pytest.raises(ValueError, match="at most"):
+        select_blocks_from_logits(many, sizes, lo, hi, k, interpret=True, **kw)
+    with pytest.raises(TypeError, match="ClusterLogits"):
+        select_blocks_from_logits(jnp.zeros((1, 2, 40)), sizes, lo, hi, k, interpret=True, **kw)
+    few = centroid_logits_ref(jnp.ones((1, 2, 2, 16)), jnp.ones((2, 40, 16)), jnp.zeros((2, 40)), jnp.ones((2, 40)))
+    with pytest.raises(ValueError, match="agg"):
+        select_blocks_from_logits(few, sizes, lo, hi, k, agg="sum", interpret=True, **kw)
+    with pytest.raises(ValueError, match="cluster_size_HC"):
+        select_blocks_from_logits(few, sizes[:, :-1], lo, hi, k, interpret=True, **kw)
+
+
+def test_lookup_logits_and_fused_selection_lower_for_h100():
+    H, B, G, C, nb, D = 8, 1, 4, 6554, 8192, 128
+    S = jax.ShapeDtypeStruct
+    txt = lower_for_h100(centroid_logits, S((B, H, G, D), jnp.bfloat16), S((H, C, D), jnp.bfloat16),
+                         S((H, C), jnp.float32), S((H, C), jnp.float32), interpret=False)
+    assert has_triton_call(txt)
+    nP = -(-C // 128)
+    logits = centroid_logits_ref(jnp.zeros((B, H, G, 16)), jnp.zeros((H, C, 16)), jnp.zeros((H, C)),
+                                 jnp.zeros((H, C)))
+    logits = type(logits)(jnp.zeros((B, H, G, C)), jnp.zeros((B, H, nP, 16)), jnp.ones((B, H, nP, 16)))
+    for agg in ("max", "mean"):
+        txt = lower_for_h100(lambda s, lo, hi, k, agg=agg: select_blocks_from_logits(
+            logits, s, lo, hi, k, agg=agg, n_blocks=nb, capacity=1024, fixed_blocks=64, interpret=False),
+            S((H, C), jnp.int32), S((H, nb), jnp.int32), S((H, nb), jnp.int32), S((B, H), jnp.int32))
+        assert has_triton_call(txt)
 
 
 def tiny_index():

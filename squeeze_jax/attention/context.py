@@ -42,7 +42,12 @@ import jax.numpy as jnp
 from models.attention import write_kv
 from models.kv_cache import LayerKV
 from pallas_kernels import centroid_lookup, selection
-from pallas_kernels.block_select import block_cluster_ranges, select_blocks
+from pallas_kernels.block_select import (
+    FROM_LOGITS_MAX_ROWS,
+    block_cluster_ranges,
+    select_blocks,
+    select_blocks_from_logits,
+)
 from pallas_kernels.common import has_gpu
 from pallas_kernels.merge import (
     chunked_attention_lse,
@@ -420,10 +425,18 @@ class ContextAttention:
             if lo_HB.shape != (H, nb):
                 raise ValueError(f"ContextState block tables are for {lo_HB.shape[-1]} blocks, the backend uses {nb} "
                                  f"(block_k={self.block_k}); build the state with ContextState.create(..., block_k)")
-            ids, count = select_blocks(self._cluster_scores(rows_BHRD, idx, box_table_HCE), idx.cluster_size,
-                                       lo_HB, hi_HB, k_rows,
-                                       n_blocks=nb, capacity=capacity, fixed_blocks=self._fixed_blocks(idx),
-                                       interpret=self.interpret, prior_BHB=prior_BHN)
+            sel = dict(n_blocks=nb, capacity=capacity, fixed_blocks=self._fixed_blocks(idx), interpret=self.interpret,
+                       prior_BHB=prior_BHN)
+            if rows_BHRD.shape[2] <= FROM_LOGITS_MAX_ROWS and not self._uses_hierarchy(idx):
+                # decode: the lookup's finish runs inside the selection (two launches, not three)
+                q_l, table, log_n, radius, lookup_kw = self._flat_lookup_inputs(rows_BHRD, idx, box_table_HCE)
+                logits = centroid_lookup.centroid_logits(q_l, table, log_n, radius, interpret=self.interpret,
+                                                         **lookup_kw)
+                ids, count = select_blocks_from_logits(logits, idx.cluster_size, lo_HB, hi_HB, k_rows, agg=self.agg,
+                                                       **sel)
+            else:
+                ids, count = select_blocks(self._cluster_scores(rows_BHRD, idx, box_table_HCE), idx.cluster_size,
+                                           lo_HB, hi_HB, k_rows, **sel)
         else:
             bscores = self._block_scores(rows_BHRD, idx, nb, box_table_HCE)
             if prior_BHN is not None and self.policy == "squeezed":
@@ -454,8 +467,11 @@ class ContextAttention:
                                                     T, self.block_q)
         return o, lse, aux
 
-    def _cluster_scores(self, rows_BHRD, idx, box_table_HCE=None):
-        """Squeezed policy: the estimated log-probability of every fine cluster, [rows, H, C]."""
+    def _uses_hierarchy(self, idx) -> bool:
+        return self.score != "box" and self.hierarchical and idx.coarse_centroids is not None
+
+    def _flat_lookup_inputs(self, rows_BHRD, idx, box_table_HCE=None):
+        """(queries, centroid table, log sizes, radius, scoring kwargs) of the flat lookup for `self.score`."""
         log_sizes = jnp.log(jnp.maximum(idx.cluster_size, 1).astype(jnp.float32))
         if self.score == "box":  # centroid dot in 2D: [q+, q-] . [c + w (hi - c), c + w (lo - c)]
             if box_table_HCE is None:
@@ -464,11 +480,14 @@ class ContextAttention:
                                      "with ContextState.for_backend(index, budget, backend)")
                 box_table_HCE = index_box_table(idx.keys, idx.centroids, idx.cluster_start, idx.cluster_size,
                                                 self.box_weight)
-            fn = centroid_lookup.centroid_scores if self._pallas() else centroid_lookup.centroid_scores_ref
-            q2 = signed_split(rows_BHRD)
-            return fn(q2, box_table_HCE, log_sizes, jnp.zeros_like(log_sizes), score="mean", agg=self.agg,
-                      scale=1.0 / math.sqrt(rows_BHRD.shape[-1]), interpret=self.interpret)
-        if self.hierarchical and idx.coarse_centroids is not None:
+            return (signed_split(rows_BHRD), box_table_HCE, log_sizes, jnp.zeros_like(log_sizes),
+                    dict(score="mean", scale=1.0 / math.sqrt(rows_BHRD.shape[-1])))
+        return rows_BHRD, idx.centroids, log_sizes, idx.radius, dict(score=self.score, radius_weight=self.radius_weight)
+
+    def _cluster_scores(self, rows_BHRD, idx, box_table_HCE=None):
+        """Squeezed policy: the estimated log-probability of every fine cluster, [rows, H, C]."""
+        if self._uses_hierarchy(idx):
+            log_sizes = jnp.log(jnp.maximum(idx.cluster_size, 1).astype(jnp.float32))
             n_coarse = idx.coarse_centroids.shape[1]
             hfn = centroid_lookup.hierarchical_scores if self._pallas() else centroid_lookup.hierarchical_scores_ref
             return hfn(
@@ -477,9 +496,9 @@ class ContextAttention:
                 coarse_keep=max(1, int(round(self.coarse_keep_fraction * n_coarse))),
                 max_fine_per_coarse=idx.max_fine_per_coarse, score=self.score,
                 radius_weight=self.radius_weight, agg=self.agg, interpret=self.interpret)
+        q, table, log_n, radius, kw = self._flat_lookup_inputs(rows_BHRD, idx, box_table_HCE)
         fn = centroid_lookup.centroid_scores if self._pallas() else centroid_lookup.centroid_scores_ref
-        return fn(rows_BHRD, idx.centroids, log_sizes, idx.radius, score=self.score,
-                  radius_weight=self.radius_weight, agg=self.agg, interpret=self.interpret)
+        return fn(q, table, log_n, radius, agg=self.agg, interpret=self.interpret, **kw)
 
     def _block_scores(self, rows_BHRD, idx, nb, box_table_HCE=None):
         fixed_blocks = self._fixed_blocks(idx)
