@@ -6,8 +6,9 @@
 Each stage is timed alone (chained calls inside one jit, `timing.device_time`) under the knobs that decide
 its cost, next to the floor of an empty launch on the same grid:
   floor     a Pallas kernel that writes one int per program, grids (1, 8) and (8, 33)
-  select    fused block selection: warps x search steps (0 = no search: gather + compaction only), points
-            counted per search step, and the gather at span 1 (every block one cluster)
+  select    fused block selection: warps x search steps (0 = no search: gather + compaction only), range
+            offsets gathered per step, from the lookup's logits (its finish folded in), and the gather at
+            span 1 (every block one cluster)
   prior     the question prior: selection with a prior row, and the prefill pass building it (16 rows)
   lookup    flat centroid lookup over the mean centroids (f32 [C, D]) and the box table (bf16 [C, 2D]):
             phase-2 method, centroids per step, steps per program
@@ -35,7 +36,7 @@ from jax.experimental import pallas as pl  # noqa: E402
 
 from benchmarks import bench_e2e, timing  # noqa: E402
 from pallas_kernels import centroid_lookup as cl  # noqa: E402
-from pallas_kernels.block_select import SEARCH_ITERS, select_blocks  # noqa: E402
+from pallas_kernels.block_select import SEARCH_ITERS, select_blocks, select_blocks_from_logits  # noqa: E402
 from pallas_kernels.centroid_lookup import centroid_scores  # noqa: E402
 from pallas_kernels.common import compiler_params, resolve_interpret  # noqa: E402
 from pallas_kernels.merge import combine_partials  # noqa: E402
@@ -82,15 +83,21 @@ def stage_variants(n: int, smoke: bool):
     out = []
     for grid in ((1, 8), (8, 33)):
         out.append(("floor", {"grid": list(grid)}, *_floor(grid)))
-    for warps in (4, 8, 16):
-        for iters in (0, 3, SEARCH_ITERS):
+    for warps in (8, 16):
+        for iters in (0, 6, SEARCH_ITERS):
             out.append(("select", {"num_warps": warps, "search_iters": iters}, (scores,),
                         lambda i, s, w=warps, it=iters: select_blocks(s, ix["cluster_size"], ix["lo"], ix["hi"], k_BH,
                                                                       num_warps=w, search_iters=it, **sel)))
-    for points, iters in ((2, 21), (4, 15), (8, 11), (32, 7)):  # points per search step, steps to adjacent floats
-        out.append(("select", {"num_warps": 8, "search_points": points, "search_iters": iters}, (scores,),
-                    lambda i, s, p=points, it=iters: select_blocks(s, ix["cluster_size"], ix["lo"], ix["hi"], k_BH,
-                                                                   search_points=p, search_iters=it, **sel)))
+    for unroll in (2, 4):
+        out.append(("select", {"num_warps": 8, "gather_unroll": unroll}, (scores,),
+                    lambda i, s, u=unroll: select_blocks(s, ix["cluster_size"], ix["lo"], ix["hi"], k_BH,
+                                                         gather_unroll=u, **sel)))
+    # the lookup's finish inside the selection (decode's path): from the first launch's logits
+    logits = cl.centroid_logits(q, *fine)
+    for warps in (8, 16):
+        out.append(("select", {"from_logits": True, "num_warps": warps}, (logits,),
+                    lambda i, lg, w=warps: select_blocks_from_logits(lg, ix["cluster_size"], ix["lo"], ix["hi"],
+                                                                     k_BH, num_warps=w, **sel)))
     out.append(("select", {"num_warps": 8, "search_iters": 0, "span": 1}, (scores,),
                 lambda i, s: select_blocks(s, ix["cluster_size"], ix["lo"], ix["lo"], k_BH, search_iters=0, **sel)))
     # question prior: the decode selection with a prior row per (row, head), and the prefill pass that builds it

@@ -7,16 +7,15 @@ scores held in registers:
 
 1. block score = max of the scores of the clusters that overlap the block (clusters are contiguous runs of
    the reordered key axis, so the overlapping clusters of block b are a contiguous index range
-   [lo_b, hi_b], computed once per index by `block_cluster_ranges`), gathered `GATHER_UNROLL` range offsets
-   at a time; fixed blocks score +inf;
-2. the k-th largest block score by a search on the value: each step counts the blocks above P evenly spaced
-   points of the range in one reduction over a [blocks, P] compare (P = `SEARCH_POINTS`), and keeps the
-   1/(P+1) of the range holding the k-th score, until exactly k blocks lie above the lower bound; at most
-   `SEARCH_ITERS` steps, which reach adjacent floats for log-probability scores (only ties at the k-th score
-   need them all). The step count, not the compares, is the cost: each step is a block-wide reduction;
+   [lo_b, hi_b], computed once per index by `block_cluster_ranges`); fixed blocks score +inf;
+2. the k-th largest block score by a search on the value: each step counts the blocks above the two inner
+   third points of the range in one block-wide reduction (the two counts packed in one int32) and keeps the
+   third holding the k-th score, until exactly k blocks lie above the lower bound, at most `SEARCH_ITERS` steps
+   (which reach adjacent floats for log-probability scores; only ties at the k-th score need them all). On
+   the H200 a step costs about 1 us; a [blocks, P] compare reduced over the blocks (P points per step) cost
+   several times more per step than the fewer steps saved, for P = 4..32;
 3. the chosen blocks (all above the cutoff, ties at the cutoff to the lower block index) are compacted in
-   ascending order with one prefix sum (counts above the band and inside it packed in one int32) and written
-   with one permutation store; the tail carries the last id.
+   ascending order with a prefix sum and written with one permutation store; the tail carries the last id.
 
 Same result and format as `select_topk(block_scores(...), k, capacity)`: exactly min(k, #blocks with a
 finite or +inf score) blocks; when no block has a score the selection is block 0 alone.
@@ -37,16 +36,10 @@ from pallas_kernels.centroid_lookup import ClusterLogits, lse_from_partials, sco
 from pallas_kernels.common import compiler_params, next_pow2, resolve_interpret
 from pallas_kernels.selection import select_topk
 
-# Most blocks per head: the compaction packs two block counts into one int32 (each below 2**15).
+# Most blocks per head: the search packs two block counts into one int32 (each below 2**15).
 MAX_BLOCKS = 2**15 - 1
-# Points per step of the k-th-score search (a power of two: a tensor axis); each step keeps 1/17 of the range.
-SEARCH_POINTS = 16
-# Steps of the search at the default points: 17**9 > 2**36, finer than 33 halvings (adjacent floats).
-SEARCH_ITERS = 9
-# Cluster-range offsets gathered per step of the block-score loop (one memory latency per step).
-GATHER_UNROLL = 4
-# Upper bound on `search_iters` (2 points need 21 steps to reach the same resolution).
-MAX_SEARCH_ITERS = 24
+# Steps of the k-th-score search; each keeps a third of the range: 3**21 > 2**33, as fine as 33 halvings.
+SEARCH_ITERS = 21
 _NEG_INF = float("-inf")
 
 
@@ -67,7 +60,7 @@ def block_cluster_ranges(cluster_start_HC: jax.Array, cluster_size_HC: jax.Array
 
 
 def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks: int, capacity: int,
-                   search_iters: int, search_points: int, prior: bool, n_rows: int, agg: str):
+                   search_iters: int, gather_unroll: int, prior: bool, n_rows: int, agg: str):
     """`s_ref`: cluster scores [C], or (n_rows > 0) the lookup's logits [n_rows, C] with its partial
     normalisers in the two refs after it (the lookup's finish done in the gather)."""
     if n_rows:
@@ -95,11 +88,11 @@ def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks
         return m_safe + jnp.log(functools.reduce(jnp.add, [jnp.exp(v - m_safe) for v in x])) - math.log(n_rows)
 
     def gather_max(j, acc):
-        # GATHER_UNROLL range offsets per step: their loads are all issued before the first is used, so the
-        # step pays one memory latency, not GATHER_UNROLL.
+        # `gather_unroll` range offsets per step, their loads issued before the first is used (fewer memory
+        # latencies, more live registers).
         got = []
-        for u in range(GATHER_UNROLL):
-            c = lo + (j * GATHER_UNROLL + u)
+        for u in range(gather_unroll):
+            c = lo + (j * gather_unroll + u)
             ok = real & (c <= hi)
             c_safe = jnp.where(ok, c, 0)
             n = plgpu.load(size_ref.at[c_safe], mask=ok, other=0)
@@ -108,7 +101,7 @@ def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks
             acc = jnp.where(ok, jnp.maximum(acc, s), acc)
         return acc
 
-    score = lax.fori_loop(0, (span + GATHER_UNROLL - 1) // GATHER_UNROLL, gather_max,
+    score = lax.fori_loop(0, (span + gather_unroll - 1) // gather_unroll, gather_max,
                           jnp.full((nb_pad,), _NEG_INF, jnp.float32))
     if prior:
         score = jnp.maximum(score, plgpu.load(prior_ref, mask=real, other=_NEG_INF).astype(jnp.float32))
@@ -131,39 +124,36 @@ def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks
         it, _, _, count_a = state
         return (it < search_iters) & (count_a != kk)
 
-    def step(state):
-        # Counts at P evenly spaced points of [a, b) in one reduction over a [blocks, P] compare; the counts
-        # are non-increasing in the point (rounding keeps the points ordered), so the points whose count still
-        # reaches kk are a prefix of length n_up, and the k-th score lies in [m[n_up - 1], m[n_up]).
+    def third(state):
+        # Counts at the two inner third points in one reduction: both counts are <= n_blocks < 2**15, so they
+        # pack into one int32 as c1 + c2 * 2**16 (the block-wide reduction, not the compares, is the cost).
         it, a, b, count_a = state
-        r = lax.broadcasted_iota(jnp.int32, (search_points,), 0)
-        m = a + (b - a) * ((r + 1).astype(jnp.float32) / (search_points + 1))
-        counts = jnp.sum((t[:, None] >= m[None, :]).astype(jnp.int32), axis=0)
-        n_up = jnp.sum((counts >= kk).astype(jnp.int32))
-        at_lo = r == n_up - 1
-        a_new = jnp.where(n_up > 0, jnp.sum(jnp.where(at_lo, m, 0.0)), a)
-        ca_new = jnp.where(n_up > 0, jnp.sum(jnp.where(at_lo, counts, 0)), count_a)
-        b_new = jnp.where(n_up < search_points, jnp.sum(jnp.where(r == n_up, m, 0.0)), b)
+        m1 = a + (b - a) / 3.0
+        m2 = a + (b - a) * (2.0 / 3.0)
+        packed = jnp.sum((t >= m1).astype(jnp.int32) + ((t >= m2).astype(jnp.int32) << 16))
+        c1, c2 = packed & 0xFFFF, packed >> 16
+        up1, up2 = c1 >= kk, c2 >= kk  # up2 implies up1 (c2 <= c1)
+        a_new = jnp.where(up2, m2, jnp.where(up1, m1, a))
+        ca_new = jnp.where(up2, c2, jnp.where(up1, c1, count_a))
+        b_new = jnp.where(up2, b, jnp.where(up1, m2, m1))
         return it + 1, a_new, b_new, ca_new
 
     # Invariant: count(t >= a) >= kk > count(t >= b). Stops as soon as count(t >= a) == kk (then {t >= a} is
     # the top kk exactly); only ties at the k-th score run all `search_iters` steps.
-    _, a, b, _ = lax.while_loop(unresolved, step, (jnp.int32(0), f_min, big + 1.0, n_valid))
+    _, a, b, _ = lax.while_loop(unresolved, third, (jnp.int32(0), f_min, big + 1.0, n_valid))
     gt = valid & (t >= b)
     eq = valid & (t >= a) & (t < b)
     need = kk - jnp.sum(gt.astype(jnp.int32))
-    # One prefix sum for both: blocks above the band in the low 16 bits, blocks inside it in the high bits.
-    # Band blocks are taken in block order while fewer than `need` came before, so the blocks taken through b
-    # are (above through b) + min(band through b, need).
-    packed = jnp.cumsum(gt.astype(jnp.int32) + (eq.astype(jnp.int32) << 16))
-    gt_through, eq_through = packed & 0xFFFF, packed >> 16
-    take = gt | (eq & (eq_through <= need))
-    taken_through = gt_through + jnp.minimum(eq_through, need)
-    count = jnp.sum(take.astype(jnp.int32))
+    eq_i = eq.astype(jnp.int32)
+    eq_before = jnp.cumsum(eq_i) - eq_i
+    take = gt | (eq & (eq_before < need))
+    take_i = take.astype(jnp.int32)
+    count = jnp.sum(take_i)
     last = jnp.where(count > 0, jnp.max(jnp.where(take, blk, -1)), 0)
     # A permutation of the slots: chosen blocks to [0, count) in block order, the rest to [count, nb_pad)
     # carrying `last` as padding (unchosen before block b: b - chosen before b). One store, no two lanes on one
     # address.
+    taken_through = jnp.cumsum(take_i)
     slot = jnp.where(take, taken_through - 1, count + blk - taken_through)
     plgpu.store(ids_ref.at[slot], jnp.where(take, blk, last))
     cnt_ref[...] = jnp.maximum(count, 1)
@@ -195,19 +185,19 @@ def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, 
         raise ValueError(f"fixed_blocks must be in [0, n_blocks={n_blocks}], got {fixed_blocks}")
 
 
-_STATIC = ("n_blocks", "capacity", "fixed_blocks", "num_warps", "interpret", "search_iters", "search_points")
+_STATIC = ("n_blocks", "capacity", "fixed_blocks", "num_warps", "interpret", "search_iters", "gather_unroll")
 
 
-def _check_search(search_iters: int, search_points: int) -> None:
-    if not 0 <= search_iters <= MAX_SEARCH_ITERS:
-        raise ValueError(f"search_iters must be in [0, {MAX_SEARCH_ITERS}], got {search_iters}")
-    if search_points < 2 or search_points & (search_points - 1):
-        raise ValueError(f"search_points must be a power of two >= 2, got {search_points}")
+def _check_search(search_iters: int, gather_unroll: int) -> None:
+    if not 0 <= search_iters <= SEARCH_ITERS:
+        raise ValueError(f"search_iters must be in [0, {SEARCH_ITERS}], got {search_iters}")
+    if gather_unroll not in (1, 2, 4):
+        raise ValueError(f"gather_unroll must be 1, 2 or 4, got {gather_unroll}")
 
 
 def _select_call(source: list[jax.Array], source_specs: list, cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, *,
                  B: int, H: int, n_blocks: int, capacity: int, fixed_blocks: int, num_warps: int,
-                 interpret: bool | None, search_iters: int, search_points: int, n_rows: int,
+                 interpret: bool | None, search_iters: int, gather_unroll: int, n_rows: int,
                  agg: str) -> tuple[jax.Array, jax.Array]:
     """The selection launch: grid (B, H), one program per row and KV head, over the given score source."""
     C = cluster_size_HC.shape[1]
@@ -215,7 +205,7 @@ def _select_call(source: list[jax.Array], source_specs: list, cluster_size_HC, l
     lo = jnp.pad(lo_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=1)
     hi = jnp.pad(hi_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=0)
     kernel = functools.partial(_select_kernel, n_blocks=n_blocks, nb_pad=nb_pad, fixed_blocks=fixed_blocks,
-                               capacity=capacity, search_iters=search_iters, search_points=search_points,
+                               capacity=capacity, search_iters=search_iters, gather_unroll=gather_unroll,
                                prior=prior_BHB is not None, n_rows=n_rows, agg=agg)
     in_specs = [pl.BlockSpec((None, None), lambda b, h: (b, h)), *source_specs,
                 pl.BlockSpec((None, C), lambda b, h: (h, 0)),
@@ -256,7 +246,7 @@ def select_blocks(
     interpret: bool | None = None,
     search_iters: int = SEARCH_ITERS,
     prior_BHB: jax.Array | None = None,
-    search_points: int = SEARCH_POINTS,
+    gather_unroll: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """Top-k key blocks per (row, head) straight from cluster scores: (block_ids[B, H, capacity], count[B, H]).
 
@@ -264,18 +254,18 @@ def select_blocks(
     `k_BH`: blocks to keep (fixed blocks included), clipped to [1, capacity]. Ids ascending, padded with the
     last. Clusters of size 0 are ignored. `prior_BHB` (optional, float): a block's score is the max of its
     clusters' scores and its prior (e.g. the question's exact block log-probabilities; -inf = no prior).
-    `search_points` (a power of two) are the points counted per search step; `search_iters` < SEARCH_ITERS
+    `gather_unroll` range offsets are gathered per step of the block-score loop; `search_iters` < SEARCH_ITERS
     stops the search early: still exactly k blocks, every block scoring above the final band [a, b) (width
-    range / (points + 1)**search_iters) and the lowest-index blocks inside it (0 = the first k blocks with a
-    score: the search's fixed cost, for profiling).
+    range / 3**search_iters) and the lowest-index blocks inside it (0 = the first k blocks with a score: the
+    search's fixed cost, for profiling).
     """
     _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB)
-    _check_search(search_iters, search_points)
+    _check_search(search_iters, gather_unroll)
     B, H, C = scores_BHC.shape
     return _select_call([scores_BHC], [pl.BlockSpec((None, None, C), lambda b, h: (b, h, 0))], cluster_size_HC,
                         lo_HB, hi_HB, k_BH, prior_BHB, B=B, H=H, n_blocks=n_blocks, capacity=capacity,
                         fixed_blocks=fixed_blocks, num_warps=num_warps, interpret=interpret,
-                        search_iters=search_iters, search_points=search_points, n_rows=0, agg="max")
+                        search_iters=search_iters, gather_unroll=gather_unroll, n_rows=0, agg="max")
 
 
 # Most rows whose logits the fused selection reads per cluster (decode: the GQA group); more rows are cheaper
@@ -314,7 +304,7 @@ def select_blocks_from_logits(
     interpret: bool | None = None,
     search_iters: int = SEARCH_ITERS,
     prior_BHB: jax.Array | None = None,
-    search_points: int = SEARCH_POINTS,
+    gather_unroll: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """`select_blocks(scores_from_logits(cl, ...), ...)` in one launch: the lookup's finish (logit minus the
     row's log-normaliser, aggregated over the rows with `agg`) runs inside the block-score gather, so a decode
@@ -323,7 +313,7 @@ def select_blocks_from_logits(
     B, H, R, C = cl.logits_BHRC.shape
     _check(cl.logits_BHRC[:, :, 0], cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks,
            prior_BHB)
-    _check_search(search_iters, search_points)
+    _check_search(search_iters, gather_unroll)
     P, Rm = cl.m_BHPR.shape[2:]
     Pp, Rp = next_pow2(P), next_pow2(Rm)
     pad = ((0, 0), (0, 0), (0, Pp - P), (0, Rp - Rm))
@@ -334,7 +324,7 @@ def select_blocks_from_logits(
                         [pl.BlockSpec((None, None, R, C), lambda b, h: (b, h, 0, 0)), part, part],
                         cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, B=B, H=H, n_blocks=n_blocks,
                         capacity=capacity, fixed_blocks=fixed_blocks, num_warps=num_warps, interpret=interpret,
-                        search_iters=search_iters, search_points=search_points, n_rows=R, agg=agg)
+                        search_iters=search_iters, gather_unroll=gather_unroll, n_rows=R, agg=agg)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("agg",))
@@ -353,7 +343,7 @@ def select_blocks_from_logits_ref(
     interpret: bool | None = None,
     search_iters: int = SEARCH_ITERS,
     prior_BHB: jax.Array | None = None,
-    search_points: int = SEARCH_POINTS,
+    gather_unroll: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """Pure-jnp reference: `scores_from_logits` (clusters of size 0 masked), then `select_blocks_ref`."""
     _check_logits(cl, agg)
@@ -377,12 +367,12 @@ def select_blocks_ref(
     interpret: bool | None = None,
     search_iters: int = SEARCH_ITERS,
     prior_BHB: jax.Array | None = None,
-    search_points: int = SEARCH_POINTS,
+    gather_unroll: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
-    """Pure-jnp reference (exact top-k; `search_iters`, `search_points` only match the signature): block score =
+    """Pure-jnp reference (exact top-k; `search_iters`, `gather_unroll` only match the signature): block score =
     max over each block's cluster range (a gather per range offset) and the prior, then `select_topk`. Memory
     O(rows x blocks), so it also checks 512K-key contexts."""
-    del num_warps, interpret, search_iters, search_points
+    del num_warps, interpret, search_iters, gather_unroll
     _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB)
     B, H, C = scores_BHC.shape
     s_BHC = jnp.where(cluster_size_HC[None] > 0, scores_BHC.astype(jnp.float32), _NEG_INF)

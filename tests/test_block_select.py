@@ -114,8 +114,8 @@ def test_select_blocks_with_prior(seed):
 
 def test_select_blocks_short_search():
     """search_iters < SEARCH_ITERS: still exactly k blocks; every block scoring clearly above the k-th score
-    (by more than the final band, range / (points + 1)**iters) is kept; 0 steps = the first k blocks that have a
-    score. Any number of points per step gives the exact top-k once the steps reach adjacent floats."""
+    (by more than the final band, range / 3**iters) is kept; 0 steps = the first k blocks that have a score.
+    Gathering 1, 2 or 4 range offsets per step changes nothing."""
     rng = np.random.default_rng(12)
     H, C, block_k = 2, 400, 4
     starts, sizes, nb = _layout(rng, H, C, block_k, 0, max_size=12)
@@ -125,29 +125,28 @@ def test_select_blocks_short_search():
     k = jnp.full((1, H), kk, jnp.int32)
     kw = dict(n_blocks=nb, capacity=nb // 2, fixed_blocks=0)
     bs = np.asarray(block_scores(scores, starts, sizes, n_blocks=nb, block_k=block_k, fixed_blocks=0))
-    for iters, points in ((0, 16), (2, 16), (3, 2), (6, 2), (2, 4)):
+    for iters, unroll in ((0, 1), (3, 2), (6, 4)):
         ids, count = select_blocks(scores, sizes, lo, hi, k, interpret=True, search_iters=iters,
-                                   search_points=points, **kw)
+                                   gather_unroll=unroll, **kw)
         for h in range(H):
             got = set(np.asarray(ids)[0, h, : int(count[0, h])].tolist())
             assert int(count[0, h]) == kk == len(got)
             s = bs[0, h]
             fin = s[np.isfinite(s)]
             kth = np.sort(fin)[::-1][kk - 1]
-            band = (fin.max() - fin.min() + 2.0) / (points + 1.0) ** iters
+            band = (fin.max() - fin.min() + 2.0) / 3.0 ** iters
             assert {b for b in range(nb) if s[b] > kth + band} <= got
             if iters == 0:
                 assert sorted(got) == [b for b in range(nb) if np.isfinite(s[b])][:kk]
     ids_u, count_u = select_topk(jnp.asarray(bs), k, nb // 2)
-    for points, iters in ((2, 21), (8, 11), (32, 7)):
-        ids, count = select_blocks(scores, sizes, lo, hi, k, interpret=True, search_iters=iters,
-                                   search_points=points, **kw)
+    for unroll in (2, 4):
+        ids, count = select_blocks(scores, sizes, lo, hi, k, interpret=True, gather_unroll=unroll, **kw)
         np.testing.assert_array_equal(np.asarray(count), np.asarray(count_u))
         np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_u))
     with pytest.raises(ValueError, match="search_iters"):
         select_blocks(scores, sizes, lo, hi, k, interpret=True, search_iters=99, **kw)
-    with pytest.raises(ValueError, match="search_points"):
-        select_blocks(scores, sizes, lo, hi, k, interpret=True, search_points=12, **kw)
+    with pytest.raises(ValueError, match="gather_unroll"):
+        select_blocks(scores, sizes, lo, hi, k, interpret=True, gather_unroll=3, **kw)
 
 
 def test_block_cluster_ranges_cover_exactly_the_overlapping_clusters():
