@@ -387,7 +387,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="gqa,mha")
     ap.add_argument("--keeps", default="0.125,0.0625,1.0")
     ap.add_argument("--model-context", type=int, default=131072)
-    ap.add_argument("--model-layers", type=int, default=4)
+    ap.add_argument("--model-layers", type=int, default=4, help="0 = no whole-model rows")
+    ap.add_argument("--box-keeps", default="", help="kept fractions also timed with box-bound cluster scores")
     ap.add_argument("--time-budget", type=float, default=300)
     args = ap.parse_args(argv)
     budget = Budget(args.time_budget)
@@ -398,8 +399,10 @@ def main(argv=None) -> int:
         for shape in args.shapes.split(","):
             if SHAPES[shape][1] * n * D * ITEM * 6 > 50e9 or budget.left() < 20:
                 continue
-            rows += attention_rows(n, shape, keeps, read_bw, budget)
-    rows += model_rows(args.model_context, args.model_layers, 0.125, 32, budget)
+            rows += attention_rows(n, shape, keeps, read_bw, budget,
+                                   box_keeps=tuple(float(x) for x in args.box_keeps.split(",") if x))
+    if args.model_layers > 0:
+        rows += model_rows(args.model_context, args.model_layers, 0.125, 32, budget)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": {**device_info(), "read_bw_Bps": read_bw}, "rows": rows}, indent=1,
                                    default=str))
