@@ -240,9 +240,14 @@ def _check_step(q, k_u, v_u, arrays: dict, statics: dict, kw: dict, H: int) -> d
     return {"selection_exact": exact, "rel_err_vs_ref": rel_err(o, o_r)}
 
 
+# The step times ContextAttention's default decode path; True times `fold_lookup_finish=True` instead.
+FOLD_LOOKUP_FINISH = False
+
+
 def _folds_finish(G: int, n_blocks: int, hierarchical: bool, reference: bool) -> bool:
-    """Whether ContextAttention runs this decode step's lookup finish inside the selection."""
-    return not (reference or hierarchical) and G <= FROM_LOGITS_MAX_ROWS and n_blocks <= FUSED_SELECT_MAX_BLOCKS
+    """Whether the timed ContextAttention runs this decode step's lookup finish inside the selection."""
+    return (FOLD_LOOKUP_FINISH and not (reference or hierarchical) and G <= FROM_LOGITS_MAX_ROWS
+            and n_blocks <= FUSED_SELECT_MAX_BLOCKS)
 
 
 def _lookup_logits(q, ix: dict, kw: dict):

@@ -3,6 +3,9 @@
     PYTHONPATH=. python3 benchmarks/bench_variants.py --out benchmarks/results/variants.json   # GPU
     PYTHONPATH=. python3 benchmarks/bench_variants.py --smoke --out /tmp/variants.json         # CPU, interpret
 
+  fold      decode lookup + selection in three launches vs two (the lookup's finish inside the selection):
+            same blocks on the device, and the time of each
+
 Each stage is timed alone (chained calls inside one jit, `timing.device_time`) under the knobs that decide
 its cost, next to the floor of an empty launch on the same grid:
   floor     a Pallas kernel that writes one int per program, grids (1, 8) and (8, 33)
@@ -148,6 +151,30 @@ def stage_variants(n: int, smoke: bool):
     return out
 
 
+def fold_rows(n: int, smoke: bool) -> list[dict]:
+    """Decode lookup + selection as three launches (centroid_scores, select_blocks) against two (centroid_logits,
+    select_blocks_from_logits): the same blocks on the device, and each path's time."""
+    H, G = 8, 4
+    ix = bench_e2e.synthetic_index(n, H, seed=n)
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, H, G, D), jnp.bfloat16)
+    fine = (ix["centroids"], ix["log_sizes"], ix["radius"])
+    kb = max(NF // BK + 1, int(round(0.125 * ix["n_blocks"])))
+    k_BH = jnp.full((1, H), kb, jnp.int32)
+    sel = dict(n_blocks=ix["n_blocks"], capacity=kb, fixed_blocks=NF // BK)
+    tables = (ix["cluster_size"], ix["lo"], ix["hi"], k_BH)
+    paths = {
+        "three_launch": jax.jit(lambda q: select_blocks(centroid_scores(q, *fine), *tables, **sel)),
+        "folded": jax.jit(lambda q: select_blocks_from_logits(cl.centroid_logits(q, *fine), *tables, **sel)),
+    }
+    got = {name: jax.device_get(f(q)) for name, f in paths.items()}
+    same = all(bool((a == b).all()) for a, b in zip(got["three_launch"], got["folded"], strict=True))
+    rows = []
+    for name, f in paths.items():
+        us = timing.device_time(lambda i, x, f=f: f(x), (q,), est_s=5e-5, unroll=4, reps=3) * 1e6
+        rows.append({"section": "fold", "path": name, "same_selection": same, "us": us})
+    return rows
+
+
 def tail_rows(n: int, read_bw: float) -> list[dict]:
     from benchmarks import bench_sparse_attention as bsa
 
@@ -162,7 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--smoke", action="store_true", help="CPU: 2K keys, interpret mode, a few variants")
-    ap.add_argument("--sections", default="floor,select,prior,lookup,decode,tail")
+    ap.add_argument("--sections", default="fold,floor,select,prior,lookup,decode,tail")
     args = ap.parse_args(argv)
     timing.set_smoke(args.smoke)
     n = 2048 if args.smoke else args.context
@@ -175,6 +202,11 @@ def main(argv=None) -> int:
 
     read_bw = timing.read_bandwidth()
     result["read_GBps"] = read_bw / 1e9
+    if "fold" in wanted:
+        for row in fold_rows(n, args.smoke):
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        save()
     for section, variant, xs, step in stage_variants(n, args.smoke):
         if section not in wanted:
             continue

@@ -46,6 +46,33 @@ def test_decode_with_cache_equals_context_plus_cache_merged(policy, use_pallas):
     np.testing.assert_allclose(np.asarray(out_p), np.asarray(out), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("score,agg", [("box", "max"), ("mean", "mean")])
+def test_folded_lookup_finish_selects_the_same_blocks(score, agg, monkeypatch):
+    """fold_lookup_finish (lookup + selection in two launches) keeps the same blocks and gives the same output as
+    the three-launch path, on the kernel path (interpret mode)."""
+    index, (H, G, D) = tiny_index()
+    B = 2
+    q_BHTGD = jax.random.normal(jax.random.key(11), (B, H, 1, G, D))
+    lengths = jnp.asarray([4, 10], jnp.int32)
+    import squeeze_jax.attention.context as context_mod
+
+    calls = []
+    folded = context_mod.select_blocks_from_logits
+    monkeypatch.setattr(context_mod, "select_blocks_from_logits", lambda *a, **k: calls.append(1) or folded(*a, **k))
+    outs = []
+    for fold in (False, True):
+        backend = ContextAttention(max_budget=0.25, use_pallas=True, interpret=True, score=score, agg=agg,
+                                   fold_lookup_finish=fold, fidelity=True)
+        state = jax.tree.map(lambda a: a[0], ContextState.for_backend(index, jnp.full((1, B), 0.25), backend))
+        o, lse, aux = backend.context_part(q_BHTGD, lengths, LayerIndex.of(state.index), state)
+        outs.append((np.asarray(o), np.asarray(lse), np.asarray(aux["_kept_BHTN"])))
+    assert len(calls) == 1  # the folded path ran once, for fold=True only
+    assert 0 < outs[0][2].sum() < outs[0][2].size
+    np.testing.assert_array_equal(outs[0][2], outs[1][2])
+    for a, b in zip(outs[0][:2], outs[1][:2], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_user_kv_only_in_decode():
     index, (H, G, D) = tiny_index()
     backend = ContextAttention(max_budget=0.25, use_pallas=False)

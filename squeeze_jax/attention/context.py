@@ -173,6 +173,9 @@ class ContextAttention:
     attended compete with the step's own choices for the same k blocks. `prior_pin=f` in (0, 1) pins the
     question's top f share of each step's clustered blocks instead; `prior_pin=1` makes the question choose
     every block once, in prefill, and decode steps run no lookup or selection at all.
+    `fold_lookup_finish` (kernel path, flat lookup, <= 8 rows per selection): the lookup's second launch (logits
+    to scores) runs inside the selection kernel, so a decode step's lookup + selection is two launches, not
+    three; same blocks (tested in interpret mode). Off by default until timed on a GPU.
     """
 
     policy: str = "squeezed"
@@ -194,6 +197,7 @@ class ContextAttention:
     exact_decode: int = 0
     question_prior: int = 0
     prior_pin: float = 0.0
+    fold_lookup_finish: bool = False
 
     def __post_init__(self) -> None:
         for name in ("exact_tail", "exact_decode", "question_prior"):
@@ -427,7 +431,8 @@ class ContextAttention:
                                  f"(block_k={self.block_k}); build the state with ContextState.create(..., block_k)")
             sel = dict(n_blocks=nb, capacity=capacity, fixed_blocks=self._fixed_blocks(idx), interpret=self.interpret,
                        prior_BHB=prior_BHN)
-            if rows_BHRD.shape[2] <= FROM_LOGITS_MAX_ROWS and not self._uses_hierarchy(idx):
+            if (self.fold_lookup_finish and rows_BHRD.shape[2] <= FROM_LOGITS_MAX_ROWS
+                    and not self._uses_hierarchy(idx)):
                 # decode: the lookup's finish runs inside the selection (two launches, not three)
                 q_l, table, log_n, radius, lookup_kw = self._flat_lookup_inputs(rows_BHRD, idx, box_table_HCE)
                 logits = centroid_lookup.centroid_logits(q_l, table, log_n, radius, interpret=self.interpret,
