@@ -83,3 +83,25 @@ def test_user_kv_only_in_decode():
     user = UserKV(jnp.zeros((1, 4, H, D)), jnp.zeros((1, 4, H, D)), jnp.ones((1,), jnp.int32))
     with pytest.raises(ValueError, match="only in decode"):
         backend.context_part(q, jnp.asarray([3]), LayerIndex.of(state.index), state, user=user)
+
+
+@pytest.mark.parametrize("budget", [0.0625, 0.125, 0.25])
+def test_oracle_mass_is_the_recall_upper_bound(budget):
+    """oracle_mass keeps, per KV group and token, the keys of largest summed probability: no other policy keeps
+    more of the context's attention mass with the same number of keys."""
+    index, (H, G, D) = tiny_index()
+    B, T = 2, 3
+    key = jax.random.key(21)
+    q = jax.random.normal(key, (B, T, H * G, D)) * 2.0
+    kv = jax.random.normal(jax.random.fold_in(key, 1), (B, T, H, D))
+    cache = LayerKV(jnp.zeros((B, 4, H, D)), jnp.zeros((B, 4, H, D)))
+    lengths = jnp.zeros((B,), jnp.int32)
+    recall = {}
+    for policy in ("oracle_mass", "oracle_key", "oracle", "squeezed", "streaming", "quest", "random"):
+        backend = ContextAttention(policy=policy, max_budget=budget, use_pallas=False, fidelity=True)
+        state = jax.tree.map(lambda a: a[0], ContextState.for_backend(index, jnp.full((1, B), budget), backend))
+        _, _, aux = backend(q, kv, kv, cache, lengths, jnp.full((B,), T, jnp.int32),
+                            jnp.broadcast_to(jnp.arange(T), (B, T)), state)
+        recall[policy] = float(aux["recall"])
+    assert all(recall["oracle_mass"] >= r - 1e-5 for r in recall.values()), recall
+    assert recall["oracle_mass"] < 1.0

@@ -12,7 +12,10 @@ Policies that run on the Pallas kernels select aligned key blocks (see ARCHITECT
              key-box upper bound, squeeze_jax/index/bounds.py), "mean" (centroid logit) or "radius"
   oracle     exact per-block max logit -> top-k blocks (an upper bound for block selection)
 Policies evaluated at key granularity through the masked jnp path (for baselines and fidelity studies):
-  oracle_key  exact top-k keys per KV group;  streaming  sinks + most recent keys;
+  oracle_key  exact top-k keys per KV group (by the group's largest logit);
+  oracle_mass top-k keys per KV group by the summed attention probability of its query heads: the largest
+              context-mass recall any selection of that many keys (sinks and window kept) reaches;
+  streaming   sinks + most recent keys;
   quest       pages of 16 consecutive tokens (original order) scored by per-channel min/max bounds;
   random      random keys (a lower bound).
 
@@ -61,7 +64,7 @@ from pallas_kernels.sparse_prefill import sparse_prefill, sparse_prefill_ref
 from squeeze_jax.index.bounds import index_box_table, signed_split
 
 BLOCK_POLICIES = ("dense", "squeezed", "oracle")
-KEY_POLICIES = ("oracle_key", "streaming", "quest", "random")
+KEY_POLICIES = ("oracle_key", "oracle_mass", "streaming", "quest", "random")
 POLICIES = BLOCK_POLICIES + KEY_POLICIES
 ALLOCATIONS = ("auto", "uniform", "calibrated")
 SCORES = ("mean", "radius", "box")
@@ -541,6 +544,10 @@ class ContextAttention:
         k = idx.keys.astype(jnp.float32)
         if self.policy == "oracle_key":
             score_BHTN = jnp.max(jnp.einsum("bhtgd,hnd->bhtgn", q, k), axis=3)
+        elif self.policy == "oracle_mass":  # sum over the group of each head's context-normalised probability
+            s_BHTGN = jnp.einsum("bhtgd,hnd->bhtgn", q, k) / math.sqrt(D)
+            s_BHTGN = jnp.where(valid_HN[None, :, None, None], s_BHTGN, -jnp.inf)
+            score_BHTN = jnp.sum(jax.nn.softmax(s_BHTGN, axis=-1), axis=3)
         elif self.policy == "streaming":
             score_BHTN = jnp.broadcast_to(pos_HN.astype(jnp.float32)[None, :, None], (B, H, T, N))
         elif self.policy == "random":

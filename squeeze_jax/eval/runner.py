@@ -48,6 +48,7 @@ BUILTIN_METHODS: dict[str, dict[str, Any]] = {
     "squeezed_hier": {"policy": "squeezed", "hierarchical": True, "score": "mean"},
     "oracle": {"policy": "oracle"},
     "oracle_key": {"policy": "oracle_key"},
+    "oracle_mass": {"policy": "oracle_mass"},  # the recall upper bound at a key count
     "streaming": {"policy": "streaming"},
     "quest": {"policy": "quest"},
     "random": {"policy": "random"},
