@@ -25,14 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import Budget, device_info, device_time, median_time, read_bandwidth, rel_err
-from pallas_kernels.block_select import (
-    FROM_LOGITS_MAX_ROWS,
-    block_cluster_ranges,
-    select_blocks,
-    select_blocks_from_logits,
-    select_blocks_ref,
-)
-from pallas_kernels.centroid_lookup import centroid_logits, centroid_scores, centroid_scores_ref, hierarchical_scores
+from pallas_kernels.block_select import block_cluster_ranges, select_blocks, select_blocks_ref
+from pallas_kernels.centroid_lookup import centroid_scores, centroid_scores_ref, hierarchical_scores
 from pallas_kernels.selection import block_scores, select_topk
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref
 from squeeze_jax.attention.context import FUSED_SELECT_MAX_BLOCKS
@@ -91,9 +85,7 @@ def squeezed_step(q_BHGD, k_user_BUHD, v_user_BUHD, ix: dict, *, keep_blocks: in
     lookup_kw = dict(hierarchical=hierarchical, coarse_keep=coarse_keep, score=score)
     sel_kw = dict(n_blocks=ix["n_blocks"], capacity=keep_blocks, fixed_blocks=N_FIXED // BLOCK_K)
     tables = (ix["cluster_size"], ix["lo"], ix["hi"], k_BH)
-    if _folds_finish(G, ix["n_blocks"], hierarchical, reference):
-        ids, count = select_blocks_from_logits(_lookup_logits(q_BHGD, ix, lookup_kw), *tables, **sel_kw)
-    elif reference or ix["n_blocks"] <= FUSED_SELECT_MAX_BLOCKS:
+    if reference or ix["n_blocks"] <= FUSED_SELECT_MAX_BLOCKS:
         sel = select_blocks_ref if reference else select_blocks
         ids, count = sel(_lookup(q_BHGD, ix, {}, lookup_kw, reference=reference), *tables, **sel_kw)
     else:  # as ContextAttention: the unfused XLA selection where it is faster (512K keys)
@@ -240,35 +232,13 @@ def _check_step(q, k_u, v_u, arrays: dict, statics: dict, kw: dict, H: int) -> d
     return {"selection_exact": exact, "rel_err_vs_ref": rel_err(o, o_r)}
 
 
-# The step times ContextAttention's default decode path; True times `fold_lookup_finish=True` instead.
-FOLD_LOOKUP_FINISH = False
-
-
-def _folds_finish(G: int, n_blocks: int, hierarchical: bool, reference: bool) -> bool:
-    """Whether the timed ContextAttention runs this decode step's lookup finish inside the selection."""
-    return (FOLD_LOOKUP_FINISH and not (reference or hierarchical) and G <= FROM_LOGITS_MAX_ROWS
-            and n_blocks <= FUSED_SELECT_MAX_BLOCKS)
-
-
-def _lookup_logits(q, ix: dict, kw: dict):
-    """The flat lookup's first launch (`centroid_logits`) for the step's cluster score."""
-    if kw.get("score") == "box":
-        return centroid_logits(signed_split(q), ix["box_table"], ix["log_sizes"], jnp.zeros_like(ix["log_sizes"]),
-                               score="mean", scale=1.0 / float(np.sqrt(q.shape[-1])))
-    return centroid_logits(q, ix["centroids"], ix["log_sizes"], ix["radius"])
-
-
 def _check_parts(q, arrays: dict, statics: dict, kw: dict, H: int):
     ix = {**statics, **arrays}
     scores = _lookup(q, arrays, statics, kw)
     k_1H = jnp.full((1, H), kw["keep_blocks"], jnp.int32)
     sel_kw = dict(n_blocks=ix["n_blocks"], capacity=kw["keep_blocks"], fixed_blocks=N_FIXED // BLOCK_K)
     args = (scores, ix["cluster_size"], ix["lo"], ix["hi"], k_1H)
-    ids_r, cnt_r = select_blocks_ref(*args, **sel_kw)
-    if _folds_finish(q.shape[2], ix["n_blocks"], kw["hierarchical"], False):  # the step's own path
-        ids, cnt = select_blocks_from_logits(_lookup_logits(q, ix, kw), *args[1:], **sel_kw)
-    else:
-        ids, cnt = select_blocks(*args, **sel_kw)
+    (ids, cnt), (ids_r, cnt_r) = select_blocks(*args, **sel_kw), select_blocks_ref(*args, **sel_kw)
     lay = dict(n_fixed=N_FIXED, fixed_pad=N_FIXED, n_clustered=kw["n_keys"] - N_FIXED)
     o, _ = sparse_decode(q, ix["keys"], ix["values"], ids, cnt, **lay)
     o_r, _ = sparse_decode_ref(q[:, :2], ix["keys"][:2], ix["values"][:2], ids[:, :2], cnt[:, :2], **lay)

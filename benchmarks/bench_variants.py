@@ -129,12 +129,8 @@ def stage_variants(n: int, smoke: bool):
     # phase 1 alone (partial normalisers + logits written): the rest of the lookup is the finish launch
     for table, args in (("mean_f32", fine), ("box_bf16", (box, ix["log_sizes"], zeros))):
         qq = q if table == "mean_f32" else q_box
-        cfg = cl._make_cfg(qq, "mean", 1.0, "max", D ** -0.5, None)
-        q_p = cl._prepare_q(qq)
-        qn = jnp.zeros(q_p.shape[:3], jnp.float32)
-        out.append(("lookup", {"table": table, "phase1_only": True}, (q_p,), lambda i, x, a=args, cfg=cfg, qn=qn: (
-            cl._flat_partials(x, qn, *a, cfg, block_c=128, cpp=cl._default_chunks_per_program(
-                -(-a[0].shape[1] // 128), x.shape[2]), want_logits=True, interpret=resolve_interpret(None)))))
+        out.append(("lookup", {"table": table, "phase1_only": True}, (qq,),
+                    lambda i, x, a=args: cl.centroid_logits(x, *a, scale=D ** -0.5)))
     user = dict(k_user_BUHD=k_u, v_user_BUHD=k_u, user_len_B=user_len)
     decode = [{}] + [{"num_splits": s} for s in (8, 16, 66, 132)]
     decode += [{"blocks_per_step": p} for p in (4, 16)] + [{"num_warps": 8}]

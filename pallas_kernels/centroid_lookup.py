@@ -413,6 +413,21 @@ def _check_cpp(cpp: int | None) -> None:
         raise ValueError(f"chunks_per_program must be a positive int, got {cpp!r}")
 
 
+def _flat_phase1(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg: _ScoreCfg, *, block_c: int,
+                 cpp: int | None, want_logits: bool, interpret: bool):
+    """The flat lookup's first launch on padded rows: (q_p, ||q_p||, chunks per program, `_flat_partials` out)."""
+    B, H = q_BHRD.shape[:2]
+    C = centroids_HCD.shape[1]
+    q_p = _prepare_q(q_BHRD)
+    Rp = q_p.shape[2]
+    qn = _q_norms(q_p) if cfg.use_radius else jnp.zeros((B, H, Rp), jnp.float32)
+    if cpp is None:
+        cpp = _default_chunks_per_program(pl.cdiv(C, block_c), Rp)
+    outs = _flat_partials(q_p, qn, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c, cpp=cpp,
+                          want_logits=want_logits, interpret=interpret)
+    return q_p, qn, cpp, outs
+
+
 def _flat_scores_and_lse(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg: _ScoreCfg, *, block_c: int,
                          method: str, cpp: int | None, interpret: bool) -> tuple[jax.Array, jax.Array]:
     """Flat lookup: (scores [B, H, C], per-row log-normaliser [B, H, R]); two kernel launches.
@@ -420,16 +435,10 @@ def _flat_scores_and_lse(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg: _S
     The normaliser is merged from the phase-1 partials inside the phase-2 kernel; the jnp merge returned
     here is dead code (and dropped by XLA) unless the caller uses it.
     """
-    B, H, R, D = q_BHRD.shape
-    C = centroids_HCD.shape[1]
-    q_p = _prepare_q(q_BHRD)
-    Rp = q_p.shape[2]
-    qn = _q_norms(q_p) if cfg.use_radius else jnp.zeros((B, H, Rp), jnp.float32)
-    if cpp is None:
-        cpp = _default_chunks_per_program(pl.cdiv(C, block_c), Rp)
+    _, _, R, D = q_BHRD.shape
     method = _resolve_method(method, R, D, centroids_HCD.dtype)
-    outs = _flat_partials(q_p, qn, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c, cpp=cpp,
-                          want_logits=method == "logits", interpret=interpret)
+    q_p, qn, cpp, outs = _flat_phase1(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c, cpp=cpp,
+                                      want_logits=method == "logits", interpret=interpret)
     if method == "logits":
         scores = _flat_finish(outs[2], log_sizes_HC, outs[0], outs[1], cfg, interpret=interpret)
     else:
@@ -529,13 +538,9 @@ def centroid_logits(
     _check_cpp(chunks_per_program)
     block_c = _resolve_block_c(block_c, q_BHRD.shape[2])
     cfg = _make_cfg(q_BHRD, score, radius_weight, "max", scale, dot_dtype)
-    C = centroids_HCD.shape[1]
-    q_p = _prepare_q(q_BHRD)
-    B, H, Rp, _ = q_p.shape
-    qn = _q_norms(q_p) if cfg.use_radius else jnp.zeros((B, H, Rp), jnp.float32)
-    cpp = _default_chunks_per_program(pl.cdiv(C, block_c), Rp) if chunks_per_program is None else chunks_per_program
-    m, l_sum, logits = _flat_partials(q_p, qn, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c, cpp=cpp,
-                                      want_logits=True, interpret=resolve_interpret(interpret))
+    *_, (m, l_sum, logits) = _flat_phase1(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c,
+                                          cpp=chunks_per_program, want_logits=True,
+                                          interpret=resolve_interpret(interpret))
     return ClusterLogits(logits, m, l_sum)
 
 
