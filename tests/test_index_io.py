@@ -228,6 +228,18 @@ def test_capture_and_build_from_tokens(tmp_path):
         load_index(tmp_path / "idx", expected_model_fingerprint=model_fingerprint(other))
     with pytest.raises(ValueError, match="max_context"):
         build_index_report(model, np.zeros(2000, np.int32), icfg)
+
+    # systematic K-means seeding: the index is a function of the context alone, whatever the seed
+    sys_cfg = icfg.replace(kmeans_init="systematic", hierarchical=True, coarse_fraction=0.02)
+    a, _ = build_index_report(model, tokens, sys_cfg.replace(seed=0))
+    b, _ = build_index_report(model, tokens, sys_cfg.replace(seed=7))
+    for name in ARRAY_FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert x is not None and np.asarray(x).tobytes() == np.asarray(y).tobytes(), name
+    with pytest.raises(ValueError, match="n_restarts must be 1"):
+        icfg.replace(kmeans_init="systematic", n_restarts=2)
+    with pytest.raises(ValueError, match="kmeans_init"):
+        icfg.replace(kmeans_init="random")
     with pytest.raises(ValueError, match="token ids"):
         capture_context(model, np.full(100, 500, np.int32))
     assert Path(tmp_path / "idx" / "index.json").is_file()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from squeeze_jax.index.kmeans import AssignPlan, _assign, init_schedule, kmeans
+from squeeze_jax.index.kmeans import INITS, AssignPlan, _assign, _systematic_pick, init_schedule, kmeans
 
 P, N, D, C = 2, 256, 8, 8  # one shape for most tests, so the jitted stages compile once
 KEY = jax.random.PRNGKey(0)
@@ -56,10 +56,11 @@ def test_objective_never_increases(metric):
     _check_valid(res, np.asarray(x), C)
 
 
+@pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
-def test_planted_clusters_recovered(metric):
+def test_planted_clusters_recovered(metric, init):
     x, labels = _planted(1, metric)
-    res = kmeans(jnp.asarray(x), C, key=KEY, iters=30, metric=metric)
+    res = kmeans(jnp.asarray(x), C, key=KEY, iters=30, metric=metric, init=init)
     a = np.asarray(res.assign_PN)
     for p in range(P):
         pairs = {(int(t), int(f)) for t, f in zip(labels[p], a[p])}
@@ -113,11 +114,12 @@ def _degenerate_inputs():
     }
 
 
+@pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 @pytest.mark.parametrize("case", list(_degenerate_inputs()))
-def test_degenerate_inputs_give_nonempty_finite_clusters(case, metric):
+def test_degenerate_inputs_give_nonempty_finite_clusters(case, metric, init):
     x = _degenerate_inputs()[case].astype(np.float32)
-    res = kmeans(jnp.asarray(x), C, key=KEY, iters=30, metric=metric)
+    res = kmeans(jnp.asarray(x), C, key=KEY, iters=30, metric=metric, init=init)
     _check_valid(res, x, C)
     assert np.all(np.isfinite(np.asarray(res.history_PI)))
 
@@ -160,6 +162,40 @@ def test_fused_pallas_assignment_matches_xla():
     np.testing.assert_allclose(np.asarray(d1), np.asarray(d2), rtol=1e-5, atol=1e-5)
 
 
+def test_systematic_pick_takes_evenly_spaced_quantiles_of_the_mass():
+    rng = np.random.default_rng(8)
+    mass = rng.uniform(0.0, 1.0, size=(3, 50)).astype(np.float32)
+    mass[:, 7] = 0.0
+    chosen = np.zeros((3, 50), bool)
+    chosen[:, [3, 20]] = True
+    m = 6
+    got = np.asarray(_systematic_pick(jnp.asarray(mass), jnp.asarray(chosen), m, 50))
+    for p in range(3):
+        cum = np.cumsum(np.where(chosen[p], 0.0, mass[p]))
+        want = np.searchsorted(cum, (np.arange(m) + 0.5) / m * cum[-1], side="right")
+        np.testing.assert_array_equal(got[p], want)  # spacing ~ 1/6 of the mass: no two quantiles share a point
+        assert not chosen[p, got[p]].any() and not (mass[p, got[p]] == 0).any()
+
+
+def test_systematic_pick_moves_repeated_picks_to_distinct_points():
+    mass = np.zeros((1, 20), np.float32)
+    mass[0, 5] = 100.0  # one point holds nearly all the mass: every quantile falls on it
+    mass[0, 12] = 1.0
+    got = np.asarray(_systematic_pick(jnp.asarray(mass), jnp.zeros((1, 20), bool), 4, 20))[0]
+    assert got[0] == 5 and np.all(np.diff(got) >= 1), got
+
+
+def test_systematic_init_does_not_depend_on_the_key():
+    x, _ = _planted(2, "cosine")
+    a = kmeans(jnp.asarray(x), C, key=jax.random.PRNGKey(0), iters=30, init="systematic")
+    b = kmeans(jnp.asarray(x), C, key=jax.random.PRNGKey(123), iters=30, init="systematic")
+    np.testing.assert_array_equal(np.asarray(a.assign_PN), np.asarray(b.assign_PN))
+    np.testing.assert_array_equal(np.asarray(a.centroids_PCD), np.asarray(b.centroids_PCD))
+    s0 = kmeans(jnp.asarray(x), C, key=jax.random.PRNGKey(0), iters=30)
+    s1 = kmeans(jnp.asarray(x), C, key=jax.random.PRNGKey(123), iters=30)
+    assert not np.array_equal(np.asarray(s0.assign_PN), np.asarray(s1.assign_PN))  # the sampled init does
+
+
 def test_init_schedule_doubles_and_sums_to_c():
     for c in (1, 2, 3, 8, 100, 6547):
         s = init_schedule(c)
@@ -191,3 +227,7 @@ def test_bad_inputs_raise_clear_errors():
         kmeans(x, C, key=KEY, assign_impl="cuda")
     with pytest.raises(ValueError, match="matmul_dtype"):
         kmeans(x, C, key=KEY, matmul_dtype="float16")
+    with pytest.raises(ValueError, match="unknown init"):
+        kmeans(x, C, key=KEY, init="random")
+    with pytest.raises(ValueError, match="n_restarts must be 1"):
+        kmeans(x, C, key=KEY, init="systematic", n_restarts=2)

@@ -123,6 +123,7 @@ def build_hierarchy(
     tol: float = 1e-4,
     metric: str = "cosine",
     cap_factor: float = 4.0,
+    init: str = "sampled",
     matmul_dtype: str = "float32",
     assign_impl: str = "auto",
 ) -> Hierarchy:
@@ -141,6 +142,7 @@ def build_hierarchy(
         tol=tol,
         metric=metric,
         weights_PN=sizes_PC.astype(jnp.float32),
+        init=init,
         matmul_dtype=matmul_dtype,
         assign_impl=assign_impl,
     )

@@ -16,6 +16,9 @@ objective most), the remaining seeds come in doubling batches (32, 64, 128, ...)
 replacement (Gumbel top-k), k-means|| style, so a large C costs ~log2(C / 32) rounds, not C. Plain random
 sampling puts several seeds into dense regions and none into small, distant groups, so the result depends on
 the seed; D^2 weighting with greedy trials places a seed in every well-separated group whatever the seed.
+`init="systematic"` keeps that schedule and weighting but replaces each draw by systematic sampling: the
+points in index (token) order, their D^2 masses laid end to end, and the seeds taken at evenly spaced
+quantiles of the total. No PRNG is involved, so the clustering is a function of the keys alone.
 
 Every cluster is non-empty after every iteration: points of empty clusters are re-seeded with the points
 farthest from their centroid, taken only from clusters that keep at least one member (each cluster's closest
@@ -34,6 +37,7 @@ import numpy as np
 from jax import lax
 
 METRICS = ("cosine", "l2")
+INITS = ("sampled", "systematic")
 ASSIGN_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 _NORM_EPS = 1e-12
 
@@ -273,8 +277,36 @@ def _gumbel_scores(key, logit_PN, valid_PN, chosen_PN, n_real: int):
     return jnp.where(chosen_PN | ~valid_PN, -jnp.inf, score)
 
 
-@functools.partial(jax.jit, static_argnames=("n_clusters", "plan", "n_real"))
-def _init_centroids(xa_PND, xm_PND, xsq_PN, w_PN, key, *, n_clusters, plan, n_real):
+def _systematic_pick(mass_PN, chosen_PN, m: int, n_real: int) -> jax.Array:
+    """`m` distinct points per problem at the evenly spaced quantiles (j + 1/2) / m of the cumulative `mass`
+    over the points in index order (systematic sampling: the D^2 draw of k-means++ without a PRNG).
+
+    Chosen points carry no mass. A point whose mass spans several quantiles takes the first of them and the
+    others move on to the next indices (`idx_j = j + cummax(raw_j - j)` keeps the picks strictly increasing);
+    a pick moved onto an already chosen point duplicates a seed, which the empty-cluster fill of the Lloyd
+    steps re-seeds. Returns int32 `[P, m]`.
+    """
+    mass = jnp.where(chosen_PN, 0.0, mass_PN)
+    cum_PN = jnp.cumsum(mass, axis=1)
+    t_PM = (jnp.arange(m, dtype=jnp.float32) + 0.5) / m * cum_PN[:, -1:]
+    raw_PM = jax.vmap(lambda c, t: jnp.searchsorted(c, t, side="right"))(cum_PN, t_PM).astype(jnp.int32)
+    j = jnp.arange(m, dtype=jnp.int32)
+    return jnp.minimum(j + lax.cummax(raw_PM - j, axis=1), n_real - 1)
+
+
+def _draw(key, logw_PN, d_PN, valid_PN, chosen_PN, m: int, n_real: int, init: str) -> jax.Array:
+    """`m` new seed candidates per problem, drawn with probability ~ weight x squared distance to the seeds
+    so far ("sampled": Gumbel top-k; "systematic": evenly spaced quantiles, no randomness). int32 `[P, m]`."""
+    logit_PN = logw_PN + jnp.log(jnp.maximum(d_PN, 1e-30))
+    if init == "systematic":
+        mass_PN = jnp.where(valid_PN, jnp.exp(logit_PN - jnp.max(logit_PN, axis=1, keepdims=True)), 0.0)
+        return _systematic_pick(mass_PN, chosen_PN, m, n_real)
+    _, idx_PM = lax.top_k(_gumbel_scores(key, logit_PN, valid_PN, chosen_PN, n_real), m)
+    return idx_PM.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("n_clusters", "plan", "n_real", "init"))
+def _init_centroids(xa_PND, xm_PND, xsq_PN, w_PN, key, *, n_clusters, plan, n_real, init="sampled"):
     """k-means++-lite (see module docstring): greedy k-means++ seeds, then D^2-weighted doubling batches.
 
     The squared distance to the chosen seeds is updated incrementally (each batch measures distances to its
@@ -291,23 +323,17 @@ def _init_centroids(xa_PND, xm_PND, xsq_PN, w_PN, key, *, n_clusters, plan, n_re
 
     # seed 0: drawn with probability ~ weight
     no_PN = jnp.zeros((P, N), bool)
-    idx0 = jnp.argmax(_gumbel_scores(jax.random.fold_in(key, 0), logw_PN, valid_PN, no_PN, n_real), axis=1)
+    ones_PN = jnp.ones((P, N), jnp.float32)
+    idx0 = _draw(jax.random.fold_in(key, 0), logw_PN, ones_PN, valid_PN, no_PN, 1, n_real, init)[:, 0]
     c0_PD = xa_PND[jnp.arange(P), idx0]
     d_PN = jnp.maximum(jnp.sum((xa_PND - c0_PD[:, None, :]) ** 2, axis=-1), 0.0)
-    chosen_PN = jnp.zeros((P, N), bool).at[jnp.arange(P), idx0].set(True)
-    idx_PC = jnp.zeros((P, C), jnp.int32).at[:, 0].set(idx0.astype(jnp.int32))
+    chosen_PN = no_PN.at[jnp.arange(P), idx0].set(True)
+    idx_PC = jnp.zeros((P, C), jnp.int32).at[:, 0].set(idx0)
 
     def greedy_step(s, carry):
         """Draw `trials` D^2-weighted candidates, keep the one that lowers the potential most."""
         idx_PC, d_PN, chosen_PN = carry
-        score = _gumbel_scores(
-            jax.random.fold_in(key, s),
-            logw_PN + jnp.log(jnp.maximum(d_PN, 1e-30)),
-            valid_PN,
-            chosen_PN,
-            n_real,
-        )
-        _, cand_PT = lax.top_k(score, trials)
+        cand_PT = _draw(jax.random.fold_in(key, s), logw_PN, d_PN, valid_PN, chosen_PN, trials, n_real, init)
         cand_PTD = jnp.take_along_axis(xa_PND, cand_PT[..., None], axis=1)
         dot_PTN = jnp.einsum(
             "ptd,pnd->ptn", cand_PTD.astype(xm_PND.dtype), xm_PND, preferred_element_type=jnp.float32
@@ -317,7 +343,7 @@ def _init_centroids(xa_PND, xm_PND, xsq_PN, w_PN, key, *, n_clusters, plan, n_re
         best_P = jnp.argmin(jnp.sum(new_PTN * w_PN[:, None, :], axis=-1), axis=1)
         pick_P = jnp.take_along_axis(cand_PT, best_P[:, None], axis=1)[:, 0]
         d_PN = jnp.take_along_axis(new_PTN, best_P[:, None, None], axis=1)[:, 0]
-        idx_PC = idx_PC.at[:, s].set(pick_P.astype(jnp.int32))
+        idx_PC = idx_PC.at[:, s].set(pick_P)
         chosen_PN = chosen_PN.at[jnp.arange(P), pick_P].set(True)
         return idx_PC, d_PN, chosen_PN
 
@@ -325,15 +351,8 @@ def _init_centroids(xa_PND, xm_PND, xsq_PN, w_PN, key, *, n_clusters, plan, n_re
 
     start = n_greedy
     for r, m in enumerate(sizes[n_greedy:]):
-        score = _gumbel_scores(
-            jax.random.fold_in(key, C + r),
-            logw_PN + jnp.log(jnp.maximum(d_PN, 1e-30)),
-            valid_PN,
-            chosen_PN,
-            n_real,
-        )
-        _, new_PM = lax.top_k(score, m)
-        idx_PC = lax.dynamic_update_slice_in_dim(idx_PC, new_PM.astype(jnp.int32), start, axis=1)
+        new_PM = _draw(jax.random.fold_in(key, C + r), logw_PN, d_PN, valid_PN, chosen_PN, m, n_real, init)
+        idx_PC = lax.dynamic_update_slice_in_dim(idx_PC, new_PM, start, axis=1)
         chosen_PN = chosen_PN.at[rows, new_PM].set(True)
         start += m
         if start < C:
@@ -460,6 +479,7 @@ def kmeans(
     metric: str = "cosine",
     chunk: int | None = None,
     n_restarts: int = 1,
+    init: str = "sampled",
     weights_PN: jax.Array | None = None,
     init_PCD: jax.Array | None = None,
     matmul_dtype: str = "float32",
@@ -479,9 +499,17 @@ def kmeans(
     weights_PN: optional point weights (e.g. cluster sizes for a coarse level); weight 0 = ignored point.
     init_PCD: optional initial centroids (raw space; normalised / centred like the points), skips the init.
     n_restarts: independent runs; each problem keeps the run of lowest objective.
+    init: "sampled" (k-means++-lite with PRNG draws from `key`) or "systematic" (the same D^2 weighting with
+        the draws replaced by evenly spaced quantiles over the points in index order: no randomness, the
+        result does not depend on `key`, so `n_restarts` must be 1).
     progress: show a tqdm bar, running the loop from Python in blocks of `progress_every` iterations.
     """
     _validate(x_PND, n_clusters, iters, tol, metric, chunk, n_restarts, weights_PN, init_PCD)
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+    if init == "systematic" and n_restarts != 1:
+        raise ValueError(f"init='systematic' is deterministic, every restart would be the same: n_restarts "
+                         f"must be 1, got {n_restarts}")
     if str(jnp.dtype(matmul_dtype)) not in ("float32", "bfloat16"):
         raise ValueError(f"matmul_dtype must be float32 or bfloat16, got {matmul_dtype!r}")
     P, N, D = x_PND.shape
@@ -500,7 +528,7 @@ def kmeans(
             c0 = _init_to_space(jnp.asarray(init_PCD), x, w, metric)
         else:
             c0 = _init_centroids(
-                xa, xm, xsq, w, jax.random.fold_in(key, r), n_clusters=C, plan=plan, n_real=N
+                xa, xm, xsq, w, jax.random.fold_in(key, r), n_clusters=C, plan=plan, n_real=N, init=init
             )
         res = _run(x, xa, xm, xsq, w, c0, iters, tol, plan, progress, progress_every, N)
         best = res if best is None else _keep_best(best, res)
