@@ -15,8 +15,8 @@ its cost, next to the floor of an empty launch on the same grid:
   prior     the question prior: selection with a prior row, and the prefill pass building it (16 rows)
   lookup    flat centroid lookup over the mean centroids (f32 [C, D]) and the box table (bf16 [C, 2D]):
             phase-2 method, centroids per step, steps per program
-  decode    sparse decode with 512 user tokens in the launch: splits, blocks per step, warps, stages; and
-            the split combine alone
+  decode    sparse decode with 512 user tokens in the launch: splits, blocks per step, warps, stages; the
+            same count of blocks at consecutive ids; without the user tokens; and the split combine alone
   tail      the exact-question pass (32 queries over every key): kernel vs XLA key chunks
 Rows go to the JSON file as they finish (a run cut short keeps them).
 """
@@ -139,6 +139,13 @@ def stage_variants(n: int, smoke: bool):
     for v in decode[: 2 if smoke else None]:
         out.append(("decode", v or {"default": True}, (q,), lambda i, x, v=v: sparse_decode(
             x, ix["keys"], ix["values"], ids, cnt, **lay, **user, **v)))
+    # what the access pattern costs: the same count of blocks at consecutive ids (contiguous K/V), and the
+    # launch without the user tokens
+    ids_seq = jnp.broadcast_to(jnp.arange(ids.shape[-1], dtype=ids.dtype), ids.shape)
+    out.append(("decode", {"contiguous_ids": True}, (q,), lambda i, x: sparse_decode(
+        x, ix["keys"], ix["values"], ids_seq, cnt, **lay, **user)))
+    out.append(("decode", {"no_user_tokens": True}, (q,), lambda i, x: sparse_decode(
+        x, ix["keys"], ix["values"], ids, cnt, **lay)))
     S = 33 + USER // 256
     o_p = jax.random.normal(key, (1, H, S, G, D), jnp.float32)
     lse_p = jax.random.normal(key, (1, H, S, G), jnp.float32)
