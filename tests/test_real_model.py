@@ -34,3 +34,18 @@ def test_passkey_dense_greedy_is_exact(smollm2, n_tokens, depth, seed):
     assert abs(len(ids) - n_tokens) < 0.1 * n_tokens
     res = generate(model, [ids], tokenizer=tok, sampling=SamplingConfig(max_new_tokens=7, stop_tokens=(2,)))
     assert score_answer(res.texts[0], q.answer), (res.texts[0], q.answer)
+
+
+def test_kmeans_init_benchmark_on_real_keys(tmp_path):
+    """benchmarks/kmeans_init.py end to end on a short document: both seedings, one row per run, JSON written."""
+    import json
+
+    from benchmarks import kmeans_init
+
+    out = tmp_path / "kmeans_init.json"
+    assert kmeans_init.main(["--out", str(out), "--length", "512", "--docs", "0", "--seeds", "0", "1",
+                             "--iters", "3"]) == 0
+    res = json.loads(out.read_text())
+    assert [r["init"] for r in res["rows"]] == ["sampled", "sampled", "systematic"]
+    assert all(r["n_clusters"] == round(0.05 * r["n_points"]) and r["mean_objective"] > 0 for r in res["rows"])
+    assert all(r["vs_best_sampled"] >= 1.0 for r in res["rows"][:2])  # no run beats the per-head best of all
