@@ -44,7 +44,7 @@ class IndexConfig:
     tol: float = 1e-4
     metric: str = "cosine"
     n_restarts: int = 1
-    kmeans_init: str = "sampled"
+    kmeans_init: str = "systematic"
     n_sink: int = 4
     window: int = 124
     block_pad: int = 64
