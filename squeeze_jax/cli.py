@@ -44,7 +44,8 @@ def cmd_index_build(args) -> int:
 
     config = IndexConfig.from_json(args.config) if args.config else IndexConfig.load("default")
     overrides = {k: v for k, v in (("centroid_fraction", args.centroids), ("hierarchical", args.hierarchical),
-                                   ("seed", args.seed), ("iters", args.iters), ("metric", args.metric))
+                                   ("seed", args.seed), ("iters", args.iters), ("metric", args.metric),
+                                   ("kmeans_init", args.kmeans_init))
                  if v is not None}
     if overrides:
         config = IndexConfig.from_dict({**config.to_dict(), **overrides})
@@ -155,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hierarchical", action="store_true", default=None, help="add a coarse centroid level")
     b.add_argument("--metric", choices=("cosine", "l2"))
     b.add_argument("--iters", type=int)
-    b.add_argument("--seed", type=int)
+    b.add_argument("--seed", type=int, help="PRNG seed (K-means only with --kmeans-init sampled)")
+    b.add_argument("--kmeans-init", choices=("systematic", "sampled"),
+                   help="K-means seeding: systematic (default, no PRNG) or sampled k-means++")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(fn=cmd_index_build)
 

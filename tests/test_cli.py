@@ -59,10 +59,12 @@ def test_build_info_ask(tmp_path, capsys):
     text = tmp_path / "doc.txt"
     text.write_text(task.context)
     out = tmp_path / "idx"
-    assert main(["index", "build", "--text", str(text), "--out", str(out), "--iters", "8"]) == 0
+    assert main(["index", "build", "--text", str(text), "--out", str(out), "--iters", "8",
+                 "--kmeans-init", "sampled", "--seed", "3"]) == 0
     assert main(["info", "--index", str(out)]) == 0
     info = json.loads(capsys.readouterr().out.split("index written to")[-1].split("\n", 1)[1])
     assert info["context_len"] > 2400
+    assert '"kmeans_init": "sampled"' in json.dumps(info) and '"seed": 3' in json.dumps(info)
     assert main(["ask", "--index", str(out), "-q", task.questions[0].text, "--policy", "dense",
                  "--max-new-tokens", "7"]) == 0
     assert task.questions[0].answer in capsys.readouterr().out
