@@ -40,6 +40,9 @@ from pallas_kernels.selection import select_topk
 MAX_BLOCKS = 2**15 - 1
 # Steps of the k-th-score search; each keeps a third of the range: 3**21 > 2**33, as fine as 33 halvings.
 SEARCH_ITERS = 21
+# Warps per program: the selection is a chain of block-wide reductions on one program per (row, KV head), so
+# more warps per program shorten each one (H200, 128K keys, 8 KV heads: 24.3 us at 16 warps, 28.0 us at 8).
+NUM_WARPS = 16
 _NEG_INF = float("-inf")
 
 
@@ -242,7 +245,7 @@ def select_blocks(
     n_blocks: int,
     capacity: int,
     fixed_blocks: int,
-    num_warps: int = 8,
+    num_warps: int = NUM_WARPS,
     interpret: bool | None = None,
     search_iters: int = SEARCH_ITERS,
     prior_BHB: jax.Array | None = None,
@@ -300,7 +303,7 @@ def select_blocks_from_logits(
     capacity: int,
     fixed_blocks: int,
     agg: str = "max",
-    num_warps: int = 8,
+    num_warps: int = NUM_WARPS,
     interpret: bool | None = None,
     search_iters: int = SEARCH_ITERS,
     prior_BHB: jax.Array | None = None,
@@ -339,7 +342,7 @@ def select_blocks_from_logits_ref(
     capacity: int,
     fixed_blocks: int,
     agg: str = "max",
-    num_warps: int = 8,
+    num_warps: int = NUM_WARPS,
     interpret: bool | None = None,
     search_iters: int = SEARCH_ITERS,
     prior_BHB: jax.Array | None = None,
@@ -363,7 +366,7 @@ def select_blocks_ref(
     n_blocks: int,
     capacity: int,
     fixed_blocks: int,
-    num_warps: int = 8,
+    num_warps: int = NUM_WARPS,
     interpret: bool | None = None,
     search_iters: int = SEARCH_ITERS,
     prior_BHB: jax.Array | None = None,
