@@ -27,6 +27,7 @@ def main() -> int:
     from models.pretrained import load_pretrained
     from squeeze_jax.api import EXACT_DECODE_STEPS, ask, context_tokens, index_context, kept_fractions
     from squeeze_jax.eval.tasks import passkey, score_answer
+    from squeeze_jax.index import IndexConfig
     from squeeze_jax.index.io import (
         IndexFormatError,
         IndexMismatchError,
@@ -40,7 +41,9 @@ def main() -> int:
     print(f"model {cfg.name} loaded in {time.perf_counter() - t0:.1f} s")
     task = passkey(DOC_TOKENS, 0.5, SEED, lambda s: len(tok.encode(s)))
     ids = context_tokens(tok, task.context)
-    key = hashlib.sha256(repr((ids, model_fingerprint(model))).encode()).hexdigest()[:12]
+    index_cfg = IndexConfig()
+    # the cached index is reused only for the same tokens, weights and build settings
+    key = hashlib.sha256(repr((ids, model_fingerprint(model), index_cfg.to_dict())).encode()).hexdigest()[:12]
     path = _cache_dir() / f"demo_index_{key}"
     index = None
     if path.exists():
@@ -51,7 +54,7 @@ def main() -> int:
             print(f"cached index unusable ({e}); rebuilding")
     if index is None:
         t = time.perf_counter()
-        index = index_context(model, tok, task.context)
+        index = index_context(model, tok, task.context, index_cfg)
         print(f"built context index over {len(ids)} tokens in {time.perf_counter() - t:.1f} s")
         save_index(index, path, overwrite=True)
     questions = [q.text for q in task.questions]
