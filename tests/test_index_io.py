@@ -238,8 +238,9 @@ def test_capture_and_build_from_tokens(tmp_path):
         assert x is not None and np.asarray(x).tobytes() == np.asarray(y).tobytes(), name
     with pytest.raises(ValueError, match="n_restarts must be 1"):
         icfg.replace(kmeans_init="systematic", n_restarts=2)
-    with pytest.raises(ValueError, match="kmeans_init"):
+    with pytest.raises(ValueError, match="unknown init"):
         icfg.replace(kmeans_init="random")
+    assert IndexConfig() == IndexConfig.load("default")  # the dataclass defaults are the bundled preset
     with pytest.raises(ValueError, match="token ids"):
         capture_context(model, np.full(100, 500, np.int32))
     assert Path(tmp_path / "idx" / "index.json").is_file()

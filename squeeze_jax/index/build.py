@@ -30,7 +30,7 @@ from squeeze_jax.index.calibrate import (
 )
 from squeeze_jax.index.context_index import ContextIndex, IndexInfo, library_version
 from squeeze_jax.index.hierarchy import build_hierarchy, max_fine_per_coarse
-from squeeze_jax.index.kmeans import ASSIGN_IMPLS, INITS, auto_chunk, kmeans
+from squeeze_jax.index.kmeans import ASSIGN_IMPLS, auto_chunk, check_init, kmeans
 from squeeze_jax.index.layout import LayoutSizes, build_layout
 
 
@@ -77,10 +77,7 @@ class IndexConfig:
             raise ValueError(
                 f"need iters >= 0, tol >= 0, n_restarts >= 1; got {self.iters}, {self.tol}, {self.n_restarts}"
             )
-        if self.kmeans_init not in INITS:
-            raise ValueError(f"kmeans_init must be one of {INITS}, got {self.kmeans_init!r}")
-        if self.kmeans_init == "systematic" and self.n_restarts != 1:
-            raise ValueError(f"kmeans_init='systematic' is deterministic: n_restarts must be 1, got {self.n_restarts}")
+        check_init(self.kmeans_init, self.n_restarts)
         if self.metric not in ("cosine", "l2"):
             raise ValueError(f"metric must be 'cosine' or 'l2', got {self.metric!r}")
         if self.n_sink < 0 or self.window < 0:

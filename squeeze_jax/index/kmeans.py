@@ -417,6 +417,15 @@ def _finalize(x_PND, xa_PND, xm_PND, xsq_PN, w_PN, c_PCD, *, plan):
 # ------------------------------------------------------------------------------------------------- public API
 
 
+def check_init(init: str, n_restarts: int) -> None:
+    """The seeding is one of INITS; the systematic one is deterministic, so restarts would all be the same."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+    if init == "systematic" and n_restarts != 1:
+        raise ValueError(f"init='systematic' is deterministic, every restart would be the same: n_restarts "
+                         f"must be 1, got {n_restarts}")
+
+
 def _validate(x_PND, n_clusters, iters, tol, metric, chunk, n_restarts, weights_PN, init_PCD):
     if not hasattr(x_PND, "ndim") or x_PND.ndim != 3:
         raise ValueError(
@@ -505,11 +514,7 @@ def kmeans(
     progress: show a tqdm bar, running the loop from Python in blocks of `progress_every` iterations.
     """
     _validate(x_PND, n_clusters, iters, tol, metric, chunk, n_restarts, weights_PN, init_PCD)
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
-    if init == "systematic" and n_restarts != 1:
-        raise ValueError(f"init='systematic' is deterministic, every restart would be the same: n_restarts "
-                         f"must be 1, got {n_restarts}")
+    check_init(init, n_restarts)
     if str(jnp.dtype(matmul_dtype)) not in ("float32", "bfloat16"):
         raise ValueError(f"matmul_dtype must be float32 or bfloat16, got {matmul_dtype!r}")
     P, N, D = x_PND.shape
