@@ -28,7 +28,7 @@ from benchmarks.timing import Budget, device_info, device_time, median_time, rea
 from pallas_kernels.block_select import block_cluster_ranges, select_blocks, select_blocks_ref
 from pallas_kernels.centroid_lookup import centroid_scores, centroid_scores_ref, hierarchical_scores
 from pallas_kernels.selection import block_scores, select_topk
-from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_ref
+from pallas_kernels.sparse_decode import dense_decode, sparse_decode, sparse_decode_ref
 from squeeze_jax.attention.context import FUSED_SELECT_MAX_BLOCKS
 from squeeze_jax.index.bounds import index_box_table, signed_split
 
@@ -137,6 +137,8 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
         except Exception as ex:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
             rows.append({**base, "method": f"dense_{impl}", "error": repr(ex)[:300]})
     del k_all, v_all
+    if 1.0 in keeps:
+        rows.append(_dense_kernel_row(base, ix, q, k_u, v_u, n_keys, read_bw, best, ref_out, dense_bytes))
     variants = [(False, "mean", k) for k in keeps] + [(True, "mean", k) for k in hier_keeps]
     variants += [(False, "box", k) for k in box_keeps]
     for hierarchical, score, keep in variants:
@@ -177,6 +179,28 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
     for r in rows:
         print(_fmt(r), flush=True)
     return rows
+
+
+def _dense_kernel_row(base: dict, ix: dict, q, k_u, v_u, n_keys: int, read_bw: float, best: float | None,
+                      ref_out, nbytes: int) -> dict:
+    """Every context block and the user tokens through `dense_decode` (contiguous slices, no lookup): what a
+    request keeping 100% of the context runs when that is known before the step."""
+    row = {**base, "method": "dense_kernel", "keep": 1.0}
+    lay = dict(n_fixed=N_FIXED, fixed_pad=N_FIXED, n_clustered=n_keys - N_FIXED, block_k=BLOCK_K)
+    user_len = jnp.full((1,), k_u.shape[1], jnp.int32)
+    f = jax.jit(lambda q, k, v, ku, vu: dense_decode(q, k, v, k_user_BUHD=ku, v_user_BUHD=vu, user_len_B=user_len,
+                                                     **lay)[0])
+    try:
+        out = f(q, ix["keys"], ix["values"], k_u, v_u)
+        if ref_out is not None:
+            row["rel_err_vs_dense"] = rel_err(out.reshape(ref_out.shape), ref_out)
+        t = device_time(lambda i, q, k, v, ku, vu: f(q, k, v, ku, vu), (q, ix["keys"], ix["values"], k_u, v_u),
+                        est_s=best or 1e-4, unroll=4)
+        row.update(us=t * 1e6, bytes=nbytes, read_roofline=nbytes / t / read_bw,
+                   speedup_vs_best_dense=(best / t) if best else None)
+    except Exception as ex:  # noqa: BLE001
+        row["error"] = repr(ex)[:400]
+    return row
 
 
 def _question_chosen_row(base: dict, ix: dict, q, k_u, v_u, keep: float, n_keys: int, read_bw: float,

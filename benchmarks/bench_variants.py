@@ -18,6 +18,8 @@ its cost, next to the floor of an empty launch on the same grid:
   decode    sparse decode with 512 user tokens in the launch: splits, blocks per step, warps, stages; the
             same count of blocks at consecutive ids; without the user tokens; and the split combine alone
   tail      the exact-question pass (32 queries over every key): kernel vs XLA key chunks
+  full      100% kept, GQA 32/8 and MHA 32/32, with the user tokens: cuDNN over context + user keys, the sparse
+            kernel over every block id (gather), and `dense_decode` (contiguous slices) under its knobs
 Rows go to the JSON file as they finish (a run cut short keeps them).
 """
 
@@ -45,7 +47,7 @@ from pallas_kernels.centroid_lookup import centroid_scores  # noqa: E402
 from pallas_kernels.common import compiler_params, resolve_interpret  # noqa: E402
 from pallas_kernels.merge import combine_partials  # noqa: E402
 from pallas_kernels.selection import block_logprob_max  # noqa: E402
-from pallas_kernels.sparse_decode import sparse_decode  # noqa: E402
+from pallas_kernels.sparse_decode import dense_decode, sparse_decode  # noqa: E402
 from squeeze_jax.index.bounds import index_box_table, signed_split  # noqa: E402
 
 D, BK, NF, USER = bench_e2e.D, bench_e2e.BLOCK_K, bench_e2e.N_FIXED, bench_e2e.USER
@@ -96,7 +98,7 @@ def stage_variants(n: int, smoke: bool):
     out = []
     for grid in ((1, 8), (8, 33)):
         out.append(("floor", {"grid": list(grid)}, *_floor(grid)))
-    for warps in (8, 16):
+    for warps in (8, 16, 32):
         for iters in (0, 6, SEARCH_ITERS):
             out.append(("select", {"num_warps": warps, "search_iters": iters}, (scores,),
                         lambda i, s, w=warps, it=iters: select_blocks(s, ix["cluster_size"], ix["lo"], ix["hi"], k_BH,
@@ -191,12 +193,60 @@ def tail_rows(n: int, read_bw: float) -> list[dict]:
     return [{"section": "tail", **{k: val for k, val in r.items() if k != "trace"}} for r in rows]
 
 
+def full_rows(n: int, read_bw: float, smoke: bool) -> list[dict]:
+    """100% kept: the best dense (cuDNN) against the sparse kernel over every block id and `dense_decode`."""
+    return [r for shape in bench_e2e.SHAPES for r in _full_shape_rows(shape, n, read_bw, smoke)]
+
+
+def _full_shape_rows(shape: str, n: int, read_bw: float, smoke: bool) -> list[dict]:
+    Hq, H = bench_e2e.SHAPES[shape]
+    G = Hq // H
+    rows: list[dict] = []
+    lay = dict(n_fixed=NF, fixed_pad=NF, n_clustered=n - NF)
+    key = jax.random.PRNGKey(3)
+    k = jax.random.normal(key, (H, n, D), jnp.bfloat16)
+    v = jax.random.normal(jax.random.fold_in(key, 1), (H, n, D), jnp.bfloat16)
+    q = jax.random.normal(jax.random.fold_in(key, 2), (1, H, G, D), jnp.bfloat16)
+    k_u = jax.random.normal(jax.random.fold_in(key, 3), (1, USER, H, D), jnp.bfloat16)
+    user = dict(k_user_BUHD=k_u, v_user_BUHD=k_u, user_len_B=jnp.full((1,), USER, jnp.int32))
+    nbytes = 2 * H * (n + USER) * D * 2
+    base = {"section": "full", "shape": shape, "bytes": nbytes}
+
+    def timed(row: dict, fn, args) -> None:
+        try:
+            t = timing.device_time(lambda i, *a: fn(*a), args, est_s=nbytes / read_bw, unroll=4, reps=3)
+            row.update(us=t * 1e6, read_roofline=nbytes / t / read_bw)
+        except Exception as ex:  # noqa: BLE001 - a variant that does not compile is reported
+            row["error"] = repr(ex)[:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    if not smoke:
+        k_all = jnp.concatenate([k.transpose(1, 0, 2)[None], k_u], axis=1)
+        v_all = jnp.concatenate([v.transpose(1, 0, 2)[None], k_u], axis=1)
+        timed({**base, "path": "cudnn"}, lambda q, ka, va: jax.nn.dot_product_attention(
+            q.reshape(1, 1, Hq, D), ka, va, implementation="cudnn"), (q, k_all, v_all))
+        del k_all, v_all
+    nb = n // BK
+    ids = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (1, H, nb))
+    cnt = jnp.full((1, H), nb, jnp.int32)
+    timed({**base, "path": "sparse_decode_all_ids"},
+          lambda q, k, v: sparse_decode(q, k, v, ids, cnt, **lay, **user)[0], (q, k, v))
+    knobs = [{}] + [{"num_stages": s} for s in (1, 3, 4)] + [{"num_warps": 8}, {"blocks_per_step": 4},
+                                                              {"blocks_per_step": 16}, {"num_splits": 4},
+                                                              {"num_splits": 16}, {"num_splits": 66}]
+    for kn in knobs[: 1 if smoke else None]:
+        timed({**base, "path": "dense_decode", **(kn or {"default": True})},
+              lambda q, k, v, kn=kn: dense_decode(q, k, v, **lay, **user, **kn)[0], (q, k, v))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--smoke", action="store_true", help="CPU: 2K keys, interpret mode, a few variants")
-    ap.add_argument("--sections", default="fold,floor,select,prior,lookup,decode,tail")
+    ap.add_argument("--sections", default="fold,floor,select,prior,lookup,decode,tail,full")
     args = ap.parse_args(argv)
     timing.set_smoke(args.smoke)
     n = 2048 if args.smoke else args.context
@@ -225,6 +275,9 @@ def main(argv=None) -> int:
             row["trace"] = traceback.format_exc()[-800:]
         result["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
+        save()
+    if "full" in wanted:
+        result["rows"] += full_rows(n, read_bw, args.smoke)
         save()
     if "tail" in wanted and not args.smoke:
         t0 = time.perf_counter()

@@ -111,26 +111,27 @@ def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks
     score = jnp.where(real & (blk < fixed_blocks), jnp.inf, score)
 
     valid = score > _NEG_INF
-    n_valid = jnp.sum(valid.astype(jnp.int32))
+    finite = valid & (score < jnp.inf)
+    # the valid and the finite counts in one reduction (both <= n_blocks < 2**15)
+    counts = jnp.sum(valid.astype(jnp.int32) + (finite.astype(jnp.int32) << 16))
+    n_valid, any_finite = counts & 0xFFFF, (counts >> 16) > 0
     k = jnp.clip(k_ref[...], 1, capacity)
     kk = jnp.minimum(k, n_valid)
-    finite = valid & (score < jnp.inf)
     f_max = jnp.max(jnp.where(finite, score, _NEG_INF))
     f_min = jnp.min(jnp.where(finite, score, jnp.inf))
-    any_finite = jnp.sum(finite.astype(jnp.int32)) > 0
     f_max = jnp.where(any_finite, f_max, 0.0)
     f_min = jnp.where(any_finite, f_min, 0.0)
     big = f_max + 1.0
     t = jnp.where(score == jnp.inf, big, score)  # +inf (fixed) blocks rank above every finite one
 
     def unresolved(state):
-        it, _, _, count_a = state
+        it, _, _, count_a, _ = state
         return (it < search_iters) & (count_a != kk)
 
     def third(state):
         # Counts at the two inner third points in one reduction: both counts are <= n_blocks < 2**15, so they
         # pack into one int32 as c1 + c2 * 2**16 (the block-wide reduction, not the compares, is the cost).
-        it, a, b, count_a = state
+        it, a, b, count_a, count_b = state
         m1 = a + (b - a) / 3.0
         m2 = a + (b - a) * (2.0 / 3.0)
         packed = jnp.sum((t >= m1).astype(jnp.int32) + ((t >= m2).astype(jnp.int32) << 16))
@@ -139,24 +140,28 @@ def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks
         a_new = jnp.where(up2, m2, jnp.where(up1, m1, a))
         ca_new = jnp.where(up2, c2, jnp.where(up1, c1, count_a))
         b_new = jnp.where(up2, b, jnp.where(up1, m2, m1))
-        return it + 1, a_new, b_new, ca_new
+        cb_new = jnp.where(up2, count_b, jnp.where(up1, c2, c1))
+        return it + 1, a_new, b_new, ca_new, cb_new
 
-    # Invariant: count(t >= a) >= kk > count(t >= b). Stops as soon as count(t >= a) == kk (then {t >= a} is
-    # the top kk exactly); only ties at the k-th score run all `search_iters` steps.
-    _, a, b, _ = lax.while_loop(unresolved, third, (jnp.int32(0), f_min, big + 1.0, n_valid))
+    # Invariant: count(t >= a) = count_a >= kk > count_b = count(t >= b). Stops as soon as count_a == kk (then
+    # {t >= a} is the top kk exactly); only ties at the k-th score run all `search_iters` steps.
+    _, a, b, _, count_b = lax.while_loop(unresolved, third, (jnp.int32(0), f_min, big + 1.0, n_valid, jnp.int32(0)))
+    # Taken: every block with t >= b (count_b of them) and the first `need` (by index) of the band [a, b).
+    # One prefix sum over both indicators (packed like the counts) gives each block's rank in the band and its
+    # slot; count_a >= kk, so exactly kk blocks are taken.
     gt = valid & (t >= b)
     eq = valid & (t >= a) & (t < b)
-    need = kk - jnp.sum(gt.astype(jnp.int32))
+    need = kk - count_b
     eq_i = eq.astype(jnp.int32)
-    eq_before = jnp.cumsum(eq_i) - eq_i
-    take = gt | (eq & (eq_before < need))
-    take_i = take.astype(jnp.int32)
-    count = jnp.sum(take_i)
+    through = jnp.cumsum(gt.astype(jnp.int32) + (eq_i << 16))
+    gt_through, eq_through = through & 0xFFFF, through >> 16
+    take = gt | (eq & (eq_through - eq_i < need))
+    count = kk
     last = jnp.where(count > 0, jnp.max(jnp.where(take, blk, -1)), 0)
     # A permutation of the slots: chosen blocks to [0, count) in block order, the rest to [count, nb_pad)
     # carrying `last` as padding (unchosen before block b: b - chosen before b). One store, no two lanes on one
     # address.
-    taken_through = jnp.cumsum(take_i)
+    taken_through = gt_through + jnp.minimum(eq_through, need)
     slot = jnp.where(take, taken_through - 1, count + blk - taken_through)
     plgpu.store(ids_ref.at[slot], jnp.where(take, blk, last))
     cnt_ref[...] = jnp.maximum(count, 1)

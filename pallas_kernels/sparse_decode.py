@@ -129,6 +129,31 @@ def gather_step(
     return k, v, ok
 
 
+def contiguous_step(
+    k_ref,
+    v_ref,
+    entry0: jax.Array,
+    count: jax.Array,
+    *,
+    block_k: int,
+    blocks_per_step: int,
+    n_fixed: int,
+    fixed_pad: int,
+    n_clustered: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Blocks `[entry0, entry0 + blocks_per_step)` of the key axis itself (entry j = block j) as one slice.
+
+    The slice start is pulled back so that the tile stays inside the array (the last step of a split may
+    reach past it); keys before `entry0`'s first (a previous step's) are masked, like keys past `count`
+    blocks."""
+    tile = blocks_per_step * block_k
+    first = entry0 * block_k
+    key0 = jnp.minimum(first, k_ref.shape[0] - tile)
+    pos = key0 + jnp.arange(tile, dtype=jnp.int32)
+    ok = (pos >= first) & (pos < count * block_k) & valid_key_mask(pos, n_fixed, fixed_pad, n_clustered)
+    return k_ref[pl.ds(key0, tile), :], v_ref[pl.ds(key0, tile), :], ok
+
+
 def user_step(ku_ref, vu_ref, key0: jax.Array, user_len: jax.Array, tile: int) -> tuple[jax.Array, ...]:
     """Rows `[key0, key0 + tile)` of one (row, head) KV cache `[U, D]` and their mask (`< user_len`).
 
@@ -150,6 +175,7 @@ def _decode_kernel(
     v_ref,
     *refs,
     user: bool,
+    contiguous: bool,
     user_keys_per_split: int,
     qk_scale: float,
     block_k: int,
@@ -163,6 +189,7 @@ def _decode_kernel(
 ):
     """One (b, h, split) program: flash accumulation over this split's share of the selected blocks, or
     (splits past `num_splits`, when `user`) over `user_keys_per_split` entries of the row's KV cache.
+    `contiguous`: entry j is block j (the ids are not read) and each step loads one slice of the key axis.
 
     The q/out blocks have R >= groups rows over arrays of `groups` rows: rows past `groups` are masked
     on load and store (no padding copies outside the kernel).
@@ -187,6 +214,10 @@ def _decode_kernel(
 
     def body(i, carry):
         entry0 = start + i * P
+        if contiguous:
+            k, v, ok = contiguous_step(k_ref, v_ref, entry0, count, block_k=block_k, blocks_per_step=P,
+                                       n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered)
+            return flash_step(q, k, v, ok, carry, qk_scale)
         k, v, ok = gather_step(
             ids_ref, k_ref, v_ref, entry0, count,
             block_k=block_k, blocks_per_step=P, n_blocks=n_blocks,
@@ -318,16 +349,29 @@ def sparse_decode(
                   blocks_per_step)
     user = _check_user(q_BHGD, k_user_BUHD, v_user_BUHD, user_len_B, user_keys_per_split,
                        blocks_per_step * block_k)
+    return _launch(q_BHGD, k_HND, v_HND, block_ids, block_count, k_user_BUHD, v_user_BUHD, user_len_B,
+                   contiguous=False, user=user, n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered,
+                   block_k=block_k, blocks_per_step=blocks_per_step, num_splits=num_splits, scale=scale,
+                   interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                   user_keys_per_split=user_keys_per_split)
+
+
+def _launch(q_BHGD, k_HND, v_HND, block_ids, block_count, k_user_BUHD, v_user_BUHD, user_len_B, *,
+            contiguous: bool, user: bool, n_fixed: int, fixed_pad: int, n_clustered: int, block_k: int,
+            blocks_per_step: int, num_splits: int | None, scale: float | None, interpret: bool | None,
+            num_warps: int, num_stages: int, user_keys_per_split: int) -> tuple[jax.Array, jax.Array]:
+    """The decode launch (inputs checked): grid (B, H, splits + user splits), partials combined by LSE."""
     B, H, G, D = q_BHGD.shape
-    M = block_ids.shape[2]
+    M = k_HND.shape[1] // block_k if contiguous else block_ids.shape[2]
     P = blocks_per_step
     S = default_num_splits(B, H, M, P) if num_splits is None else int(num_splits)
     if S < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     S_user = cdiv(k_user_BUHD.shape[1], user_keys_per_split) if user else 0
     R = padded_rows(G)
-    M_pad = round_up(M, P)
-    ids = pad_axis(block_ids.astype(jnp.int32), 2, M_pad, mode="edge")
+    M_pad = P if contiguous else round_up(M, P)  # contiguous: the ids are not read, a stub of one step
+    ids = jnp.zeros((B, H, P), jnp.int32) if contiguous else pad_axis(block_ids.astype(jnp.int32), 2, M_pad,
+                                                                      mode="edge")
     count = block_count.astype(jnp.int32)
     kernel = functools.partial(
         _decode_kernel,
@@ -341,6 +385,7 @@ def sparse_decode(
         fixed_pad=fixed_pad,
         n_clustered=n_clustered,
         user=user,
+        contiguous=contiguous,
         user_keys_per_split=user_keys_per_split,
     )
     N = k_HND.shape[1]
@@ -378,6 +423,56 @@ def sparse_decode(
         return o_BHSGD[:, :, 0].astype(q_BHGD.dtype), lse_BHSG[:, :, 0]
     out, lse = combine_partials(o_BHSGD, lse_BHSG, axis=2)
     return out.astype(q_BHGD.dtype), lse
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("reference",))
+def dense_decode(
+    q_BHGD: jax.Array,
+    k_HND: jax.Array,
+    v_HND: jax.Array,
+    *,
+    n_fixed: int,
+    fixed_pad: int,
+    n_clustered: int,
+    block_k: int = 16,
+    blocks_per_step: int = 8,
+    num_splits: int | None = None,
+    scale: float | None = None,
+    interpret: bool | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    k_user_BUHD: jax.Array | None = None,
+    v_user_BUHD: jax.Array | None = None,
+    user_len_B: jax.Array | None = None,
+    user_keys_per_split: int = USER_KEYS_PER_SPLIT,
+    reference: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """`sparse_decode` with every block selected, without the block list: each split reads one contiguous
+    range of the key axis as slices (no per-row gather). The 100%-kept and exact paths. Same outputs;
+    `reference=True` runs `sparse_decode_ref` over every block. `blocks_per_step` shrinks to fit a short
+    context (a step's tile never reaches past the key axis)."""
+    B, H = q_BHGD.shape[:2]
+    N = k_HND.shape[1]
+    nb = N // block_k if block_k > 0 else 0
+    P = blocks_per_step
+    while P > 1 and P * block_k > N and (P // 2) * block_k >= MIN_DOT_DIM:
+        P //= 2
+    ids = jnp.broadcast_to(jnp.arange(max(nb, 1), dtype=jnp.int32), (B, H, max(nb, 1)))
+    count = jnp.full((B, H), nb, jnp.int32)
+    kw = dict(n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered, block_k=block_k, blocks_per_step=P,
+              num_splits=num_splits, scale=scale, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+              k_user_BUHD=k_user_BUHD, v_user_BUHD=v_user_BUHD, user_len_B=user_len_B,
+              user_keys_per_split=user_keys_per_split)
+    if reference:
+        return sparse_decode_ref(q_BHGD, k_HND, v_HND, ids, count, **kw)
+    _check_inputs(q_BHGD, k_HND, v_HND, ids, count, n_fixed, fixed_pad, n_clustered, block_k, P)
+    user = _check_user(q_BHGD, k_user_BUHD, v_user_BUHD, user_len_B, user_keys_per_split, P * block_k)
+    if P * block_k > N:
+        raise ValueError(f"dense_decode needs a context of at least blocks_per_step * block_k = {P * block_k} "
+                         f"keys with block_k={block_k}, got {N}")
+    return _launch(q_BHGD, k_HND, v_HND, ids, count, k_user_BUHD, v_user_BUHD, user_len_B, contiguous=True,
+                   user=user, **{k: v for k, v in kw.items() if k not in ("k_user_BUHD", "v_user_BUHD",
+                                                                            "user_len_B")})
 
 
 def selected_positions(block_ids: jax.Array, block_count: jax.Array, block_k: int, n_fixed: int,
@@ -479,23 +574,19 @@ def all_keys_attention(
 ) -> tuple[jax.Array, jax.Array]:
     """Exact attention of R query rows per (row, KV head) over every valid context key: `(out_BHRD, lse_BHR)`.
 
-    For a few dozen rows (a question's exact tail) this is memory-bound, so it runs as `sparse_decode` with
-    every block selected and the rows as one tile of up to `rows_per_program` (default `ALL_KEYS_ROWS`; more
+    For a few dozen rows (a question's exact tail) this is memory-bound, so it runs as `dense_decode` (every
+    block, contiguous slices) with the rows as one tile of up to `rows_per_program` (default `ALL_KEYS_ROWS`; more
     rows are folded into the batch axis): K/V are read once per tile instead of per query head, with the split-K
-    parallelism of decode. `reference=True` runs `sparse_decode_ref` on the same inputs.
+    parallelism of decode. `reference=True` runs the reference on the same inputs.
     """
     B, H, R, D = q_BHRD.shape
     rows = min(rows_per_program or ALL_KEYS_ROWS, padded_rows(R))
     n_chunks = cdiv(R, rows)
     q = pad_axis(q_BHRD, 2, n_chunks * rows).reshape(B, H, n_chunks, rows, D)
     q = q.transpose(0, 2, 1, 3, 4).reshape(B * n_chunks, H, rows, D)
-    nb = k_HND.shape[1] // block_k
-    ids = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (B * n_chunks, H, nb))
-    count = jnp.full((B * n_chunks, H), nb, jnp.int32)
-    fn = sparse_decode_ref if reference else sparse_decode
     # a [rows, 128-key] tile per step: 8 warps for the big tiles, as a prefill kernel would use
-    o, lse = fn(q, k_HND, v_HND, ids, count, n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered,
-                block_k=block_k, interpret=interpret, num_warps=8 if rows >= 64 else 4)
+    o, lse = dense_decode(q, k_HND, v_HND, n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered,
+                          block_k=block_k, interpret=interpret, num_warps=8 if rows >= 64 else 4, reference=reference)
     o = o.reshape(B, n_chunks, H, rows, D).transpose(0, 2, 1, 3, 4).reshape(B, H, n_chunks * rows, D)
     lse = lse.reshape(B, n_chunks, H, rows).transpose(0, 2, 1, 3).reshape(B, H, n_chunks * rows)
     return o[:, :, :R], lse[:, :, :R]
