@@ -12,7 +12,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import compiler_params, has_triton_call, lower_for_h100
-from pallas_kernels.sparse_decode import sparse_decode
+from pallas_kernels.sparse_decode import dense_decode, sparse_decode
 from pallas_kernels.sparse_prefill import sparse_prefill
 
 S = jax.ShapeDtypeStruct
@@ -44,6 +44,17 @@ def test_sparse_decode_lowers(G, D, dtype, block_k, P, splits):
         interpret=False,
         **LAYOUT,
     )
+    assert has_triton_call(text)
+
+
+@pytest.mark.parametrize("G,D,dtype,U", [(4, 128, jnp.bfloat16, 512), (1, 64, jnp.float32, 0)])
+def test_dense_decode_lowers(G, D, dtype, U):
+    B, H, N = 1, 8, 8192
+    user = [S((B, U, H, D), dtype), S((B, U, H, D), dtype), S((B,), jnp.int32)] if U else []
+    text = lower_for_h100(
+        lambda q, k, v, *u: dense_decode(q, k, v, interpret=False, **dict(zip(("k_user_BUHD", "v_user_BUHD",
+                                                                              "user_len_B"), u)), **LAYOUT),
+        S((B, H, G, D), dtype), S((H, N, D), dtype), S((H, N, D), dtype), *user)
     assert has_triton_call(text)
 
 

@@ -283,3 +283,38 @@ def test_all_keys_attention_equals_dense(R, rows_per_program, dtype):
     assert _rel_err(out, out_r) < _tol(dtype) and _rel_err(out, out_d) < _tol(dtype)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_r), atol=1e-4, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(lse), lse_d, atol=1e-3, rtol=1e-4)
+
+
+# (seed, B, H, G, D, N, dtype, n_fixed, n_clustered, block_k, blocks_per_step, num_splits, user entries)
+DENSE_CASES = [
+    (20, 1, 2, 4, 64, 256, jnp.float32, 5, 150, 16, 8, None, 0),
+    (21, 2, 1, 3, 128, 192, jnp.bfloat16, 3, 120, 16, 8, 2, 40),  # 192 keys: the last step's slice pulled back
+    (22, 1, 2, 1, 64, 64, jnp.float32, 0, 64, 16, 8, 3, 0),  # shorter than one step: the step shrinks to 64 keys
+    (23, 1, 1, 8, 128, 384, jnp.float32, 16, 300, 32, 4, 5, 300),
+]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=[f"case{c[0]}" for c in DENSE_CASES])
+def test_dense_decode_matches_reference(case):
+    """`dense_decode` (contiguous slices) equals the reference over every block, with and without user tokens,
+    at lengths that are not a multiple of a step and splits that do not divide the blocks."""
+    from pallas_kernels.sparse_decode import dense_decode
+
+    seed, B, H, G, D, N, dtype, n_fixed, n_clustered, block_k, P, S, U = case
+    fixed_pad = -(-n_fixed // 64) * 64 if n_fixed else 0
+    rng, q, k, v = _inputs(seed, B, H, G, D, N, dtype)
+    kw = dict(n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered, block_k=block_k, blocks_per_step=P,
+              num_splits=S)
+    if U:
+        ku = jnp.asarray(rng.standard_normal((B, U, H, D)), dtype)
+        kw.update(k_user_BUHD=ku, v_user_BUHD=ku * 0.5, user_len_B=jnp.asarray(rng.integers(1, U + 1, size=B)))
+    out, lse = dense_decode(q, k, v, interpret=True, **kw)
+    ref_out, ref_lse = dense_decode(q, k, v, reference=True, **kw)
+    assert np.all(np.isfinite(np.asarray(out, np.float32)))
+    assert _rel_err(out, ref_out) < _tol(dtype)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=1e-3 if dtype == jnp.bfloat16 else 1e-5)
+    # the same as the gather kernel over every block id
+    nb = N // block_k
+    ids = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (B, H, nb))
+    g_out, _ = sparse_decode(q, k, v, ids, jnp.full((B, H), nb, jnp.int32), interpret=True, **kw)
+    assert _rel_err(out, g_out) < _tol(dtype)
