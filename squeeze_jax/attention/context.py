@@ -59,7 +59,7 @@ from pallas_kernels.merge import (
     merge_attention,
     put_rows,
 )
-from pallas_kernels.sparse_decode import all_keys_attention, sparse_decode, sparse_decode_ref
+from pallas_kernels.sparse_decode import all_keys_attention, dense_decode, sparse_decode, sparse_decode_ref
 from pallas_kernels.sparse_prefill import sparse_prefill, sparse_prefill_ref
 from squeeze_jax.index.bounds import index_box_table, signed_split
 
@@ -458,7 +458,10 @@ class ContextAttention:
         if decode:
             if user is not None:
                 kw.update(k_user_BUHD=user.k_BUHD, v_user_BUHD=user.v_BUHD, user_len_B=user.len_B)
-            o, lse = attend_decode(rows_BHRD, idx.keys, idx.values, ids, count, interpret=self.interpret, **kw)
+            if self.policy == "dense" and pallas:  # every block: contiguous slices, no block list
+                o, lse = dense_decode(rows_BHRD, idx.keys, idx.values, interpret=self.interpret, **kw)
+            else:
+                o, lse = attend_decode(rows_BHRD, idx.keys, idx.values, ids, count, interpret=self.interpret, **kw)
             o, lse = o[:, :, None], lse[:, :, None]
         else:
             nQ = rows // B
