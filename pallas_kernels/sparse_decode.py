@@ -189,7 +189,8 @@ def _decode_kernel(
 ):
     """One (b, h, split) program: flash accumulation over this split's share of the selected blocks, or
     (splits past `num_splits`, when `user`) over `user_keys_per_split` entries of the row's KV cache.
-    `contiguous`: entry j is block j (the ids are not read) and each step loads one slice of the key axis.
+    `contiguous`: entry j is block j (the ids are not read) and each step loads one slice of the key axis;
+    the same path runs when a selection holds every block.
 
     The q/out blocks have R >= groups rows over arrays of `groups` rows: rows past `groups` are masked
     on load and store (no padding copies outside the kernel).
@@ -212,17 +213,17 @@ def _decode_kernel(
     rows_ok = jnp.arange(R, dtype=jnp.int32) < groups
     q = q_ref[...] if R == groups else plgpu.load(q_ref, mask=rows_ok[:, None], other=0.0)
 
-    def body(i, carry):
-        entry0 = start + i * P
-        if contiguous:
-            k, v, ok = contiguous_step(k_ref, v_ref, entry0, count, block_k=block_k, blocks_per_step=P,
-                                       n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered)
-            return flash_step(q, k, v, ok, carry, qk_scale)
+    def gathered(i, carry):
         k, v, ok = gather_step(
-            ids_ref, k_ref, v_ref, entry0, count,
+            ids_ref, k_ref, v_ref, start + i * P, count,
             block_k=block_k, blocks_per_step=P, n_blocks=n_blocks,
             n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered,
         )
+        return flash_step(q, k, v, ok, carry, qk_scale)
+
+    def sliced(i, carry):
+        k, v, ok = contiguous_step(k_ref, v_ref, start + i * P, count, block_k=block_k, blocks_per_step=P,
+                                   n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered)
         return flash_step(q, k, v, ok, carry, qk_scale)
 
     carry = (
@@ -230,7 +231,16 @@ def _decode_kernel(
         jnp.full((R,), -jnp.inf, jnp.float32),
         jnp.zeros((R,), jnp.float32),
     )
-    carry = lax.fori_loop(0, n_steps, body, carry)
+    if contiguous:
+        carry = lax.fori_loop(0, n_steps, sliced, carry)
+    elif capacity == n_blocks and P * block_k <= k_ref.shape[0]:
+        # A selection of every block (sorted, distinct ids) is the key axis in order: read it as slices. Both
+        # loops are compiled, the one not taken runs no step.
+        every = count == n_blocks
+        carry = lax.fori_loop(0, jnp.where(every, 0, n_steps), gathered, carry)
+        carry = lax.fori_loop(0, jnp.where(every, n_steps, 0), sliced, carry)
+    else:
+        carry = lax.fori_loop(0, n_steps, gathered, carry)
     if user:
         tile = P * block_k
         key0 = (split - num_splits) * user_keys_per_split
@@ -338,8 +348,8 @@ def sparse_decode(
     """Attention of one decode token per (batch row, query head) over the selected key blocks, and
     optionally over the row's own tokens too.
 
-    `q_BHGD` (query head h*G+g), `k_HND`/`v_HND` shared by the batch, `block_ids[B, H, M]` sorted block
-    ids (block j = positions [j*block_k, (j+1)*block_k)), `block_count[B, H]` in [1, M]. Valid key
+    `q_BHGD` (query head h*G+g), `k_HND`/`v_HND` shared by the batch, `block_ids[B, H, M]` sorted, distinct
+    block ids (block j = positions [j*block_k, (j+1)*block_k)), `block_count[B, H]` in [1, M]. Valid key
     positions are `[0, n_fixed) ∪ [fixed_pad, fixed_pad + n_clustered)`. With `k_user_BUHD, v_user_BUHD`
     (a per-row KV cache) and `user_len_B`, the first `user_len_B[b]` cache entries are attended as well and
     the result is over both key sets. Returns `out_BHGD` (q's dtype) and `lse_BHG` (float32, natural log of

@@ -318,3 +318,18 @@ def test_dense_decode_matches_reference(case):
     ids = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (B, H, nb))
     g_out, _ = sparse_decode(q, k, v, ids, jnp.full((B, H), nb, jnp.int32), interpret=True, **kw)
     assert _rel_err(out, g_out) < _tol(dtype)
+
+
+def test_selection_of_every_block_reads_slices_and_matches_reference():
+    """capacity == blocks: a row whose count is every block takes the slice path, a row one short the gather;
+    both equal the reference."""
+    B, H, G, D, N, bk = 2, 2, 4, 64, 320, 16
+    rng, q, k, v = _inputs(30, B, H, G, D, N, jnp.float32)
+    nb = N // bk
+    ids = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (B, H, nb))
+    cnt = jnp.asarray([[nb, nb - 1], [nb - 1, nb]], jnp.int32)
+    kw = dict(n_fixed=20, fixed_pad=64, n_clustered=250, block_k=bk, blocks_per_step=4, num_splits=3)
+    out, lse = sparse_decode(q, k, v, ids, cnt, interpret=True, **kw)
+    ref_out, ref_lse = sparse_decode_ref(q, k, v, ids, cnt, **kw)
+    assert _rel_err(out, ref_out) < 1e-5
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=1e-5)
