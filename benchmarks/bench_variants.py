@@ -98,7 +98,7 @@ def stage_variants(n: int, smoke: bool):
     out = []
     for grid in ((1, 8), (8, 33)):
         out.append(("floor", {"grid": list(grid)}, *_floor(grid)))
-    for warps in (8, 16, 32):
+    for warps in (16, 32):
         for iters in (0, 6, SEARCH_ITERS):
             out.append(("select", {"num_warps": warps, "search_iters": iters}, (scores,),
                         lambda i, s, w=warps, it=iters: select_blocks(s, ix["cluster_size"], ix["lo"], ix["hi"], k_BH,
@@ -235,9 +235,8 @@ def _full_shape_rows(shape: str, n: int, read_bw: float, smoke: bool) -> list[di
     # one block short of all: the gather path over the same bytes (a selection of every block reads slices)
     timed({**base, "path": "sparse_decode_gather_all_but_one"},
           lambda q, k, v: sparse_decode(q, k, v, ids, cnt - 1, **lay, **user)[0], (q, k, v))
-    knobs = [{}] + [{"num_stages": s} for s in (1, 3, 4)] + [{"num_warps": 8}, {"blocks_per_step": 4},
-                                                              {"blocks_per_step": 16}, {"num_splits": 4},
-                                                              {"num_splits": 16}, {"num_splits": 66}]
+    knobs = [{}, {"num_stages": 3}, {"num_warps": 8}, {"blocks_per_step": 4}, {"num_splits": 8},
+             {"num_splits": 9}, {"num_splits": 16}, {"num_splits": 33}]
     for kn in knobs[: 1 if smoke else None]:
         timed({**base, "path": "dense_decode", **(kn or {"default": True})},
               lambda q, k, v, kn=kn: dense_decode(q, k, v, **lay, **user, **kn)[0], (q, k, v))

@@ -41,8 +41,9 @@ MAX_BLOCKS = 2**15 - 1
 # Steps of the k-th-score search; each keeps a third of the range: 3**21 > 2**33, as fine as 33 halvings.
 SEARCH_ITERS = 21
 # Warps per program: the selection is a chain of block-wide reductions on one program per (row, KV head), so
-# more warps per program shorten each one (H200, 128K keys, 8 KV heads: 24.3 us at 16 warps, 28.0 us at 8).
-NUM_WARPS = 16
+# more warps per program shorten each one (H100, 128K keys in 16-key blocks, 8 KV heads: 27.2 / 23.8 / 20.0 us
+# at 8 / 16 / 32 warps).
+NUM_WARPS = 32
 _NEG_INF = float("-inf")
 
 

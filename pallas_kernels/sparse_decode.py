@@ -44,7 +44,8 @@ from pallas_kernels.merge import combine_partials
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-# Programs the default split count aims for (about two per SM of an H100).
+# Programs the default split count aims for at most: two per SM of an H100 / H200 (132 SMs), so the grid
+# fills whole waves (a 128-key K + V tile at two stages lets one or two programs share an SM).
 TARGET_PROGRAMS = 264
 
 # Cache entries per user-token program (two 128-key steps at the default tile).
@@ -317,8 +318,9 @@ def _check_user(q_BHGD, k_user_BUHD, v_user_BUHD, user_len_B, user_keys_per_spli
 
 
 def default_num_splits(batch: int, heads: int, capacity: int, blocks_per_step: int) -> int:
-    """Splits per (b, h) so that the grid has about TARGET_PROGRAMS programs (at most one step each)."""
-    want = cdiv(TARGET_PROGRAMS, batch * heads)
+    """Splits per (b, h): the most that keep the grid within TARGET_PROGRAMS programs (rounding up would add a
+    nearly empty wave: 32 heads x 9 splits = 288 programs is three waves of 132), at least one step each."""
+    want = TARGET_PROGRAMS // (batch * heads)
     return max(1, min(want, cdiv(capacity, blocks_per_step)))
 
 
