@@ -19,7 +19,7 @@ its cost, next to the floor of an empty launch on the same grid:
             same count of blocks at consecutive ids; without the user tokens; and the split combine alone
   tail      the exact-question pass (32 queries over every key): kernel vs XLA key chunks
   full      100% kept, GQA 32/8 and MHA 32/32, with the user tokens: cuDNN over context + user keys, the sparse
-            kernel over every block id (slices) and over all but one (gather), `dense_decode` under its knobs
+            kernel over every block id and over all but one, `dense_decode` (slices) under its knobs
 Rows go to the JSON file as they finish (a run cut short keeps them).
 """
 
@@ -232,7 +232,7 @@ def _full_shape_rows(shape: str, n: int, read_bw: float, smoke: bool) -> list[di
     cnt = jnp.full((1, H), nb, jnp.int32)
     timed({**base, "path": "sparse_decode_all_ids"},
           lambda q, k, v: sparse_decode(q, k, v, ids, cnt, **lay, **user)[0], (q, k, v))
-    # one block short of all: the gather path over the same bytes (a selection of every block reads slices)
+    # one block short of all: the same gather over nearly the same bytes
     timed({**base, "path": "sparse_decode_gather_all_but_one"},
           lambda q, k, v: sparse_decode(q, k, v, ids, cnt - 1, **lay, **user)[0], (q, k, v))
     knobs = [{}, {"num_stages": 3}, {"num_warps": 8}, {"blocks_per_step": 4}, {"num_splits": 8},

@@ -190,8 +190,7 @@ def _decode_kernel(
 ):
     """One (b, h, split) program: flash accumulation over this split's share of the selected blocks, or
     (splits past `num_splits`, when `user`) over `user_keys_per_split` entries of the row's KV cache.
-    `contiguous`: entry j is block j (the ids are not read) and each step loads one slice of the key axis;
-    the same path runs when a selection holds every block.
+    `contiguous`: entry j is block j (the ids are not read) and each step loads one slice of the key axis.
 
     The q/out blocks have R >= groups rows over arrays of `groups` rows: rows past `groups` are masked
     on load and store (no padding copies outside the kernel).
@@ -232,16 +231,7 @@ def _decode_kernel(
         jnp.full((R,), -jnp.inf, jnp.float32),
         jnp.zeros((R,), jnp.float32),
     )
-    if contiguous:
-        carry = lax.fori_loop(0, n_steps, sliced, carry)
-    elif capacity == n_blocks and P * block_k <= k_ref.shape[0]:
-        # A selection of every block (sorted, distinct ids) is the key axis in order: read it as slices. Both
-        # loops are compiled, the one not taken runs no step.
-        every = count == n_blocks
-        carry = lax.fori_loop(0, jnp.where(every, 0, n_steps), gathered, carry)
-        carry = lax.fori_loop(0, jnp.where(every, n_steps, 0), sliced, carry)
-    else:
-        carry = lax.fori_loop(0, n_steps, gathered, carry)
+    carry = lax.fori_loop(0, n_steps, sliced if contiguous else gathered, carry)
     if user:
         tile = P * block_k
         key0 = (split - num_splits) * user_keys_per_split
@@ -459,32 +449,33 @@ def dense_decode(
     user_keys_per_split: int = USER_KEYS_PER_SPLIT,
     reference: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """`sparse_decode` with every block selected, without the block list: each split reads one contiguous
-    range of the key axis as slices (no per-row gather). The 100%-kept and exact paths. Same outputs;
+    """`sparse_decode` with every block selected, without a block list: each split reads one contiguous range
+    of the key axis as slices (on the H100 as fast as the gather over every id, within 1%). The dense policy's
+    and the exact pass's decode. Same outputs;
     `reference=True` runs `sparse_decode_ref` over every block. `blocks_per_step` shrinks to fit a short
     context (a step's tile never reaches past the key axis)."""
     B, H = q_BHGD.shape[:2]
     N = k_HND.shape[1]
-    nb = N // block_k if block_k > 0 else 0
+    check_block_k(block_k, N)
+    nb = N // block_k
     P = blocks_per_step
     while P > 1 and P * block_k > N and (P // 2) * block_k >= MIN_DOT_DIM:
         P //= 2
-    ids = jnp.broadcast_to(jnp.arange(max(nb, 1), dtype=jnp.int32), (B, H, max(nb, 1)))
+    ids = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (B, H, nb))
     count = jnp.full((B, H), nb, jnp.int32)
-    kw = dict(n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered, block_k=block_k, blocks_per_step=P,
-              num_splits=num_splits, scale=scale, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-              k_user_BUHD=k_user_BUHD, v_user_BUHD=v_user_BUHD, user_len_B=user_len_B,
-              user_keys_per_split=user_keys_per_split)
+    tiling = dict(n_fixed=n_fixed, fixed_pad=fixed_pad, n_clustered=n_clustered, block_k=block_k, blocks_per_step=P,
+                  num_splits=num_splits, scale=scale, interpret=interpret, num_warps=num_warps,
+                  num_stages=num_stages, user_keys_per_split=user_keys_per_split)
     if reference:
-        return sparse_decode_ref(q_BHGD, k_HND, v_HND, ids, count, **kw)
+        return sparse_decode_ref(q_BHGD, k_HND, v_HND, ids, count, k_user_BUHD=k_user_BUHD, v_user_BUHD=v_user_BUHD,
+                                 user_len_B=user_len_B, **tiling)
     _check_inputs(q_BHGD, k_HND, v_HND, ids, count, n_fixed, fixed_pad, n_clustered, block_k, P)
     user = _check_user(q_BHGD, k_user_BUHD, v_user_BUHD, user_len_B, user_keys_per_split, P * block_k)
     if P * block_k > N:
         raise ValueError(f"dense_decode needs a context of at least blocks_per_step * block_k = {P * block_k} "
                          f"keys with block_k={block_k}, got {N}")
     return _launch(q_BHGD, k_HND, v_HND, ids, count, k_user_BUHD, v_user_BUHD, user_len_B, contiguous=True,
-                   user=user, **{k: v for k, v in kw.items() if k not in ("k_user_BUHD", "v_user_BUHD",
-                                                                            "user_len_B")})
+                   user=user, **tiling)
 
 
 def selected_positions(block_ids: jax.Array, block_count: jax.Array, block_k: int, n_fixed: int,

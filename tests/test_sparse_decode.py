@@ -320,9 +320,8 @@ def test_dense_decode_matches_reference(case):
     assert _rel_err(out, g_out) < _tol(dtype)
 
 
-def test_selection_of_every_block_reads_slices_and_matches_reference():
-    """capacity == blocks: a row whose count is every block takes the slice path, a row one short the gather;
-    both equal the reference."""
+def test_selection_of_every_block_matches_reference():
+    """capacity == blocks: a row whose count is every block and a row one short both equal the reference."""
     B, H, G, D, N, bk = 2, 2, 4, 64, 320, 16
     rng, q, k, v = _inputs(30, B, H, G, D, N, jnp.float32)
     nb = N // bk
