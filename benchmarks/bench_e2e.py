@@ -25,8 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import Budget, device_info, device_time, median_time, read_bandwidth, rel_err
-from pallas_kernels.block_select import block_cluster_ranges, select_blocks, select_blocks_ref
-from pallas_kernels.centroid_lookup import centroid_scores, centroid_scores_ref, hierarchical_scores
+from pallas_kernels.block_select import (
+    CHUNK_BLOCKS,
+    block_cluster_ranges,
+    select_blocks,
+    select_blocks_from_logits,
+    select_blocks_ref,
+)
+from pallas_kernels.centroid_lookup import centroid_logits, centroid_scores, centroid_scores_ref, hierarchical_scores
 from pallas_kernels.selection import block_scores, select_topk
 from pallas_kernels.sparse_decode import dense_decode, sparse_decode, sparse_decode_ref
 from squeeze_jax.attention.context import FUSED_SELECT_MAX_BLOCKS
@@ -75,23 +81,38 @@ def synthetic_index(n_keys: int, H: int, seed: int, centroid_fraction: float = 0
     )
 
 
-def squeezed_step(q_BHGD, k_user_BUHD, v_user_BUHD, ix: dict, *, keep_blocks: int, hierarchical: bool,
-                  coarse_keep: int, n_keys: int, score: str = "mean", reference: bool = False):
-    """One layer's decode attention for one token: lookup, block selection, then one attention launch over
-    the selected context blocks and the user tokens (merged in its split combine), as ContextAttention runs
-    it."""
-    B, H, G, _ = q_BHGD.shape
+def squeezed_select(q_BHGD, ix: dict, *, keep_blocks: int, hierarchical: bool, coarse_keep: int,
+                    score: str = "mean", reference: bool = False, fold: bool = False,
+                    chunk_blocks: int = CHUNK_BLOCKS):
+    """A decode step's lookup + block selection, as ContextAttention runs it: (block_ids, count). `fold`: the
+    lookup's finish inside the selection (flat mean scores only); `chunk_blocks`: the chunked selection."""
+    B, H = q_BHGD.shape[:2]
     k_BH = jnp.full((B, H), keep_blocks, jnp.int32)
     lookup_kw = dict(hierarchical=hierarchical, coarse_keep=coarse_keep, score=score)
     sel_kw = dict(n_blocks=ix["n_blocks"], capacity=keep_blocks, fixed_blocks=N_FIXED // BLOCK_K)
     tables = (ix["cluster_size"], ix["lo"], ix["hi"], k_BH)
-    if reference or ix["n_blocks"] <= FUSED_SELECT_MAX_BLOCKS:
-        sel = select_blocks_ref if reference else select_blocks
-        ids, count = sel(_lookup(q_BHGD, ix, {}, lookup_kw, reference=reference), *tables, **sel_kw)
-    else:  # as ContextAttention: the unfused XLA selection where it is faster (512K keys)
+    if reference:
+        return select_blocks_ref(_lookup(q_BHGD, ix, {}, lookup_kw, reference=True), *tables, **sel_kw)
+    if ix["n_blocks"] > FUSED_SELECT_MAX_BLOCKS:  # as ContextAttention: the XLA selection where it is faster
         bs = block_scores(_lookup(q_BHGD, ix, {}, lookup_kw), ix["cluster_start"], ix["cluster_size"],
                           n_blocks=ix["n_blocks"], block_k=BLOCK_K, fixed_blocks=N_FIXED // BLOCK_K)
-        ids, count = select_topk(bs, k_BH, keep_blocks)
+        return select_topk(bs, k_BH, keep_blocks)
+    if fold and not hierarchical and score == "mean":
+        logits = centroid_logits(q_BHGD, ix["centroids"], ix["log_sizes"], ix["radius"])
+        return select_blocks_from_logits(logits, *tables, chunk_blocks=chunk_blocks, **sel_kw)
+    return select_blocks(_lookup(q_BHGD, ix, {}, lookup_kw), *tables, chunk_blocks=chunk_blocks, **sel_kw)
+
+
+def squeezed_step(q_BHGD, k_user_BUHD, v_user_BUHD, ix: dict, *, keep_blocks: int, hierarchical: bool,
+                  coarse_keep: int, n_keys: int, score: str = "mean", reference: bool = False, fold: bool = False,
+                  chunk_blocks: int = CHUNK_BLOCKS):
+    """One layer's decode attention for one token: lookup, block selection, then one attention launch over
+    the selected context blocks and the user tokens (merged in its split combine), as ContextAttention runs
+    it."""
+    B = q_BHGD.shape[0]
+    ids, count = squeezed_select(q_BHGD, ix, keep_blocks=keep_blocks, hierarchical=hierarchical,
+                                 coarse_keep=coarse_keep, score=score, reference=reference, fold=fold,
+                                 chunk_blocks=chunk_blocks)
     attend = sparse_decode_ref if reference else sparse_decode
     user_len = jnp.full((B,), k_user_BUHD.shape[1], jnp.int32)
     o, _ = attend(q_BHGD, ix["keys"], ix["values"], ids, count, n_fixed=N_FIXED, fixed_pad=N_FIXED,
@@ -102,9 +123,11 @@ def squeezed_step(q_BHGD, k_user_BUHD, v_user_BUHD, ix: dict, *, keep_blocks: in
 
 def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, budget: Budget,
                    check: bool = True, hier_keeps: tuple[float, ...] = (0.125,),
-                   box_keeps: tuple[float, ...] = ()) -> list[dict]:
+                   box_keeps: tuple[float, ...] = (), select_variants: tuple[dict, ...] = ()) -> list[dict]:
     """Dense vs squeezed (flat / hierarchical, each kept fraction; flat with box-bound cluster scores at
-    `box_keeps`) for one context length and head shape. Flat and hierarchical rows score cluster means."""
+    `box_keeps`) for one context length and head shape. Flat and hierarchical rows score cluster means.
+    `select_variants`: more flat rows at the first kept fraction below 1, each with these `squeezed_select`
+    options (`fold`, `chunk_blocks`)."""
     Hq, H = SHAPES[shape]
     G = Hq // H
     ix = synthetic_index(n_keys, H, seed=n_keys + H)
@@ -139,21 +162,23 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
     del k_all, v_all
     if 1.0 in keeps:
         rows.append(_dense_kernel_row(base, ix, q, k_u, v_u, n_keys, read_bw, best, ref_out, dense_bytes))
-    variants = [(False, "mean", k) for k in keeps] + [(True, "mean", k) for k in hier_keeps]
-    variants += [(False, "box", k) for k in box_keeps]
-    for hierarchical, score, keep in variants:
+    variants = [(False, "mean", k, {}) for k in keeps] + [(True, "mean", k, {}) for k in hier_keeps]
+    variants += [(False, "box", k, {}) for k in box_keeps]
+    sparse_keeps = [k for k in keeps if k < 1.0]
+    variants += [(False, "mean", sparse_keeps[0], v) for v in select_variants if sparse_keeps]
+    for hierarchical, score, keep, sel_v in variants:
         if budget.left() < 10:
             rows.append({**base, "method": "squeezed", "keep": keep, "skipped": "time budget"})
             continue
         keep_blocks = max(N_FIXED // BLOCK_K + 1, int(round(keep * ix["n_blocks"])))
         coarse_keep = max(1, ix["Cc"] // 4)
         kw = dict(keep_blocks=keep_blocks, hierarchical=hierarchical, coarse_keep=coarse_keep, n_keys=n_keys,
-                  score=score)
+                  score=score, **sel_v)
         statics = {k: v for k, v in ix.items() if not isinstance(v, jax.Array)}
         arrays = {k: v for k, v in ix.items() if isinstance(v, jax.Array)}
         step = jax.jit(lambda q, ku, vu, arr, kw=kw, st=statics: squeezed_step(q, ku, vu, {**st, **arr}, **kw))
         name = "squeezed_hier" if hierarchical else ("squeezed_box" if score == "box" else "squeezed_flat")
-        row = {**base, "method": name, "keep": keep, "blocks": keep_blocks}
+        row = {**base, "method": name, "keep": keep, "blocks": keep_blocks, **sel_v}
         t_row = time.perf_counter()
         try:
             out = step(q, k_u, v_u, arrays)
@@ -258,11 +283,13 @@ def _check_step(q, k_u, v_u, arrays: dict, statics: dict, kw: dict, H: int) -> d
 
 def _check_parts(q, arrays: dict, statics: dict, kw: dict, H: int):
     ix = {**statics, **arrays}
-    scores = _lookup(q, arrays, statics, kw)
+    sel = {k: v for k, v in kw.items() if k != "n_keys"}
+    ids, cnt = squeezed_select(q, ix, **sel)
+    # the reference selection over the lookup kernel's scores: what the selection kernels must pick exactly
     k_1H = jnp.full((1, H), kw["keep_blocks"], jnp.int32)
-    sel_kw = dict(n_blocks=ix["n_blocks"], capacity=kw["keep_blocks"], fixed_blocks=N_FIXED // BLOCK_K)
-    args = (scores, ix["cluster_size"], ix["lo"], ix["hi"], k_1H)
-    (ids, cnt), (ids_r, cnt_r) = select_blocks(*args, **sel_kw), select_blocks_ref(*args, **sel_kw)
+    ids_r, cnt_r = select_blocks_ref(_lookup(q, arrays, statics, kw), ix["cluster_size"], ix["lo"], ix["hi"], k_1H,
+                                     n_blocks=ix["n_blocks"], capacity=kw["keep_blocks"],
+                                     fixed_blocks=N_FIXED // BLOCK_K)
     lay = dict(n_fixed=N_FIXED, fixed_pad=N_FIXED, n_clustered=kw["n_keys"] - N_FIXED)
     o, _ = sparse_decode(q, ix["keys"], ix["values"], ids, cnt, **lay)
     o_r, _ = sparse_decode_ref(q[:, :2], ix["keys"][:2], ix["values"][:2], ids[:, :2], cnt[:, :2], **lay)
@@ -388,8 +415,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model-context", type=int, default=131072)
     ap.add_argument("--model-layers", type=int, default=4, help="0 = no whole-model rows")
     ap.add_argument("--box-keeps", default="", help="kept fractions also timed with box-bound cluster scores")
+    ap.add_argument("--select-variants", default="",
+                    help="more flat rows at the first kept fraction < 1: fold:chunk_blocks pairs, e.g. 1:0,0:512")
     ap.add_argument("--time-budget", type=float, default=300)
     args = ap.parse_args(argv)
+    select_variants = tuple({"fold": bool(int(f)), "chunk_blocks": int(c)}
+                            for f, c in (v.split(":") for v in args.select_variants.split(",") if v))
     budget = Budget(args.time_budget)
     read_bw = read_bandwidth()
     keeps = [float(x) for x in args.keeps.split(",")]
@@ -399,7 +430,8 @@ def main(argv=None) -> int:
             if SHAPES[shape][1] * n * D * ITEM * 6 > 50e9 or budget.left() < 20:
                 continue
             rows += attention_rows(n, shape, keeps, read_bw, budget,
-                                   box_keeps=tuple(float(x) for x in args.box_keeps.split(",") if x))
+                                   box_keeps=tuple(float(x) for x in args.box_keeps.split(",") if x),
+                                   select_variants=select_variants)
     if args.model_layers > 0:
         rows += model_rows(args.model_context, args.model_layers, 0.125, 32, budget)
     args.out.parent.mkdir(parents=True, exist_ok=True)
