@@ -133,29 +133,36 @@ def _score_stats(score, k_ref, capacity: int):
 
 def _search(t, kk, a, b, count_a, count_b, search_iters: int):
     """Narrow the band [a, b) holding the kk-th largest of `t` (count(t >= a) = count_a >= kk > count_b =
-    count(t >= b)) by thirds until exactly kk values lie above a, at most `search_iters` steps. Returns (a, b,
-    count_b)."""
+    count(t >= b)), at most `search_iters` steps. Each step splits the band in thirds, then snaps it to its
+    largest value: if that value alone reaches kk the band is one value (a tie at the k-th score, resolved by
+    block index) and the search ends; otherwise it is the new upper end. It also ends as soon as exactly kk
+    values lie above a. Returns (a, b, count_b)."""
 
     def unresolved(state):
-        it, _, _, ca, _ = state
-        return (it < search_iters) & (ca != kk)
+        it, _, _, ca, _, single = state
+        return (it < search_iters) & (ca != kk) & ~single
 
-    def third(state):
+    def step(state):
         # Counts at the two inner third points in one reduction: both counts are <= n_blocks < 2**15, so they
         # pack into one int32 as c1 + c2 * 2**16 (the block-wide reduction, not the compares, is the cost).
-        it, a, b, ca, cb = state
+        it, a, b, ca, cb, _ = state
         m1 = a + (b - a) / 3.0
         m2 = a + (b - a) * (2.0 / 3.0)
         packed = jnp.sum((t >= m1).astype(jnp.int32) + ((t >= m2).astype(jnp.int32) << 16))
         c1, c2 = packed & 0xFFFF, packed >> 16
         up1, up2 = c1 >= kk, c2 >= kk  # up2 implies up1 (c2 <= c1)
-        a_new = jnp.where(up2, m2, jnp.where(up1, m1, a))
-        ca_new = jnp.where(up2, c2, jnp.where(up1, c1, ca))
-        b_new = jnp.where(up2, b, jnp.where(up1, m2, m1))
-        cb_new = jnp.where(up2, cb, jnp.where(up1, c2, c1))
-        return it + 1, a_new, b_new, ca_new, cb_new
+        a, ca, b, cb = (jnp.where(up2, m2, jnp.where(up1, m1, a)), jnp.where(up2, c2, jnp.where(up1, c1, ca)),
+                        jnp.where(up2, b, jnp.where(up1, m2, m1)), jnp.where(up2, cb, jnp.where(up1, c2, c1)))
+        # Block scores repeat (a cluster spanning several blocks gives each its score), so the k-th score is
+        # often tied and thirds alone would run every step: snap to the band's largest value instead.
+        top = jnp.max(jnp.where((t >= a) & (t < b), t, _NEG_INF))
+        c_top = jnp.sum((t >= top).astype(jnp.int32))
+        single = c_top >= kk
+        return (it + 1, jnp.where(single, top, a), jnp.where(single, b, top), jnp.where(single, c_top, ca),
+                jnp.where(single, cb, c_top), single)
 
-    _, a, b, _, count_b = lax.while_loop(unresolved, third, (jnp.int32(0), a, b, count_a, count_b))
+    _, a, b, _, count_b, _ = lax.while_loop(unresolved, step,
+                                            (jnp.int32(0), a, b, count_a, count_b, jnp.bool_(False)))
     return a, b, count_b
 
 
