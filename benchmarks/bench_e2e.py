@@ -26,7 +26,6 @@ import numpy as np
 
 from benchmarks.timing import Budget, device_info, device_time, median_time, read_bandwidth, rel_err
 from pallas_kernels.block_select import (
-    CHUNK_BLOCKS,
     block_cluster_ranges,
     select_blocks,
     select_blocks_from_logits,
@@ -82,10 +81,9 @@ def synthetic_index(n_keys: int, H: int, seed: int, centroid_fraction: float = 0
 
 
 def squeezed_select(q_BHGD, ix: dict, *, keep_blocks: int, hierarchical: bool, coarse_keep: int,
-                    score: str = "mean", reference: bool = False, fold: bool = False,
-                    chunk_blocks: int = CHUNK_BLOCKS):
+                    score: str = "mean", reference: bool = False, fold: bool = False):
     """A decode step's lookup + block selection, as ContextAttention runs it: (block_ids, count). `fold`: the
-    lookup's finish inside the selection (flat mean scores only); `chunk_blocks`: the chunked selection."""
+    lookup's finish inside the selection (`fold_lookup_finish`; flat mean scores only)."""
     B, H = q_BHGD.shape[:2]
     k_BH = jnp.full((B, H), keep_blocks, jnp.int32)
     lookup_kw = dict(hierarchical=hierarchical, coarse_keep=coarse_keep, score=score)
@@ -99,20 +97,18 @@ def squeezed_select(q_BHGD, ix: dict, *, keep_blocks: int, hierarchical: bool, c
         return select_topk(bs, k_BH, keep_blocks)
     if fold and not hierarchical and score == "mean":
         logits = centroid_logits(q_BHGD, ix["centroids"], ix["log_sizes"], ix["radius"])
-        return select_blocks_from_logits(logits, *tables, chunk_blocks=chunk_blocks, **sel_kw)
-    return select_blocks(_lookup(q_BHGD, ix, {}, lookup_kw), *tables, chunk_blocks=chunk_blocks, **sel_kw)
+        return select_blocks_from_logits(logits, *tables, **sel_kw)
+    return select_blocks(_lookup(q_BHGD, ix, {}, lookup_kw), *tables, **sel_kw)
 
 
 def squeezed_step(q_BHGD, k_user_BUHD, v_user_BUHD, ix: dict, *, keep_blocks: int, hierarchical: bool,
-                  coarse_keep: int, n_keys: int, score: str = "mean", reference: bool = False, fold: bool = False,
-                  chunk_blocks: int = CHUNK_BLOCKS):
+                  coarse_keep: int, n_keys: int, score: str = "mean", reference: bool = False, fold: bool = False):
     """One layer's decode attention for one token: lookup, block selection, then one attention launch over
     the selected context blocks and the user tokens (merged in its split combine), as ContextAttention runs
     it."""
     B = q_BHGD.shape[0]
     ids, count = squeezed_select(q_BHGD, ix, keep_blocks=keep_blocks, hierarchical=hierarchical,
-                                 coarse_keep=coarse_keep, score=score, reference=reference, fold=fold,
-                                 chunk_blocks=chunk_blocks)
+                                 coarse_keep=coarse_keep, score=score, reference=reference, fold=fold)
     attend = sparse_decode_ref if reference else sparse_decode
     user_len = jnp.full((B,), k_user_BUHD.shape[1], jnp.int32)
     o, _ = attend(q_BHGD, ix["keys"], ix["values"], ids, count, n_fixed=N_FIXED, fixed_pad=N_FIXED,
@@ -127,7 +123,7 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
     """Dense vs squeezed (flat / hierarchical, each kept fraction; flat with box-bound cluster scores at
     `box_keeps`) for one context length and head shape. Flat and hierarchical rows score cluster means.
     `select_variants`: more flat rows at the first kept fraction below 1, each with these `squeezed_select`
-    options (`fold`, `chunk_blocks`)."""
+    options (e.g. `{"fold": True}`)."""
     Hq, H = SHAPES[shape]
     G = Hq // H
     ix = synthetic_index(n_keys, H, seed=n_keys + H)
@@ -415,12 +411,11 @@ def main(argv=None) -> int:
     ap.add_argument("--model-context", type=int, default=131072)
     ap.add_argument("--model-layers", type=int, default=4, help="0 = no whole-model rows")
     ap.add_argument("--box-keeps", default="", help="kept fractions also timed with box-bound cluster scores")
-    ap.add_argument("--select-variants", default="",
-                    help="more flat rows at the first kept fraction < 1: fold:chunk_blocks pairs, e.g. 1:0,0:512")
+    ap.add_argument("--fold-row", action="store_true",
+                    help="one more flat row at the first kept fraction < 1 with the lookup's finish in the selection")
     ap.add_argument("--time-budget", type=float, default=300)
     args = ap.parse_args(argv)
-    select_variants = tuple({"fold": bool(int(f)), "chunk_blocks": int(c)}
-                            for f, c in (v.split(":") for v in args.select_variants.split(",") if v))
+    select_variants = ({"fold": True},) if args.fold_row else ()
     budget = Budget(args.time_budget)
     read_bw = read_bandwidth()
     keeps = [float(x) for x in args.keeps.split(",")]
