@@ -232,10 +232,7 @@ def _question_chosen_row(base: dict, ix: dict, q, k_u, v_u, keep: float, n_keys:
     keep_blocks = max(N_FIXED // BLOCK_K + 1, int(round(keep * ix["n_blocks"])))
     row = {**base, "method": "question_chosen", "keep": keep, "blocks": keep_blocks}
     try:
-        scores = _lookup(q, ix, {}, dict(hierarchical=False, coarse_keep=1, score="mean"))
-        k_1H = jnp.full((1, H), keep_blocks, jnp.int32)
-        ids, count = select_blocks(scores, ix["cluster_size"], ix["lo"], ix["hi"], k_1H, n_blocks=ix["n_blocks"],
-                                   capacity=keep_blocks, fixed_blocks=N_FIXED // BLOCK_K)
+        ids, count = squeezed_select(q, ix, keep_blocks=keep_blocks, hierarchical=False, coarse_keep=1)
         user_len = jnp.full((1,), k_u.shape[1], jnp.int32)
         lay = dict(n_fixed=N_FIXED, fixed_pad=N_FIXED, n_clustered=n_keys - N_FIXED)
         step = jax.jit(lambda q, ku, vu: sparse_decode(q, ix["keys"], ix["values"], ids, count, k_user_BUHD=ku,

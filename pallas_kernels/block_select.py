@@ -168,7 +168,8 @@ def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks
     cnt_ref[...] = jnp.maximum(count, 1)
 
 
-def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB=None):
+def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB=None, *,
+           kernel: bool = True):
     if scores_BHC.ndim != 3:
         raise ValueError(f"scores_BHC must be [B, H, C], got {scores_BHC.shape}")
     B, H, C = scores_BHC.shape
@@ -185,7 +186,7 @@ def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, 
             raise TypeError(f"{name} must be integer, got {x.dtype}")
     if k_BH.shape != (B, H) or not jnp.issubdtype(k_BH.dtype, jnp.integer):
         raise ValueError(f"k_BH must be an integer [{B}, {H}] array, got {k_BH.dtype}{list(k_BH.shape)}")
-    if n_blocks > MAX_BLOCKS:
+    if kernel and n_blocks > MAX_BLOCKS:
         raise ValueError(f"select_blocks handles at most {MAX_BLOCKS} blocks per head, got n_blocks={n_blocks}; use "
                          "selection.block_scores + select_topk")
     if not 1 <= capacity <= n_blocks:
@@ -382,7 +383,7 @@ def select_blocks_ref(
     max over each block's cluster range (a gather per range offset) and the prior, then `select_topk`. Memory
     O(rows x blocks), so it also checks 512K-key contexts."""
     del num_warps, interpret, search_iters, gather_unroll
-    _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB)
+    _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB, kernel=False)
     B, H, C = scores_BHC.shape
     s_BHC = jnp.where(cluster_size_HC[None] > 0, scores_BHC.astype(jnp.float32), _NEG_INF)
     span = jnp.max(hi_HB - lo_HB + 1)
