@@ -34,7 +34,7 @@ from pallas_kernels.block_select import (
 from pallas_kernels.centroid_lookup import centroid_logits, centroid_scores, centroid_scores_ref, hierarchical_scores
 from pallas_kernels.selection import block_scores, select_topk
 from pallas_kernels.sparse_decode import dense_decode, sparse_decode, sparse_decode_ref
-from squeeze_jax.attention.context import FUSED_SELECT_MAX_BLOCKS
+from squeeze_jax.attention.context import fused_select_chunks
 from squeeze_jax.index.bounds import index_box_table, signed_split
 
 D = 128
@@ -81,9 +81,11 @@ def synthetic_index(n_keys: int, H: int, seed: int, centroid_fraction: float = 0
 
 
 def squeezed_select(q_BHGD, ix: dict, *, keep_blocks: int, hierarchical: bool, coarse_keep: int,
-                    score: str = "mean", reference: bool = False, fold: bool = False):
-    """A decode step's lookup + block selection, as ContextAttention runs it: (block_ids, count). `fold`: the
-    lookup's finish inside the selection (`fold_lookup_finish`; flat mean scores only)."""
+                    score: str = "mean", reference: bool = False, fold: bool = False, select: str = "auto",
+                    chunk_blocks: int = 0):
+    """A decode step's lookup + block selection: (block_ids, count). `select`: "auto" as ContextAttention picks
+    it, "fused" the Pallas selection (`chunk_blocks` > 0: its chunked form), "xla" block scores + top-k in XLA;
+    `fold`: the lookup's finish inside the Pallas selection (flat mean scores only)."""
     B, H = q_BHGD.shape[:2]
     k_BH = jnp.full((B, H), keep_blocks, jnp.int32)
     lookup_kw = dict(hierarchical=hierarchical, coarse_keep=coarse_keep, score=score)
@@ -91,24 +93,29 @@ def squeezed_select(q_BHGD, ix: dict, *, keep_blocks: int, hierarchical: bool, c
     tables = (ix["cluster_size"], ix["lo"], ix["hi"], k_BH)
     if reference:
         return select_blocks_ref(_lookup(q_BHGD, ix, {}, lookup_kw, reference=True), *tables, **sel_kw)
-    if ix["n_blocks"] > FUSED_SELECT_MAX_BLOCKS:  # as ContextAttention: the XLA selection where it is faster
+    if select == "auto":
+        chunks = fused_select_chunks(ix["n_blocks"])
+        select, chunk_blocks = ("xla", 0) if chunks is None else ("fused", chunks)
+    if select == "xla":
         bs = block_scores(_lookup(q_BHGD, ix, {}, lookup_kw), ix["cluster_start"], ix["cluster_size"],
                           n_blocks=ix["n_blocks"], block_k=BLOCK_K, fixed_blocks=N_FIXED // BLOCK_K)
         return select_topk(bs, k_BH, keep_blocks)
     if fold and not hierarchical and score == "mean":
         logits = centroid_logits(q_BHGD, ix["centroids"], ix["log_sizes"], ix["radius"])
-        return select_blocks_from_logits(logits, *tables, **sel_kw)
-    return select_blocks(_lookup(q_BHGD, ix, {}, lookup_kw), *tables, **sel_kw)
+        return select_blocks_from_logits(logits, *tables, chunk_blocks=chunk_blocks, **sel_kw)
+    return select_blocks(_lookup(q_BHGD, ix, {}, lookup_kw), *tables, chunk_blocks=chunk_blocks, **sel_kw)
 
 
 def squeezed_step(q_BHGD, k_user_BUHD, v_user_BUHD, ix: dict, *, keep_blocks: int, hierarchical: bool,
-                  coarse_keep: int, n_keys: int, score: str = "mean", reference: bool = False, fold: bool = False):
+                  coarse_keep: int, n_keys: int, score: str = "mean", reference: bool = False, fold: bool = False,
+                  select: str = "auto", chunk_blocks: int = 0):
     """One layer's decode attention for one token: lookup, block selection, then one attention launch over
     the selected context blocks and the user tokens (merged in its split combine), as ContextAttention runs
     it."""
     B = q_BHGD.shape[0]
     ids, count = squeezed_select(q_BHGD, ix, keep_blocks=keep_blocks, hierarchical=hierarchical,
-                                 coarse_keep=coarse_keep, score=score, reference=reference, fold=fold)
+                                 coarse_keep=coarse_keep, score=score, reference=reference, fold=fold,
+                                 select=select, chunk_blocks=chunk_blocks)
     attend = sparse_decode_ref if reference else sparse_decode
     user_len = jnp.full((B,), k_user_BUHD.shape[1], jnp.int32)
     o, _ = attend(q_BHGD, ix["keys"], ix["values"], ids, count, n_fixed=N_FIXED, fixed_pad=N_FIXED,
@@ -123,7 +130,7 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
     """Dense vs squeezed (flat / hierarchical, each kept fraction; flat with box-bound cluster scores at
     `box_keeps`) for one context length and head shape. Flat and hierarchical rows score cluster means.
     `select_variants`: more flat rows at the first kept fraction below 1, each with these `squeezed_select`
-    options (e.g. `{"fold": True}`)."""
+    options (e.g. `{"select": "xla"}`, `{"fold": True}`)."""
     Hq, H = SHAPES[shape]
     G = Hq // H
     ix = synthetic_index(n_keys, H, seed=n_keys + H)
@@ -401,6 +408,17 @@ def _dense_decode_ms(model, prefilled: tuple, sampling, impl: str, reps: int = 2
     return 1e3 * min(times[1:])
 
 
+def _select_variant(name: str) -> dict:
+    """A `--select-variants` entry as `squeezed_select` options."""
+    fold = name.startswith("fold")
+    rest = name[4:] if fold else name
+    if rest.startswith("chunk"):
+        return {"fold": fold, "select": "fused", "chunk_blocks": int(rest[5:])}
+    if rest in ("", "fused", "xla"):
+        return {"fold": fold, "select": rest or "fused"}
+    raise ValueError(f"unknown selection variant {name!r}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -410,11 +428,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model-context", type=int, default=131072)
     ap.add_argument("--model-layers", type=int, default=4, help="0 = no whole-model rows")
     ap.add_argument("--box-keeps", default="", help="kept fractions also timed with box-bound cluster scores")
-    ap.add_argument("--fold-row", action="store_true",
-                    help="one more flat row at the first kept fraction < 1 with the lookup's finish in the selection")
+    ap.add_argument("--select-variants", default="",
+                    help="more flat rows at the first kept fraction < 1, each a selection path: fused, xla, fold, "
+                         "chunkN (the chunked Pallas selection, N blocks per program), foldchunkN")
     ap.add_argument("--time-budget", type=float, default=300)
     args = ap.parse_args(argv)
-    select_variants = ({"fold": True},) if args.fold_row else ()
+    select_variants = tuple(_select_variant(v) for v in args.select_variants.split(",") if v)
     budget = Budget(args.time_budget)
     read_bw = read_bandwidth()
     keeps = [float(x) for x in args.keeps.split(",")]

@@ -10,8 +10,8 @@ Each stage is timed alone (chained calls inside one jit, `timing.device_time`) u
 its cost, next to the floor of an empty launch on the same grid:
   floor     a Pallas kernel that writes one int per program, grids (1, 8) and (8, 33)
   select    fused block selection: warps x search steps (0 = no search: gather + compaction only), range
-            offsets gathered per step, from the lookup's logits (its finish folded in), and the gather at
-            span 1 (every block one cluster)
+            offsets gathered per step, from the lookup's logits (its finish folded in), the chunked selection
+            (blocks per program, from scores and from logits), and the gather at span 1 (every block one cluster)
   prior     the question prior: selection with a prior row, and the prefill pass building it (16 rows)
   lookup    flat centroid lookup over the mean centroids (f32 [C, D]) and the box table (bf16 [C, 2D]):
             phase-2 method, centroids per step, steps per program
@@ -113,6 +113,18 @@ def stage_variants(n: int, smoke: bool):
         out.append(("select", {"from_logits": True, "num_warps": warps}, (logits,),
                     lambda i, lg, w=warps: select_blocks_from_logits(lg, ix["cluster_size"], ix["lo"], ix["hi"],
                                                                      k_BH, num_warps=w, **sel)))
+    # chunked selection (block scores + band counts on many programs, then per-chunk search and compaction)
+    for chunk in (256, 512, 1024):
+        out.append(("select", {"chunk_blocks": chunk}, (scores,),
+                    lambda i, s, c=chunk: select_blocks(s, ix["cluster_size"], ix["lo"], ix["hi"], k_BH,
+                                                        chunk_blocks=c, **sel)))
+        out.append(("select", {"from_logits": True, "chunk_blocks": chunk}, (logits,),
+                    lambda i, lg, c=chunk: select_blocks_from_logits(lg, ix["cluster_size"], ix["lo"], ix["hi"],
+                                                                     k_BH, chunk_blocks=c, **sel)))
+    for v in ({"num_warps": 16}, {"search_iters": 0}):
+        out.append(("select", {"chunk_blocks": 512, **v}, (scores,),
+                    lambda i, s, v=v: select_blocks(s, ix["cluster_size"], ix["lo"], ix["hi"], k_BH,
+                                                    chunk_blocks=512, **v, **sel)))
     out.append(("select", {"num_warps": 8, "search_iters": 0, "span": 1}, (scores,),
                 lambda i, s: select_blocks(s, ix["cluster_size"], ix["lo"], ix["lo"], k_BH, search_iters=0, **sel)))
     # question prior: the decode selection with a prior row per (row, head), and the prefill pass that builds it

@@ -33,17 +33,24 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.centroid_lookup import ClusterLogits, lse_from_partials, scores_from_logits
-from pallas_kernels.common import compiler_params, next_pow2, resolve_interpret
+from pallas_kernels.common import compiler_params, is_pow2, next_pow2, resolve_interpret
 from pallas_kernels.selection import select_topk
 
-# Most blocks per head: the search packs two block counts into one int32 (each below 2**15).
-MAX_BLOCKS = 2**15 - 1
+# Most blocks per head: the search packs two block counts into one int32, c1 + c2 * 2**16 (each below 2**16; the
+# sum wraps past 2**31 and is unpacked with a logical shift).
+MAX_BLOCKS = 2**16 - 1
 # Steps of the k-th-score search; each keeps a third of the range: 3**21 > 2**33, as fine as 33 halvings.
 SEARCH_ITERS = 21
 # Warps per program: the selection is a chain of block-wide reductions on one program per (row, KV head), so
 # more warps per program shorten each one (H100, 128K keys in 16-key blocks, 8 KV heads: 27.2 / 23.8 / 20.0 us
 # at 8 / 16 / 32 warps).
 NUM_WARPS = 32
+# Chunked selection (`chunk_blocks` > 0): blocks per program, and the fixed score edges whose per-chunk counts
+# start every program's search in a band BAND_STEP wide instead of the whole score range.
+CHUNK_BLOCKS = 0
+BAND_EDGES = 128
+BAND_STEP = 0.25
+SCORE_WARPS = 4
 _NEG_INF = float("-inf")
 
 
@@ -63,33 +70,32 @@ def block_cluster_ranges(cluster_start_HC: jax.Array, cluster_size_HC: jax.Array
     return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
-def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks: int, capacity: int,
-                   search_iters: int, gather_unroll: int, prior: bool, n_rows: int, agg: str):
-    """`s_ref`: cluster scores [C], or (n_rows > 0) the lookup's logits [n_rows, C] with its partial
-    normalisers in the two refs after it (the lookup's finish done in the gather)."""
-    if n_rows:
-        m_ref, l_ref, *refs = refs
-    size_ref, lo_ref, hi_ref, *refs = refs
-    prior_ref, ids_ref, cnt_ref = refs if prior else (None, *refs)
-    blk = lax.broadcasted_iota(jnp.int32, (nb_pad,), 0)
-    lo = lo_ref[...]
-    hi = hi_ref[...]
-    real = blk < n_blocks
-    span = jnp.max(jnp.where(real, hi - lo + 1, 0))
-    if n_rows:
-        lse = lse_from_partials(m_ref, l_ref)
-        row = lax.broadcasted_iota(jnp.int32, lse.shape, 0)
-        lse_r = [jnp.sum(jnp.where(row == r, lse, 0.0)) for r in range(n_rows)]
+def _cluster_score_fn(s_ref, m_ref, l_ref, *, n_rows: int, agg: str):
+    """`cluster_score(c_safe, ok)`: the clusters' scores, read from `s_ref` [C] or (n_rows > 0) finished from the
+    lookup's logits [n_rows, C] and its partial normalisers (the lookup's finish done in the gather)."""
+    if not n_rows:
+        return lambda c_safe, ok: plgpu.load(s_ref.at[c_safe], mask=ok, other=_NEG_INF).astype(jnp.float32)
+    lse = lse_from_partials(m_ref, l_ref)
+    row = lax.broadcasted_iota(jnp.int32, lse.shape, 0)
+    lse_r = [jnp.sum(jnp.where(row == r, lse, 0.0)) for r in range(n_rows)]
 
     def cluster_score(c_safe, ok):
-        if not n_rows:
-            return plgpu.load(s_ref.at[c_safe], mask=ok, other=_NEG_INF).astype(jnp.float32)
         x = [plgpu.load(s_ref.at[r, c_safe], mask=ok, other=0.0) - lse_r[r] for r in range(n_rows)]
         m = functools.reduce(jnp.maximum, x)
         if agg == "max":
             return m
         m_safe = jnp.where(m > _NEG_INF, m, 0.0)
         return m_safe + jnp.log(functools.reduce(jnp.add, [jnp.exp(v - m_safe) for v in x])) - math.log(n_rows)
+
+    return cluster_score
+
+
+def _block_scores(cluster_score, size_ref, lo, hi, blk, prior_ref, *, n_blocks: int, fixed_blocks: int,
+                  gather_unroll: int):
+    """Scores of the blocks `blk` (their cluster ranges `lo, hi`): the max over the range's clusters (size > 0)
+    and the prior; fixed blocks +inf, blocks past `n_blocks` -inf."""
+    real = blk < n_blocks
+    span = jnp.max(jnp.where(real, hi - lo + 1, 0))
 
     def gather_max(j, acc):
         # `gather_unroll` range offsets per step, their loads issued before the first is used (fewer memory
@@ -106,66 +112,170 @@ def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks
         return acc
 
     score = lax.fori_loop(0, (span + gather_unroll - 1) // gather_unroll, gather_max,
-                          jnp.full((nb_pad,), _NEG_INF, jnp.float32))
-    if prior:
+                          jnp.full(blk.shape, _NEG_INF, jnp.float32))
+    if prior_ref is not None:
         score = jnp.maximum(score, plgpu.load(prior_ref, mask=real, other=_NEG_INF).astype(jnp.float32))
-    score = jnp.where(real & (blk < fixed_blocks), jnp.inf, score)
+    return jnp.where(real & (blk < fixed_blocks), jnp.inf, jnp.where(real, score, _NEG_INF))
 
+
+def _pack(x, y):
+    """Two boolean indicators as one int32, x + y * 2**16: a sum or prefix sum of it counts both at once (each
+    count <= MAX_BLOCKS < 2**16; the int32 wraps past 2**31, `_unpack` reads it back)."""
+    return x.astype(jnp.int32) + (y.astype(jnp.int32) << 16)
+
+
+def _unpack(packed):
+    """(x count, y count) from sums of `_pack`."""
+    return packed & 0xFFFF, lax.shift_right_logical(packed, jnp.int32(16))
+
+
+def _score_stats(score, k_ref, capacity: int):
+    """(valid, kk, f_min, f_max): blocks with a score, how many to take (k clipped to [1, capacity] and to the
+    valid count), and the range of the finite scores (0 when there are none)."""
     valid = score > _NEG_INF
     finite = valid & (score < jnp.inf)
-    # the valid and the finite counts in one reduction (both <= n_blocks < 2**15)
-    counts = jnp.sum(valid.astype(jnp.int32) + (finite.astype(jnp.int32) << 16))
-    n_valid, any_finite = counts & 0xFFFF, (counts >> 16) > 0
-    k = jnp.clip(k_ref[...], 1, capacity)
-    kk = jnp.minimum(k, n_valid)
+    # the valid and the finite counts in one reduction
+    n_valid, n_finite = _unpack(jnp.sum(_pack(valid, finite)))
+    any_finite = n_finite > 0
+    kk = jnp.minimum(jnp.clip(k_ref[...], 1, capacity), n_valid)
     f_max = jnp.max(jnp.where(finite, score, _NEG_INF))
     f_min = jnp.min(jnp.where(finite, score, jnp.inf))
-    f_max = jnp.where(any_finite, f_max, 0.0)
-    f_min = jnp.where(any_finite, f_min, 0.0)
-    big = f_max + 1.0
-    t = jnp.where(score == jnp.inf, big, score)  # +inf (fixed) blocks rank above every finite one
+    return valid, n_valid, kk, jnp.where(any_finite, f_min, 0.0), jnp.where(any_finite, f_max, 0.0)
+
+
+def _search(t, kk, a, b, count_a, count_b, search_iters: int):
+    """Narrow the band [a, b) holding the kk-th largest of `t` (count(t >= a) = count_a >= kk > count_b =
+    count(t >= b)) by thirds until exactly kk values lie above a, at most `search_iters` steps. Returns (a, b,
+    count_b)."""
 
     def unresolved(state):
-        it, _, _, count_a, _ = state
-        return (it < search_iters) & (count_a != kk)
+        it, _, _, ca, _ = state
+        return (it < search_iters) & (ca != kk)
 
     def third(state):
-        # Counts at the two inner third points in one reduction: both counts are <= n_blocks < 2**15, so they
-        # pack into one int32 as c1 + c2 * 2**16 (the block-wide reduction, not the compares, is the cost).
-        it, a, b, count_a, count_b = state
+        # Counts at the two inner third points in one reduction, packed in one int32 (the block-wide reduction,
+        # not the compares, is the cost).
+        it, a, b, ca, cb = state
         m1 = a + (b - a) / 3.0
         m2 = a + (b - a) * (2.0 / 3.0)
-        packed = jnp.sum((t >= m1).astype(jnp.int32) + ((t >= m2).astype(jnp.int32) << 16))
-        c1, c2 = packed & 0xFFFF, packed >> 16
+        c1, c2 = _unpack(jnp.sum(_pack(t >= m1, t >= m2)))
         up1, up2 = c1 >= kk, c2 >= kk  # up2 implies up1 (c2 <= c1)
         a_new = jnp.where(up2, m2, jnp.where(up1, m1, a))
-        ca_new = jnp.where(up2, c2, jnp.where(up1, c1, count_a))
+        ca_new = jnp.where(up2, c2, jnp.where(up1, c1, ca))
         b_new = jnp.where(up2, b, jnp.where(up1, m2, m1))
-        cb_new = jnp.where(up2, count_b, jnp.where(up1, c2, c1))
+        cb_new = jnp.where(up2, cb, jnp.where(up1, c2, c1))
         return it + 1, a_new, b_new, ca_new, cb_new
 
-    # Invariant: count(t >= a) = count_a >= kk > count_b = count(t >= b). Stops as soon as count_a == kk (then
-    # {t >= a} is the top kk exactly); only ties at the k-th score run all `search_iters` steps.
-    _, a, b, _, count_b = lax.while_loop(unresolved, third, (jnp.int32(0), f_min, big + 1.0, n_valid, jnp.int32(0)))
-    # Taken: every block with t >= b (count_b of them) and the first `need` (by index) of the band [a, b).
-    # One prefix sum over both indicators (packed like the counts) gives each block's rank in the band and its
-    # slot; count_a >= kk, so exactly kk blocks are taken.
+    _, a, b, _, count_b = lax.while_loop(unresolved, third, (jnp.int32(0), a, b, count_a, count_b))
+    return a, b, count_b
+
+
+def _take(t, valid, a, b, need, before=0):
+    """Blocks taken from `t` (in block order): every one with t >= b and the first `need` (by index) of the band
+    [a, b), `before` (packed: above-band + in-band << 16) counted in earlier blocks. One prefix sum over both
+    indicators, packed like the counts, gives each block's rank in the band and its slot. Returns (take,
+    taken_through: blocks taken up to and including each one)."""
     gt = valid & (t >= b)
     eq = valid & (t >= a) & (t < b)
-    need = kk - count_b
     eq_i = eq.astype(jnp.int32)
-    through = jnp.cumsum(gt.astype(jnp.int32) + (eq_i << 16))
-    gt_through, eq_through = through & 0xFFFF, through >> 16
+    gt_through, eq_through = _unpack(jnp.cumsum(_pack(gt, eq)) + before)
     take = gt | (eq & (eq_through - eq_i < need))
+    return take, gt_through + jnp.minimum(eq_through, need)
+
+
+def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks: int, capacity: int,
+                   search_iters: int, gather_unroll: int, prior: bool, n_rows: int, agg: str):
+    """One program per (row, KV head): block scores, the k-th by a search over the whole range, compaction.
+    `s_ref`: cluster scores [C], or (n_rows > 0) the lookup's logits [n_rows, C] with its partial normalisers in
+    the two refs after it."""
+    m_ref, l_ref, *refs = refs if n_rows else (None, None, *refs)
+    size_ref, lo_ref, hi_ref, *refs = refs
+    prior_ref, ids_ref, cnt_ref = refs if prior else (None, *refs)
+    blk = lax.broadcasted_iota(jnp.int32, (nb_pad,), 0)
+    score = _block_scores(_cluster_score_fn(s_ref, m_ref, l_ref, n_rows=n_rows, agg=agg), size_ref, lo_ref[...],
+                          hi_ref[...], blk, prior_ref, n_blocks=n_blocks, fixed_blocks=fixed_blocks,
+                          gather_unroll=gather_unroll)
+    valid, n_valid, kk, f_min, f_max = _score_stats(score, k_ref, capacity)
+    big = f_max + 1.0
+    t = jnp.where(score == jnp.inf, big, score)  # +inf (fixed) blocks rank above every finite one
+    # Stops as soon as count_a == kk (then {t >= a} is the top kk exactly); only ties at the k-th score run all
+    # `search_iters` steps.
+    a, b, count_b = _search(t, kk, f_min, big + 1.0, n_valid, jnp.int32(0), search_iters)
+    take, taken_through = _take(t, valid, a, b, kk - count_b)
     count = kk
     last = jnp.where(count > 0, jnp.max(jnp.where(take, blk, -1)), 0)
     # A permutation of the slots: chosen blocks to [0, count) in block order, the rest to [count, nb_pad)
     # carrying `last` as padding (unchosen before block b: b - chosen before b). One store, no two lanes on one
     # address.
-    taken_through = gt_through + jnp.minimum(eq_through, need)
     slot = jnp.where(take, taken_through - 1, count + blk - taken_through)
     plgpu.store(ids_ref.at[slot], jnp.where(take, blk, last))
     cnt_ref[...] = jnp.maximum(count, 1)
+
+
+def _band_edges() -> jax.Array:
+    """The chunked selection's fixed score edges, BAND_STEP apart, the top one at 0 (log-probabilities lie
+    below 0, so for the lookup's scores the k-th score is usually between two edges)."""
+    return (lax.broadcasted_iota(jnp.int32, (BAND_EDGES,), 0) - (BAND_EDGES - 1)).astype(jnp.float32) * BAND_STEP
+
+
+def _chunk_scores_kernel(s_ref, *refs, chunk: int, n_blocks: int, fixed_blocks: int, gather_unroll: int,
+                         prior: bool, n_rows: int, agg: str):
+    """Chunked selection, launch 1, one program per (row, KV head, chunk of blocks): the chunk's block scores
+    and, per band edge, how many of them score at or above it."""
+    m_ref, l_ref, *refs = refs if n_rows else (None, None, *refs)
+    size_ref, lo_ref, hi_ref, *refs = refs
+    prior_ref, score_ref, edge_ref = refs if prior else (None, *refs)
+    blk = pl.program_id(2) * chunk + lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+    score = _block_scores(_cluster_score_fn(s_ref, m_ref, l_ref, n_rows=n_rows, agg=agg), size_ref, lo_ref[...],
+                          hi_ref[...], blk, prior_ref, n_blocks=n_blocks, fixed_blocks=fixed_blocks,
+                          gather_unroll=gather_unroll)
+    score_ref[...] = score
+    edge_ref[...] = jnp.sum((score[:, None] >= _band_edges()[None, :]).astype(jnp.int32), axis=0)
+
+
+def _pick(x, i):
+    """x[i] for a traced scalar i inside a kernel (a masked reduction: no dynamic register indexing)."""
+    return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, x.shape, 0) == i, x, 0))
+
+
+def _chunk_compact_kernel(k_ref, score_ref, own_ref, edge_ref, ids_ref, cnt_ref, *, chunk: int, nb_pad: int,
+                          capacity: int, search_iters: int):
+    """Chunked selection, launch 2, one program per (row, KV head, chunk): the k-th score from the band edges'
+    counts and a search inside the band (every program of a head reaches the same band), then the chunk's
+    taken blocks written to their slots; the program holding the last taken block writes the padding."""
+    c = pl.program_id(2)
+    score = score_ref[...]
+    blk = lax.broadcasted_iota(jnp.int32, (nb_pad,), 0)
+    valid, n_valid, kk, f_min, f_max = _score_stats(score, k_ref, capacity)
+    big = jnp.maximum(f_max, 0.0) + 1.0  # above every finite score and every edge
+    t = jnp.where(score == jnp.inf, big, score)
+    # count(t >= edge_j) over the head, non-increasing in j; the band starts between the last edge that keeps
+    # >= kk blocks and the next one (or the score range's ends)
+    at_edge = jnp.sum(edge_ref[...], axis=0)
+    edges = _band_edges()
+    j = jnp.sum((at_edge >= kk).astype(jnp.int32))
+    a = jnp.where(j > 0, _pick(edges, j - 1), f_min)
+    count_a = jnp.where(j > 0, _pick(at_edge, j - 1), n_valid)
+    b = jnp.where(j < BAND_EDGES, _pick(edges, j), big + 1.0)
+    count_b = jnp.where(j < BAND_EDGES, _pick(at_edge, j), 0)
+    a, b, count_b = _search(t, kk, a, b, count_a, count_b, search_iters)
+    need = kk - count_b
+    start = c * chunk
+    gt_b4 = valid & (t >= b) & (blk < start)
+    eq_b4 = valid & (t >= a) & (t < b) & (blk < start)
+    before = jnp.sum(_pack(gt_b4, eq_b4))
+    gt_b4_n, eq_b4_n = _unpack(before)
+    taken_b4 = gt_b4_n + jnp.minimum(eq_b4_n, need)
+    own = own_ref[...]
+    own_blk = start + lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+    take, taken_through = _take(jnp.where(own == jnp.inf, big, own), own > _NEG_INF, a, b, need, before)
+    # taken blocks to their slots; the rest to this store's own scratch lanes past nb_pad (sliced off)
+    plgpu.store(ids_ref.at[jnp.where(take, taken_through - 1, nb_pad + own_blk - start)], own_blk)
+    taken_here = jnp.max(taken_through) - taken_b4
+    writes_pad = ((taken_here > 0) & (taken_b4 + taken_here == kk)) | ((kk == 0) & (c == 0))
+    last = jnp.where(kk > 0, jnp.max(jnp.where(take, own_blk, -1)), 0)
+    plgpu.store(ids_ref.at[pl.ds(0, nb_pad)], jnp.full((nb_pad,), last, jnp.int32), mask=writes_pad & (blk >= kk))
+    cnt_ref[...] = jnp.maximum(kk, 1)
 
 
 def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB=None, *,
@@ -195,49 +305,87 @@ def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, 
         raise ValueError(f"fixed_blocks must be in [0, n_blocks={n_blocks}], got {fixed_blocks}")
 
 
-_STATIC = ("n_blocks", "capacity", "fixed_blocks", "num_warps", "interpret", "search_iters", "gather_unroll")
+_STATIC = ("n_blocks", "capacity", "fixed_blocks", "num_warps", "interpret", "search_iters", "gather_unroll",
+           "chunk_blocks")
 
 
-def _check_search(search_iters: int, gather_unroll: int) -> None:
+def _check_search(search_iters: int, gather_unroll: int, chunk_blocks: int) -> None:
     if not 0 <= search_iters <= SEARCH_ITERS:
         raise ValueError(f"search_iters must be in [0, {SEARCH_ITERS}], got {search_iters}")
     if gather_unroll not in (1, 2, 4):
         raise ValueError(f"gather_unroll must be 1, 2 or 4, got {gather_unroll}")
+    if chunk_blocks and (chunk_blocks < 16 or not is_pow2(chunk_blocks)):
+        raise ValueError(f"chunk_blocks must be 0 (one program per row and head) or a power of two >= 16, got "
+                         f"{chunk_blocks}")
 
 
-def _select_call(source: list[jax.Array], source_specs: list, cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, *,
-                 B: int, H: int, n_blocks: int, capacity: int, fixed_blocks: int, num_warps: int,
-                 interpret: bool | None, search_iters: int, gather_unroll: int, n_rows: int,
+def _row_spec(x: jax.Array) -> pl.BlockSpec:
+    """The whole [..] of one (row, KV head) of a [B, H, ..] array, for a (B, H) or (B, H, chunk) grid."""
+    tail = x.shape[2:]
+    return pl.BlockSpec((None, None, *tail), lambda b, h, *_: (b, h, *(0,) * len(tail)))
+
+
+def _select_call(source: list[jax.Array], cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, *, B: int, H: int,
+                 n_blocks: int, capacity: int, fixed_blocks: int, num_warps: int, interpret: bool | None,
+                 search_iters: int, gather_unroll: int, chunk_blocks: int, n_rows: int,
                  agg: str) -> tuple[jax.Array, jax.Array]:
-    """The selection launch: grid (B, H), one program per row and KV head, over the given score source."""
+    """The selection launch(es) over the given score source ([B, H, ..] arrays): grid (B, H), one program per row
+    and KV head; or, with `chunk_blocks`, two launches over (B, H, chunks)."""
     C = cluster_size_HC.shape[1]
     nb_pad = next_pow2(n_blocks)
+    chunk = min(chunk_blocks, nb_pad) if chunk_blocks else nb_pad
     lo = jnp.pad(lo_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=1)
     hi = jnp.pad(hi_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=0)
-    kernel = functools.partial(_select_kernel, n_blocks=n_blocks, nb_pad=nb_pad, fixed_blocks=fixed_blocks,
-                               capacity=capacity, search_iters=search_iters, gather_unroll=gather_unroll,
-                               prior=prior_BHB is not None, n_rows=n_rows, agg=agg)
-    in_specs = [pl.BlockSpec((None, None), lambda b, h: (b, h)), *source_specs,
-                pl.BlockSpec((None, C), lambda b, h: (h, 0)),
-                pl.BlockSpec((None, nb_pad), lambda b, h: (h, 0)),
-                pl.BlockSpec((None, nb_pad), lambda b, h: (h, 0))]
-    args = [k_BH.astype(jnp.int32), *source, cluster_size_HC.astype(jnp.int32), lo, hi]
+    k_spec = pl.BlockSpec((None, None), lambda b, h, *_: (b, h))
+    chunk_row = pl.BlockSpec((None, chunk), lambda b, h, *c: (h, *c) if c else (h, 0))
+    chunk_bh = pl.BlockSpec((None, None, chunk), lambda b, h, *c: (b, h, *c) if c else (b, h, 0))
+    in_specs = [*map(_row_spec, source), pl.BlockSpec((None, C), lambda b, h, *_: (h, 0)), chunk_row, chunk_row]
+    args = [*source, cluster_size_HC.astype(jnp.int32), lo, hi]
     if prior_BHB is not None:  # padded blocks are masked on load
-        in_specs.append(pl.BlockSpec((None, None, nb_pad), lambda b, h: (b, h, 0)))
+        in_specs.append(chunk_bh)
         args.append(jnp.pad(prior_BHB, ((0, 0), (0, 0), (0, nb_pad - n_blocks)), constant_values=_NEG_INF))
-    ids, count = pl.pallas_call(
-        kernel,
-        grid=(B, H),
+    shared = dict(n_blocks=n_blocks, fixed_blocks=fixed_blocks, gather_unroll=gather_unroll,
+                  prior=prior_BHB is not None, n_rows=n_rows, agg=agg)
+    count_out = (jax.ShapeDtypeStruct((B, H), jnp.int32), k_spec)
+    if not chunk_blocks:
+        kernel = functools.partial(_select_kernel, nb_pad=nb_pad, capacity=capacity, search_iters=search_iters,
+                                   **shared)
+        ids, count = pl.pallas_call(
+            kernel,
+            grid=(B, H),
+            in_specs=[k_spec, *in_specs],
+            out_specs=[chunk_bh, count_out[1]],
+            out_shape=[jax.ShapeDtypeStruct((B, H, nb_pad), jnp.int32), count_out[0]],
+            compiler_params=compiler_params(num_warps=num_warps, num_stages=1),
+            interpret=resolve_interpret(interpret),
+            name="squeeze_select_blocks",
+        )(k_BH.astype(jnp.int32), *args)
+        return ids[..., :capacity], count
+    n_chunks = nb_pad // chunk
+    score_BHN, edges_BHKE = pl.pallas_call(
+        functools.partial(_chunk_scores_kernel, chunk=chunk, **shared),
+        grid=(B, H, n_chunks),
         in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, None, nb_pad), lambda b, h: (b, h, 0)),
-            pl.BlockSpec((None, None), lambda b, h: (b, h)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((B, H, nb_pad), jnp.int32), jax.ShapeDtypeStruct((B, H), jnp.int32)],
+        out_specs=[chunk_bh, pl.BlockSpec((None, None, None, BAND_EDGES), lambda b, h, c: (b, h, c, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B, H, nb_pad), jnp.float32),
+                   jax.ShapeDtypeStruct((B, H, n_chunks, BAND_EDGES), jnp.int32)],
+        compiler_params=compiler_params(num_warps=SCORE_WARPS, num_stages=1),
+        interpret=resolve_interpret(interpret),
+        name="squeeze_select_chunk_scores",
+    )(*args)
+    # ids get nb_pad scratch lanes past the row (the untaken blocks' writes land there; sliced off)
+    ids_out = jax.ShapeDtypeStruct((B, H, 2 * nb_pad), jnp.int32)
+    ids, count = pl.pallas_call(
+        functools.partial(_chunk_compact_kernel, chunk=chunk, nb_pad=nb_pad, capacity=capacity,
+                          search_iters=search_iters),
+        grid=(B, H, n_chunks),
+        in_specs=[k_spec, _row_spec(score_BHN), chunk_bh, _row_spec(edges_BHKE)],
+        out_specs=[_row_spec(ids_out), count_out[1]],
+        out_shape=[ids_out, count_out[0]],
         compiler_params=compiler_params(num_warps=num_warps, num_stages=1),
         interpret=resolve_interpret(interpret),
-        name="squeeze_select_blocks",
-    )(*args)
+        name="squeeze_select_chunk_compact",
+    )(k_BH.astype(jnp.int32), score_BHN, score_BHN, edges_BHKE)
     return ids[..., :capacity], count
 
 
@@ -257,6 +405,7 @@ def select_blocks(
     search_iters: int = SEARCH_ITERS,
     prior_BHB: jax.Array | None = None,
     gather_unroll: int = 1,
+    chunk_blocks: int = CHUNK_BLOCKS,
 ) -> tuple[jax.Array, jax.Array]:
     """Top-k key blocks per (row, head) straight from cluster scores: (block_ids[B, H, capacity], count[B, H]).
 
@@ -270,12 +419,12 @@ def select_blocks(
     search's fixed cost, for profiling).
     """
     _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB)
-    _check_search(search_iters, gather_unroll)
+    _check_search(search_iters, gather_unroll, chunk_blocks)
     B, H, C = scores_BHC.shape
-    return _select_call([scores_BHC], [pl.BlockSpec((None, None, C), lambda b, h: (b, h, 0))], cluster_size_HC,
-                        lo_HB, hi_HB, k_BH, prior_BHB, B=B, H=H, n_blocks=n_blocks, capacity=capacity,
-                        fixed_blocks=fixed_blocks, num_warps=num_warps, interpret=interpret,
-                        search_iters=search_iters, gather_unroll=gather_unroll, n_rows=0, agg="max")
+    return _select_call([scores_BHC], cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, B=B, H=H, n_blocks=n_blocks,
+                        capacity=capacity, fixed_blocks=fixed_blocks, num_warps=num_warps, interpret=interpret,
+                        search_iters=search_iters, gather_unroll=gather_unroll, chunk_blocks=chunk_blocks, n_rows=0,
+                        agg="max")
 
 
 # Most rows whose logits the fused selection reads per cluster (decode: the GQA group); more rows are cheaper
@@ -315,6 +464,7 @@ def select_blocks_from_logits(
     search_iters: int = SEARCH_ITERS,
     prior_BHB: jax.Array | None = None,
     gather_unroll: int = 1,
+    chunk_blocks: int = CHUNK_BLOCKS,
 ) -> tuple[jax.Array, jax.Array]:
     """`select_blocks(scores_from_logits(cl, ...), ...)` in one launch: the lookup's finish (logit minus the
     row's log-normaliser, aggregated over the rows with `agg`) runs inside the block-score gather, so a decode
@@ -323,18 +473,16 @@ def select_blocks_from_logits(
     B, H, R, C = cl.logits_BHRC.shape
     _check(cl.logits_BHRC[:, :, 0], cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks,
            prior_BHB)
-    _check_search(search_iters, gather_unroll)
+    _check_search(search_iters, gather_unroll, chunk_blocks)
     P, Rm = cl.m_BHPR.shape[2:]
     Pp, Rp = next_pow2(P), next_pow2(Rm)
     pad = ((0, 0), (0, 0), (0, Pp - P), (0, Rp - Rm))
     m = jnp.pad(cl.m_BHPR.astype(jnp.float32), pad, constant_values=_NEG_INF)
     l_sum = jnp.pad(cl.l_BHPR.astype(jnp.float32), pad)
-    part = pl.BlockSpec((None, None, Pp, Rp), lambda b, h: (b, h, 0, 0))
-    return _select_call([cl.logits_BHRC.astype(jnp.float32), m, l_sum],
-                        [pl.BlockSpec((None, None, R, C), lambda b, h: (b, h, 0, 0)), part, part],
-                        cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, B=B, H=H, n_blocks=n_blocks,
-                        capacity=capacity, fixed_blocks=fixed_blocks, num_warps=num_warps, interpret=interpret,
-                        search_iters=search_iters, gather_unroll=gather_unroll, n_rows=R, agg=agg)
+    return _select_call([cl.logits_BHRC.astype(jnp.float32), m, l_sum], cluster_size_HC, lo_HB, hi_HB, k_BH,
+                        prior_BHB, B=B, H=H, n_blocks=n_blocks, capacity=capacity, fixed_blocks=fixed_blocks,
+                        num_warps=num_warps, interpret=interpret, search_iters=search_iters,
+                        gather_unroll=gather_unroll, chunk_blocks=chunk_blocks, n_rows=R, agg=agg)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("agg",))
@@ -354,6 +502,7 @@ def select_blocks_from_logits_ref(
     search_iters: int = SEARCH_ITERS,
     prior_BHB: jax.Array | None = None,
     gather_unroll: int = 1,
+    chunk_blocks: int = CHUNK_BLOCKS,
 ) -> tuple[jax.Array, jax.Array]:
     """Pure-jnp reference: `scores_from_logits` (clusters of size 0 masked), then `select_blocks_ref`."""
     _check_logits(cl, agg)
@@ -378,11 +527,12 @@ def select_blocks_ref(
     search_iters: int = SEARCH_ITERS,
     prior_BHB: jax.Array | None = None,
     gather_unroll: int = 1,
+    chunk_blocks: int = CHUNK_BLOCKS,
 ) -> tuple[jax.Array, jax.Array]:
     """Pure-jnp reference (exact top-k; `search_iters`, `gather_unroll` only match the signature): block score =
     max over each block's cluster range (a gather per range offset) and the prior, then `select_topk`. Memory
     O(rows x blocks), so it also checks 512K-key contexts."""
-    del num_warps, interpret, search_iters, gather_unroll
+    del num_warps, interpret, search_iters, gather_unroll, chunk_blocks
     _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB, kernel=False)
     B, H, C = scores_BHC.shape
     s_BHC = jnp.where(cluster_size_HC[None] > 0, scores_BHC.astype(jnp.float32), _NEG_INF)

@@ -171,9 +171,9 @@ def test_select_blocks_bad_input():
     with pytest.raises(TypeError, match="lo_HB"):
         select_blocks(c["scores"], c["sizes"], c["lo"].astype(jnp.float32), c["hi"], c["k"], interpret=True,
                       **c["kw"])
-    H, nb = c["lo"].shape[0], 2**15
+    H, nb = c["lo"].shape[0], 2**16
     big = jnp.zeros((H, nb), jnp.int32)
-    with pytest.raises(ValueError, match="at most 32767 blocks"):
+    with pytest.raises(ValueError, match="at most 65535 blocks"):
         select_blocks(c["scores"], c["sizes"], big, big, c["k"], n_blocks=nb, capacity=8, fixed_blocks=0,
                       interpret=True)
 
@@ -290,3 +290,104 @@ def test_context_attention_fused_selection_matches_unfused():
     args = (qq, kk, kk, kv, jnp.zeros((B,), jnp.int32), jnp.ones((B,), jnp.int32), jnp.zeros((B, T), jnp.int32))
     outs = [backend(*args, jax.tree.map(lambda a: a[0], st))[0] for st in (fused, plain)]
     np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[1]), rtol=1e-5, atol=1e-5)
+
+
+def _logprob_case(seed: int, nb_target: int = 700):
+    """Clusters whose scores look like the lookup's (log-probabilities, mostly inside the chunked selection's
+    band edges), several thousand blocks in 4-key blocks."""
+    rng = np.random.default_rng(seed)
+    H, C, block_k = 2, nb_target // 2, 4
+    starts, sizes, nb = _layout(rng, H, C, block_k, 3, max_size=16)
+    logits = rng.normal(size=(2, H, C)) * 2.0
+    scores = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    scores = jnp.asarray(np.where(np.asarray(sizes)[None] > 0, scores, -np.inf).astype(np.float32))
+    lo, hi = block_cluster_ranges(starts, sizes, n_blocks=nb, block_k=block_k)
+    return scores, sizes, lo, hi, nb
+
+
+@pytest.mark.parametrize("seed,ties,dead,chunk", [(0, False, False, 16), (1, True, False, 32), (2, False, True, 16),
+                                                  (3, True, True, 64), (6, False, False, 1024)])
+def test_chunked_selection_matches_reference(seed, ties, dead, chunk):
+    """Chunked selection (block scores and band counts over many programs, then per-chunk compaction): the same
+    ids and counts as the reference, for scores outside the band edges (normal x 30), rounded ties, rows with
+    nothing but fixed blocks, and one chunk larger than the row."""
+    c = _case(seed, ties=ties, dead_rows=dead)
+    args = (c["scores"], c["sizes"], c["lo"], c["hi"], c["k"])
+    ids, count = select_blocks(*args, interpret=True, chunk_blocks=chunk, **c["kw"])
+    ids_r, count_r = select_blocks_ref(*args, **c["kw"])
+    np.testing.assert_array_equal(np.asarray(count), np.asarray(count_r))
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_r))
+
+
+@pytest.mark.parametrize("seed,frac", [(30, 0.125), (31, 0.02), (32, 0.7)])
+def test_chunked_selection_logprob_scores(seed, frac):
+    """Log-probability scores start the search between two band edges: exact top-k at 2%, 1/8 and 70% kept,
+    with and without a prior, and with a truncated search still exactly k blocks."""
+    scores, sizes, lo, hi, nb = _logprob_case(seed)
+    B, H = scores.shape[:2]
+    kk = max(2, int(frac * nb))
+    k = jnp.full((B, H), kk, jnp.int32)
+    kw = dict(n_blocks=nb, capacity=kk, fixed_blocks=3)
+    rng = np.random.default_rng(seed)
+    prior = jnp.asarray(np.where(rng.random((B, H, nb)) < 0.1, -3.0, -np.inf).astype(np.float32))
+    for extra in ({}, {"prior_BHB": prior}):
+        ids, count = select_blocks(scores, sizes, lo, hi, k, interpret=True, chunk_blocks=64, **kw, **extra)
+        ids_r, count_r = select_blocks_ref(scores, sizes, lo, hi, k, **kw, **extra)
+        np.testing.assert_array_equal(np.asarray(count), np.asarray(count_r))
+        np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_r))
+    ids, count = select_blocks(scores, sizes, lo, hi, k, interpret=True, chunk_blocks=64, search_iters=1, **kw)
+    assert (np.asarray(count) == kk).all()
+    for b in range(B):
+        for h in range(H):
+            got = np.asarray(ids)[b, h]
+            assert len(set(got.tolist())) == kk and (np.diff(got) > 0).all()
+
+
+def test_chunked_selection_from_logits_and_bad_chunk():
+    """The lookup's finish inside the chunked selection's first launch: the same blocks as the one-program
+    kernel; chunk sizes must be powers of two >= 16."""
+    rng = np.random.default_rng(40)
+    B, H, R, C, D, block_k = 1, 2, 4, 300, 32, 4
+    starts, sizes, nb = _layout(rng, H, C, block_k, 2, max_size=20)
+    q = jnp.asarray(rng.normal(size=(B, H, R, D)), jnp.float32)
+    cents = jnp.asarray(rng.normal(size=(H, C, D)).astype(np.float32))
+    log_n = jnp.log(jnp.maximum(sizes, 1).astype(jnp.float32))
+    lo, hi = block_cluster_ranges(starts, sizes, n_blocks=nb, block_k=block_k)
+    k = jnp.full((B, H), nb // 8, jnp.int32)
+    kw = dict(n_blocks=nb, capacity=nb // 8, fixed_blocks=2)
+    logits = centroid_logits(q, cents, log_n, jnp.ones((H, C), jnp.float32), interpret=True)
+    for agg in ("max", "mean"):
+        one = select_blocks_from_logits(logits, sizes, lo, hi, k, agg=agg, interpret=True, **kw)
+        chunked = select_blocks_from_logits(logits, sizes, lo, hi, k, agg=agg, interpret=True, chunk_blocks=32, **kw)
+        for a, b in zip(one, chunked, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for bad in (8, 48):
+        with pytest.raises(ValueError, match="chunk_blocks"):
+            select_blocks_from_logits(logits, sizes, lo, hi, k, interpret=True, chunk_blocks=bad, **kw)
+
+
+def test_chunked_selection_lowers_for_h100():
+    H, B, C, nb = 8, 1, 6554, 8192
+    S = jax.ShapeDtypeStruct
+    txt = lower_for_h100(functools.partial(select_blocks, prior_BHB=jnp.zeros((B, H, nb))), S((B, H, C), jnp.float32),
+                         S((H, C), jnp.int32), S((H, nb), jnp.int32), S((H, nb), jnp.int32), S((B, H), jnp.int32),
+                         n_blocks=nb, capacity=1024, fixed_blocks=64, chunk_blocks=512, interpret=False)
+    assert txt.count("squeeze_select_chunk") >= 2 and has_triton_call(txt)
+
+
+def test_selection_past_two_to_the_fifteen_blocks():
+    """More than 2**15 blocks, and more than 2**15 of them kept: the packed counts pass 2**31 and still unpack
+    (one-program and chunked kernels == reference)."""
+    rng = np.random.default_rng(50)
+    H, C, block_k = 1, 14000, 1
+    starts, sizes, nb = _layout(rng, H, C, block_k, 2, max_size=6)
+    assert nb > 2**15
+    scores = jnp.asarray(rng.normal(size=(1, H, C)).astype(np.float32) - 9.0)
+    lo, hi = block_cluster_ranges(starts, sizes, n_blocks=nb, block_k=block_k)
+    k = jnp.asarray([[2**15 + 500]], jnp.int32)
+    kw = dict(n_blocks=nb, capacity=2**15 + 500, fixed_blocks=2)
+    ids_r, count_r = select_blocks_ref(scores, sizes, lo, hi, k, **kw)
+    for chunk in (0, 4096):
+        ids, count = select_blocks(scores, sizes, lo, hi, k, interpret=True, chunk_blocks=chunk, **kw)
+        np.testing.assert_array_equal(np.asarray(count), np.asarray(count_r))
+        np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_r))

@@ -47,6 +47,7 @@ from models.kv_cache import LayerKV
 from pallas_kernels import centroid_lookup, selection
 from pallas_kernels.block_select import (
     FROM_LOGITS_MAX_ROWS,
+    MAX_BLOCKS,
     block_cluster_ranges,
     select_blocks,
     select_blocks_from_logits,
@@ -70,8 +71,21 @@ ALLOCATIONS = ("auto", "uniform", "calibrated")
 SCORES = ("mean", "radius", "box")
 QUEST_PAGE = 16
 # The fused selection kernel runs one program per (row, KV head) over all key blocks: on the H100 it beats the
-# unfused XLA path at 8K blocks (128K keys of 16: 26 vs 62 us) and loses at 32K blocks (226 vs 118 us).
+# unfused XLA path at 8K blocks (128K keys of 16: 26 vs 62 us) and lost at 32K blocks (226 vs 118 us, an older
+# version). Past FUSED_SELECT_MAX_BLOCKS the chunked form (block scores and compaction spread over programs of
+# SELECT_CHUNK_BLOCKS blocks) runs instead, up to the kernels' own limit; 0 = the XLA path there.
 FUSED_SELECT_MAX_BLOCKS = 16384
+SELECT_CHUNK_BLOCKS = 0
+
+
+def fused_select_chunks(n_blocks: int) -> int | None:
+    """How the kernel path selects among `n_blocks` key blocks per head: `chunk_blocks` for
+    `block_select.select_blocks` (0 = one program per row and head), or None for block scores + top-k in XLA."""
+    if n_blocks <= FUSED_SELECT_MAX_BLOCKS:
+        return 0
+    if SELECT_CHUNK_BLOCKS and n_blocks <= MAX_BLOCKS:
+        return SELECT_CHUNK_BLOCKS
+    return None
 
 
 @jax.tree_util.register_dataclass
@@ -430,12 +444,12 @@ class ContextAttention:
         elif self.policy == "dense":  # every block: nothing to score
             ids = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (rows, H, capacity))
             count = jnp.full((rows, H), capacity, jnp.int32)
-        elif self.policy == "squeezed" and self._pallas() and lo_HB is not None and nb <= FUSED_SELECT_MAX_BLOCKS:
+        elif self.policy == "squeezed" and self._pallas() and lo_HB is not None and fused_select_chunks(nb) is not None:
             if lo_HB.shape != (H, nb):
                 raise ValueError(f"ContextState block tables are for {lo_HB.shape[-1]} blocks, the backend uses {nb} "
                                  f"(block_k={self.block_k}); build the state with ContextState.create(..., block_k)")
             sel = dict(n_blocks=nb, capacity=capacity, fixed_blocks=self._fixed_blocks(idx), interpret=self.interpret,
-                       prior_BHB=prior_BHN)
+                       prior_BHB=prior_BHN, chunk_blocks=fused_select_chunks(nb))
             if (self.fold_lookup_finish and rows_BHRD.shape[2] <= FROM_LOGITS_MAX_ROWS
                     and not self._uses_hierarchy(idx)):
                 # decode: the lookup's finish runs inside the selection (two launches, not three)
