@@ -94,7 +94,7 @@ def squeezed_select(q_BHGD, ix: dict, *, keep_blocks: int, hierarchical: bool, c
     if reference:
         return select_blocks_ref(_lookup(q_BHGD, ix, {}, lookup_kw, reference=True), *tables, **sel_kw)
     if select == "auto":
-        chunks = fused_select_chunks(ix["n_blocks"])
+        chunks = fused_select_chunks(ix["n_blocks"], B * H)
         select, chunk_blocks = ("xla", 0) if chunks is None else ("fused", chunks)
     if select == "xla":
         bs = block_scores(_lookup(q_BHGD, ix, {}, lookup_kw), ix["cluster_start"], ix["cluster_size"],

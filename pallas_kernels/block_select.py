@@ -45,13 +45,33 @@ SEARCH_ITERS = 21
 # more warps per program shorten each one (H100, 128K keys in 16-key blocks, 8 KV heads: 27.2 / 23.8 / 20.0 us
 # at 8 / 16 / 32 warps).
 NUM_WARPS = 32
-# Chunked selection (`chunk_blocks` > 0): blocks per program, and the fixed score edges whose per-chunk counts
-# start every program's search in a band BAND_STEP wide instead of the whole score range.
+# Chunked selection (`chunk_blocks` > 0): the fixed score edges whose per-chunk counts start every program's
+# search in a band BAND_STEP wide instead of the whole score range.
 CHUNK_BLOCKS = 0
 BAND_EDGES = 128
 BAND_STEP = 0.25
 SCORE_WARPS = 4
 _NEG_INF = float("-inf")
+
+
+# `default_chunk_blocks`: programs of 32 warps that fill one wave (one per SM of an H100 / H200), the fewest blocks
+# per program and the fewest chunks per head worth a second launch. H100, 512K keys in 16-key blocks, 1/8 kept,
+# whole decode step: GQA (8 heads) 233.9 us at 16 chunks of 2048 vs 278.8 us one program per head (512: 296.8,
+# 1024: 247.2); MHA (32 heads) one program per head 673.7 us vs 730.4 at 16 chunks; 128K GQA 16 chunks of 512
+# 75.7 vs 77.2 us (256 per chunk: 89.0).
+ONE_WAVE_PROGRAMS = 132
+MIN_CHUNK_BLOCKS = 512
+MIN_CHUNKS = 8
+
+
+def default_chunk_blocks(n_blocks: int, programs: int) -> int:
+    """`chunk_blocks` for a selection over `n_blocks` blocks per head with `programs` (rows x KV heads) selections:
+    chunks that fill one wave, at least MIN_CHUNK_BLOCKS each, or 0 (one program per row and head) when fewer
+    than MIN_CHUNKS chunks per head fit."""
+    nb_pad = next_pow2(n_blocks)
+    per_head = max(1, ONE_WAVE_PROGRAMS // max(1, programs))
+    n_chunks = min(1 << (per_head.bit_length() - 1), max(1, nb_pad // MIN_CHUNK_BLOCKS))
+    return nb_pad // n_chunks if n_chunks >= MIN_CHUNKS else 0
 
 
 def block_cluster_ranges(cluster_start_HC: jax.Array, cluster_size_HC: jax.Array, *, n_blocks: int,

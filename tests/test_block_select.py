@@ -391,3 +391,16 @@ def test_selection_past_two_to_the_fifteen_blocks():
         ids, count = select_blocks(scores, sizes, lo, hi, k, interpret=True, chunk_blocks=chunk, **kw)
         np.testing.assert_array_equal(np.asarray(count), np.asarray(count_r))
         np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_r))
+
+
+def test_default_chunk_blocks_fills_one_wave():
+    """Chunks only where one program per (row, head) would leave most SMs idle: 16 chunks of 2048 for 8 heads at
+    32K blocks, one program per head for 32 heads or short contexts; past the kernels' limit the XLA path."""
+    from pallas_kernels.block_select import MAX_BLOCKS, default_chunk_blocks
+    from squeeze_jax.attention.context import fused_select_chunks
+
+    assert default_chunk_blocks(32768, 8) == 2048
+    assert default_chunk_blocks(8192, 8) == 512
+    assert default_chunk_blocks(32768, 16) == 4096
+    assert default_chunk_blocks(32768, 32) == 0 and default_chunk_blocks(2048, 8) == 0
+    assert fused_select_chunks(8192, 8) == 512 and fused_select_chunks(MAX_BLOCKS + 1, 8) is None
