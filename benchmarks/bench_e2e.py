@@ -142,7 +142,12 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
     k_u = jax.random.normal(jax.random.fold_in(key, 1), (1, USER, H, D), jnp.bfloat16)  # a request's cache
     v_u = jax.random.normal(jax.random.fold_in(key, 2), (1, USER, H, D), jnp.bfloat16)
     base = dict(section="attention_decode", shape=shape, n_keys=n_keys, user=USER)
-    rows = []
+    rows: list[dict] = []
+
+    def add(r: dict) -> None:  # printed as it finishes: a run cut short still shows its rows
+        rows.append(r)
+        print(_fmt(r), flush=True)
+
     # dense over context + user keys, [B, S, H, D] layout
     k_all = jnp.concatenate([ix["keys"].transpose(1, 0, 2)[None], k_u], axis=1)
     v_all = jnp.concatenate([ix["values"].transpose(1, 0, 2)[None], v_u], axis=1)
@@ -157,21 +162,21 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
             ref_out = out if ref_out is None else ref_out
             est = median_time(lambda f=f, a=(q_dense, k_all, v_all): f(*a), 3) / 2  # compiled already: no new compile
             t = device_time(lambda i, q, k, v, f=f: f(q, k, v), (q_dense, k_all, v_all), est_s=est, unroll=4)
-            rows.append({**base, "method": f"dense_{impl}", "keep": 1.0, "us": t * 1e6, "bytes": dense_bytes,
+            add({**base, "method": f"dense_{impl}", "keep": 1.0, "us": t * 1e6, "bytes": dense_bytes,
                          "read_roofline": dense_bytes / t / read_bw})
             best = t if best is None else min(best, t)
         except Exception as ex:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
-            rows.append({**base, "method": f"dense_{impl}", "error": repr(ex)[:300]})
+            add({**base, "method": f"dense_{impl}", "error": repr(ex)[:300]})
     del k_all, v_all
     if 1.0 in keeps:
-        rows.append(_dense_kernel_row(base, ix, q, k_u, v_u, n_keys, read_bw, best, ref_out, dense_bytes))
+        add(_dense_kernel_row(base, ix, q, k_u, v_u, n_keys, read_bw, best, ref_out, dense_bytes))
     variants = [(False, "mean", k, {}) for k in keeps] + [(True, "mean", k, {}) for k in hier_keeps]
     variants += [(False, "box", k, {}) for k in box_keeps]
     sparse_keeps = [k for k in keeps if k < 1.0]
     variants += [(False, "mean", sparse_keeps[0], v) for v in select_variants if sparse_keeps]
     for hierarchical, score, keep, sel_v in variants:
         if budget.left() < 10:
-            rows.append({**base, "method": "squeezed", "keep": keep, "skipped": "time budget"})
+            add({**base, "method": "squeezed", "keep": keep, "skipped": "time budget"})
             continue
         keep_blocks = max(N_FIXED // BLOCK_K + 1, int(round(keep * ix["n_blocks"])))
         coarse_keep = max(1, ix["Cc"] // 4)
@@ -200,12 +205,10 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
         except Exception as ex:  # noqa: BLE001
             row["error"] = repr(ex)[:400]
         row["wall_s"] = time.perf_counter() - t_row  # compile + check + timing (the runner's time budget)
-        rows.append(row)
+        add(row)
     for keep in [k for k in keeps if k < 1.0]:
         if budget.left() >= 10:
-            rows.append(_question_chosen_row(base, ix, q, k_u, v_u, keep, n_keys, read_bw, best))
-    for r in rows:
-        print(_fmt(r), flush=True)
+            add(_question_chosen_row(base, ix, q, k_u, v_u, keep, n_keys, read_bw, best))
     return rows
 
 
