@@ -19,6 +19,11 @@ scores held in registers:
 
 Same result and format as `select_topk(block_scores(...), k, capacity)`: exactly min(k, #blocks with a
 finite or +inf score) blocks; when no block has a score the selection is block 0 alone.
+
+With `chunk_blocks` the same selection is two launches over (row, KV head, chunk) programs, for when one program
+per (row, KV head) would leave most SMs idle (8 KV heads at 512K keys): step 1 and per-edge counts over fixed
+score edges in the first, the search (started in the band between two edges) and the chunk's share of step 3 in
+the second. `default_chunk_blocks` picks it.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ NUM_WARPS = 32
 CHUNK_BLOCKS = 0
 BAND_EDGES = 128
 BAND_STEP = 0.25
+# Warps of the chunked selection's first launch (a chunk's gather and edge counts, no long reduction chain).
 SCORE_WARPS = 4
 _NEG_INF = float("-inf")
 
@@ -150,8 +156,8 @@ def _unpack(packed):
 
 
 def _score_stats(score, k_ref, capacity: int):
-    """(valid, kk, f_min, f_max): blocks with a score, how many to take (k clipped to [1, capacity] and to the
-    valid count), and the range of the finite scores (0 when there are none)."""
+    """(valid, n_valid, kk, f_min, f_max): blocks with a score and their count, how many to take (k clipped to
+    [1, capacity] and to the valid count), and the range of the finite scores (0 when there are none)."""
     valid = score > _NEG_INF
     finite = valid & (score < jnp.inf)
     # the valid and the finite counts in one reduction
@@ -436,7 +442,8 @@ def select_blocks(
     `gather_unroll` range offsets are gathered per step of the block-score loop; `search_iters` < SEARCH_ITERS
     stops the search early: still exactly k blocks, every block scoring above the final band [a, b) (width
     range / 3**search_iters) and the lowest-index blocks inside it (0 = the first k blocks with a score: the
-    search's fixed cost, for profiling).
+    search's fixed cost, for profiling). `chunk_blocks` > 0 (a power of two >= 16): the two-launch chunked form,
+    the same ids (`default_chunk_blocks` says when it pays).
     """
     _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB)
     _check_search(search_iters, gather_unroll, chunk_blocks)
