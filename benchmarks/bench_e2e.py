@@ -163,7 +163,7 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
             est = median_time(lambda f=f, a=(q_dense, k_all, v_all): f(*a), 3) / 2  # compiled already: no new compile
             t = device_time(lambda i, q, k, v, f=f: f(q, k, v), (q_dense, k_all, v_all), est_s=est, unroll=4)
             add({**base, "method": f"dense_{impl}", "keep": 1.0, "us": t * 1e6, "bytes": dense_bytes,
-                         "read_roofline": dense_bytes / t / read_bw})
+                 "read_roofline": dense_bytes / t / read_bw})
             best = t if best is None else min(best, t)
         except Exception as ex:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
             add({**base, "method": f"dense_{impl}", "error": repr(ex)[:300]})
