@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.centroid_lookup import ClusterLogits, lse_from_partials, scores_from_logits
-from pallas_kernels.common import compiler_params, is_pow2, next_pow2, resolve_interpret
+from pallas_kernels.common import SM_COUNT, compiler_params, is_pow2, next_pow2, resolve_interpret
 from pallas_kernels.selection import select_topk
 
 # Most blocks per head: the search packs two block counts into one int32, c1 + c2 * 2**16 (each below 2**16; the
@@ -65,7 +65,7 @@ _NEG_INF = float("-inf")
 # whole decode step: GQA (8 heads) 233.9 us at 16 chunks of 2048 vs 278.8 us one program per head (512: 296.8,
 # 1024: 247.2); MHA (32 heads) one program per head 673.7 us vs 730.4 at 16 chunks; 128K GQA 16 chunks of 512
 # 75.7 vs 77.2 us (256 per chunk: 89.0).
-ONE_WAVE_PROGRAMS = 132
+ONE_WAVE_PROGRAMS = SM_COUNT
 MIN_CHUNK_BLOCKS = 512
 MIN_CHUNKS = 8
 

@@ -21,6 +21,8 @@ H100_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
 TRITON_CALL_TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call")
 # Smallest dimension of an operand of `plgpu.dot`.
 MIN_DOT_DIM = 16
+# Streaming multiprocessors of an H100 / H200 SXM: the launch heuristics size grids in whole waves of these.
+SM_COUNT = 132
 # Rows that the GQA group (or a query tile) is padded to at least.
 MIN_ROWS = 16
 

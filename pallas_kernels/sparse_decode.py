@@ -27,6 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (
     MIN_DOT_DIM,
+    SM_COUNT,
     cdiv,
     check_block_k,
     check_fixed_layout,
@@ -46,7 +47,7 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 # Programs the default split count aims for at most: two per SM of an H100 / H200 (132 SMs), so the grid
 # fills whole waves (a 128-key K + V tile at two stages lets one or two programs share an SM).
-TARGET_PROGRAMS = 264
+TARGET_PROGRAMS = 2 * SM_COUNT
 
 # Cache entries per user-token program (two 128-key steps at the default tile).
 USER_KEYS_PER_SPLIT = 256

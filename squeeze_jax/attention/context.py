@@ -71,6 +71,8 @@ POLICIES = BLOCK_POLICIES + KEY_POLICIES
 ALLOCATIONS = ("auto", "uniform", "calibrated")
 SCORES = ("mean", "radius", "box")
 QUEST_PAGE = 16
+
+
 def fused_select_chunks(n_blocks: int, programs: int) -> int | None:
     """How the kernel path selects among `n_blocks` key blocks per head for `programs` (rows x KV heads)
     selections: `chunk_blocks` for `block_select.select_blocks` (0 = one program per row and head; chunked where
@@ -439,12 +441,12 @@ class ContextAttention:
             ids = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (rows, H, capacity))
             count = jnp.full((rows, H), capacity, jnp.int32)
         elif (self.policy == "squeezed" and self._pallas() and lo_HB is not None
-              and fused_select_chunks(nb, rows * H) is not None):
+              and (chunk_blocks := fused_select_chunks(nb, rows * H)) is not None):
             if lo_HB.shape != (H, nb):
                 raise ValueError(f"ContextState block tables are for {lo_HB.shape[-1]} blocks, the backend uses {nb} "
                                  f"(block_k={self.block_k}); build the state with ContextState.create(..., block_k)")
             sel = dict(n_blocks=nb, capacity=capacity, fixed_blocks=self._fixed_blocks(idx), interpret=self.interpret,
-                       prior_BHB=prior_BHN, chunk_blocks=fused_select_chunks(nb, rows * H))
+                       prior_BHB=prior_BHN, chunk_blocks=chunk_blocks)
             if (self.fold_lookup_finish and rows_BHRD.shape[2] <= FROM_LOGITS_MAX_ROWS
                     and not self._uses_hierarchy(idx)):
                 # decode: the lookup's finish runs inside the selection (two launches, not three)
