@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 
 from benchmarks.timing import Budget, device_info, device_time, median_time, read_bandwidth, rel_err
 from pallas_kernels.block_select import (
+    TIE_CHECK,
     block_cluster_ranges,
     select_blocks,
     select_blocks_from_logits,
@@ -82,13 +84,15 @@ def synthetic_index(n_keys: int, H: int, seed: int, centroid_fraction: float = 0
 
 def squeezed_select(q_BHGD, ix: dict, *, keep_blocks: int, hierarchical: bool, coarse_keep: int,
                     score: str = "mean", reference: bool = False, fold: bool = False, select: str = "auto",
-                    chunk_blocks: int = 0):
+                    chunk_blocks: int = 0, tie_check: int = TIE_CHECK):
     """A decode step's lookup + block selection: (block_ids, count). `select`: "auto" as ContextAttention picks
     it, "fused" the Pallas selection (`chunk_blocks` > 0: its chunked form), "xla" block scores + top-k in XLA;
-    `fold`: the lookup's finish inside the Pallas selection (flat mean scores only)."""
+    `fold`: the lookup's finish inside the Pallas selection (flat mean scores only); `tie_check`: the Pallas
+    selection's search step after which a band of one tied value ends it."""
     B, H = q_BHGD.shape[:2]
     k_BH = jnp.full((B, H), keep_blocks, jnp.int32)
-    lookup_kw = dict(hierarchical=hierarchical, coarse_keep=coarse_keep, score=score)
+    # as ContextAttention: a selection keeping every block (each holds keys here) skips its lookup
+    lookup_kw = dict(hierarchical=hierarchical, coarse_keep=coarse_keep, score=score, active=k_BH < ix["n_blocks"])
     sel_kw = dict(n_blocks=ix["n_blocks"], capacity=keep_blocks, fixed_blocks=N_FIXED // BLOCK_K)
     tables = (ix["cluster_size"], ix["lo"], ix["hi"], k_BH)
     if reference:
@@ -102,20 +106,21 @@ def squeezed_select(q_BHGD, ix: dict, *, keep_blocks: int, hierarchical: bool, c
         return select_topk(bs, k_BH, keep_blocks)
     if fold and not hierarchical and score == "mean":
         logits = centroid_logits(q_BHGD, ix["centroids"], ix["log_sizes"], ix["radius"])
-        return select_blocks_from_logits(logits, *tables, chunk_blocks=chunk_blocks, **sel_kw)
-    return select_blocks(_lookup(q_BHGD, ix, {}, lookup_kw), *tables, chunk_blocks=chunk_blocks, **sel_kw)
+        return select_blocks_from_logits(logits, *tables, chunk_blocks=chunk_blocks, tie_check=tie_check, **sel_kw)
+    return select_blocks(_lookup(q_BHGD, ix, {}, lookup_kw), *tables, chunk_blocks=chunk_blocks,
+                         tie_check=tie_check, **sel_kw)
 
 
 def squeezed_step(q_BHGD, k_user_BUHD, v_user_BUHD, ix: dict, *, keep_blocks: int, hierarchical: bool,
                   coarse_keep: int, n_keys: int, score: str = "mean", reference: bool = False, fold: bool = False,
-                  select: str = "auto", chunk_blocks: int = 0):
+                  select: str = "auto", chunk_blocks: int = 0, tie_check: int = TIE_CHECK):
     """One layer's decode attention for one token: lookup, block selection, then one attention launch over
     the selected context blocks and the user tokens (merged in its split combine), as ContextAttention runs
     it."""
     B = q_BHGD.shape[0]
     ids, count = squeezed_select(q_BHGD, ix, keep_blocks=keep_blocks, hierarchical=hierarchical,
                                  coarse_keep=coarse_keep, score=score, reference=reference, fold=fold,
-                                 select=select, chunk_blocks=chunk_blocks)
+                                 select=select, chunk_blocks=chunk_blocks, tie_check=tie_check)
     attend = sparse_decode_ref if reference else sparse_decode
     user_len = jnp.full((B,), k_user_BUHD.shape[1], jnp.int32)
     o, _ = attend(q_BHGD, ix["keys"], ix["values"], ids, count, n_fixed=N_FIXED, fixed_pad=N_FIXED,
@@ -198,8 +203,10 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
             t = device_time(lambda i, q, ku, vu, arr, step=step: step(q, ku, vu, arr), (q, k_u, v_u, arrays),
                             est_s=est, unroll=2, reps=3)
             table_row = 2 * D * ITEM if score == "box" else D * 4  # box table [2D] bf16; centroids [D] f32
+            lookup_read = hierarchical or keep_blocks < ix["n_blocks"]  # a keep-all selection reads no centroid
             nbytes = (2 * H * keep_blocks * BLOCK_K * D * ITEM + 2 * H * USER * D * ITEM
-                      + H * (ix["Cc"] if hierarchical else ix["C"]) * (table_row + 8) + H * ix["n_blocks"] * 8)
+                      + lookup_read * H * (ix["Cc"] if hierarchical else ix["C"]) * (table_row + 8)
+                      + H * ix["n_blocks"] * 8)
             row.update(us=t * 1e6, bytes=nbytes, read_roofline=nbytes / t / read_bw,
                        speedup_vs_best_dense=(best / t) if best else None)
         except Exception as ex:  # noqa: BLE001
@@ -263,17 +270,15 @@ def _question_chosen_row(base: dict, ix: dict, q, k_u, v_u, keep: float, n_keys:
 def _lookup(q, arrays: dict, statics: dict, kw: dict, reference: bool = False):
     ix = {**statics, **arrays}
     fine = (ix["centroids"], ix["log_sizes"], ix["radius"])
-    flat = centroid_scores_ref if reference else centroid_scores
+    flat = functools.partial(centroid_scores_ref if reference else centroid_scores, active_BH=kw.get("active"))
     if kw.get("score") == "box":  # [q+, q-] . box table, as ContextAttention's default score
         return flat(signed_split(q), ix["box_table"], ix["log_sizes"], jnp.zeros_like(ix["log_sizes"]),
                     score="mean", scale=1.0 / float(np.sqrt(q.shape[-1])))
-    if reference:
-        return centroid_scores_ref(q, *fine)
-    if kw["hierarchical"]:
+    if kw["hierarchical"] and not reference:
         return hierarchical_scores(q, ix["coarse_centroids"], ix["coarse_log_sizes"], ix["coarse_first"],
                                    ix["coarse_count"], *fine, coarse_keep=kw["coarse_keep"],
                                    max_fine_per_coarse=ix["max_fine"])
-    return centroid_scores(q, *fine)
+    return flat(q, *fine)
 
 
 def _check_step(q, k_u, v_u, arrays: dict, statics: dict, kw: dict, H: int) -> dict:
@@ -412,13 +417,15 @@ def _dense_decode_ms(model, prefilled: tuple, sampling, impl: str, reps: int = 2
 
 
 def _select_variant(name: str) -> dict:
-    """A `--select-variants` entry as `squeezed_select` options."""
+    """A `--select-variants` entry as `squeezed_select` options: [fold](fused | xla | auto | chunkN)[tieN]."""
     fold = name.startswith("fold")
     rest = name[4:] if fold else name
+    rest, tie, n_tie = rest.partition("tie")
+    extra = {"tie_check": int(n_tie)} if tie else {}
     if rest.startswith("chunk"):
-        return {"fold": fold, "select": "fused", "chunk_blocks": int(rest[5:])}
-    if rest in ("", "fused", "xla"):
-        return {"fold": fold, "select": rest or "fused"}
+        return {"fold": fold, "select": "fused", "chunk_blocks": int(rest[5:]), **extra}
+    if rest in ("", "fused", "xla", "auto"):
+        return {"fold": fold, "select": rest or "fused", **extra}
     raise ValueError(f"unknown selection variant {name!r}")
 
 
@@ -433,7 +440,8 @@ def main(argv=None) -> int:
     ap.add_argument("--box-keeps", default="", help="kept fractions also timed with box-bound cluster scores")
     ap.add_argument("--select-variants", default="",
                     help="more flat rows at the first kept fraction < 1, each a selection path: fused, xla, fold, "
-                         "chunkN (the chunked Pallas selection, N blocks per program), foldchunkN")
+                         "chunkN (the chunked Pallas selection, N blocks per program), foldchunkN; a tieN suffix "
+                         "ends the search on a tied band after N steps (e.g. autotie8)")
     ap.add_argument("--time-budget", type=float, default=300)
     args = ap.parse_args(argv)
     select_variants = tuple(_select_variant(v) for v in args.select_variants.split(",") if v)

@@ -46,6 +46,8 @@ from pallas_kernels.selection import select_topk
 MAX_BLOCKS = 2**16 - 1
 # Steps of the k-th-score search; each keeps a third of the range: 3**21 > 2**33, as fine as 33 halvings.
 SEARCH_ITERS = 21
+# Step after which the search also stops on a band holding one (tied) value; >= SEARCH_ITERS = never.
+TIE_CHECK = SEARCH_ITERS
 # Warps per program: the selection is a chain of block-wide reductions on one program per (row, KV head), so
 # more warps per program shorten each one (H100, 128K keys in 16-key blocks, 8 KV heads: 27.2 / 23.8 / 20.0 us
 # at 8 / 16 / 32 warps).
@@ -169,14 +171,15 @@ def _score_stats(score, k_ref, capacity: int):
     return valid, n_valid, kk, jnp.where(any_finite, f_min, 0.0), jnp.where(any_finite, f_max, 0.0)
 
 
-def _search(t, kk, a, b, count_a, count_b, search_iters: int):
+def _search(t, kk, a, b, count_a, count_b, search_iters: int, tie_check: int):
     """Narrow the band [a, b) holding the kk-th largest of `t` (count(t >= a) = count_a >= kk > count_b =
-    count(t >= b)) by thirds until exactly kk values lie above a, at most `search_iters` steps. Returns (a, b,
-    count_b)."""
+    count(t >= b)) by thirds until exactly kk values lie above a, at most `search_iters` steps. After
+    `tie_check` steps (if < search_iters) it also stops when every value in the band is the same (a tie at the
+    k-th score, which no later step would split: the same blocks are taken). Returns (a, b, count_b)."""
 
-    def unresolved(state):
+    def unresolved(state, last):
         it, _, _, ca, _ = state
-        return (it < search_iters) & (ca != kk)
+        return (it < last) & (ca != kk)
 
     def third(state):
         # Counts at the two inner third points in one reduction, packed in one int32 (the block-wide reduction,
@@ -192,7 +195,18 @@ def _search(t, kk, a, b, count_a, count_b, search_iters: int):
         cb_new = jnp.where(up2, cb, jnp.where(up1, c2, c1))
         return it + 1, a_new, b_new, ca_new, cb_new
 
-    _, a, b, _, count_b = lax.while_loop(unresolved, third, (jnp.int32(0), a, b, count_a, count_b))
+    state = (jnp.int32(0), a, b, count_a, count_b)
+    if tie_check < search_iters:
+        state = lax.while_loop(functools.partial(unresolved, last=tie_check), third, state)
+        _, a, b, ca, _ = state
+        in_band = (t >= a) & (t < b)
+        top = jnp.max(jnp.where(in_band, t, _NEG_INF))
+        # every band value equals the band's largest: the blocks at or above it are all count_a of them
+        tied = jnp.sum((t >= top).astype(jnp.int32)) == ca
+        state = lax.while_loop(lambda st: unresolved(st, last=search_iters) & ~tied, third, state)
+    else:
+        state = lax.while_loop(functools.partial(unresolved, last=search_iters), third, state)
+    _, a, b, _, count_b = state
     return a, b, count_b
 
 
@@ -210,7 +224,7 @@ def _take(t, valid, a, b, need, before=0):
 
 
 def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks: int, capacity: int,
-                   search_iters: int, gather_unroll: int, prior: bool, n_rows: int, agg: str):
+                   search_iters: int, tie_check: int, gather_unroll: int, prior: bool, n_rows: int, agg: str):
     """One program per (row, KV head): block scores, the k-th by a search over the whole range, compaction.
     `s_ref`: cluster scores [C], or (n_rows > 0) the lookup's logits [n_rows, C] with its partial normalisers in
     the two refs after it."""
@@ -226,7 +240,7 @@ def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks
     t = jnp.where(score == jnp.inf, big, score)  # +inf (fixed) blocks rank above every finite one
     # Stops as soon as count_a == kk (then {t >= a} is the top kk exactly); only ties at the k-th score run all
     # `search_iters` steps.
-    a, b, count_b = _search(t, kk, f_min, big + 1.0, n_valid, jnp.int32(0), search_iters)
+    a, b, count_b = _search(t, kk, f_min, big + 1.0, n_valid, jnp.int32(0), search_iters, tie_check)
     take, taken_through = _take(t, valid, a, b, kk - count_b)
     count = kk
     last = jnp.where(count > 0, jnp.max(jnp.where(take, blk, -1)), 0)
@@ -265,7 +279,7 @@ def _pick(x, i):
 
 
 def _chunk_compact_kernel(k_ref, score_ref, own_ref, edge_ref, ids_ref, cnt_ref, *, chunk: int, nb_pad: int,
-                          capacity: int, search_iters: int):
+                          capacity: int, search_iters: int, tie_check: int):
     """Chunked selection, launch 2, one program per (row, KV head, chunk): the k-th score from the band edges'
     counts and a search inside the band (every program of a head reaches the same band), then the chunk's
     taken blocks written to their slots; the program holding the last taken block writes the padding."""
@@ -284,7 +298,7 @@ def _chunk_compact_kernel(k_ref, score_ref, own_ref, edge_ref, ids_ref, cnt_ref,
     count_a = jnp.where(j > 0, _pick(at_edge, j - 1), n_valid)
     b = jnp.where(j < BAND_EDGES, _pick(edges, j), big + 1.0)
     count_b = jnp.where(j < BAND_EDGES, _pick(at_edge, j), 0)
-    a, b, count_b = _search(t, kk, a, b, count_a, count_b, search_iters)
+    a, b, count_b = _search(t, kk, a, b, count_a, count_b, search_iters, tie_check)
     need = kk - count_b
     start = c * chunk
     gt_b4 = valid & (t >= b) & (blk < start)
@@ -331,13 +345,16 @@ def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, 
         raise ValueError(f"fixed_blocks must be in [0, n_blocks={n_blocks}], got {fixed_blocks}")
 
 
-_STATIC = ("n_blocks", "capacity", "fixed_blocks", "num_warps", "interpret", "search_iters", "gather_unroll",
+_STATIC = ("n_blocks", "capacity", "fixed_blocks", "num_warps", "interpret", "search_iters", "tie_check",
+           "gather_unroll",
            "chunk_blocks")
 
 
-def _check_search(search_iters: int, gather_unroll: int, chunk_blocks: int) -> None:
+def _check_search(search_iters: int, gather_unroll: int, chunk_blocks: int, tie_check: int) -> None:
     if not 0 <= search_iters <= SEARCH_ITERS:
         raise ValueError(f"search_iters must be in [0, {SEARCH_ITERS}], got {search_iters}")
+    if not isinstance(tie_check, int) or tie_check < 0:
+        raise ValueError(f"tie_check must be an int >= 0 (a step of the search), got {tie_check!r}")
     if gather_unroll not in (1, 2, 4):
         raise ValueError(f"gather_unroll must be 1, 2 or 4, got {gather_unroll}")
     if chunk_blocks and (chunk_blocks < 16 or not is_pow2(chunk_blocks)):
@@ -353,7 +370,7 @@ def _row_spec(x: jax.Array) -> pl.BlockSpec:
 
 def _select_call(source: list[jax.Array], cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, *, B: int, H: int,
                  n_blocks: int, capacity: int, fixed_blocks: int, num_warps: int, interpret: bool | None,
-                 search_iters: int, gather_unroll: int, chunk_blocks: int, n_rows: int,
+                 search_iters: int, tie_check: int, gather_unroll: int, chunk_blocks: int, n_rows: int,
                  agg: str) -> tuple[jax.Array, jax.Array]:
     """The selection launch(es) over the given score source ([B, H, ..] arrays): grid (B, H), one program per row
     and KV head; or, with `chunk_blocks`, two launches over (B, H, chunks)."""
@@ -375,7 +392,7 @@ def _select_call(source: list[jax.Array], cluster_size_HC, lo_HB, hi_HB, k_BH, p
     count_out = (jax.ShapeDtypeStruct((B, H), jnp.int32), k_spec)
     if not chunk_blocks:
         kernel = functools.partial(_select_kernel, nb_pad=nb_pad, capacity=capacity, search_iters=search_iters,
-                                   **shared)
+                                   tie_check=tie_check, **shared)
         ids, count = pl.pallas_call(
             kernel,
             grid=(B, H),
@@ -403,7 +420,7 @@ def _select_call(source: list[jax.Array], cluster_size_HC, lo_HB, hi_HB, k_BH, p
     ids_out = jax.ShapeDtypeStruct((B, H, 2 * nb_pad), jnp.int32)
     ids, count = pl.pallas_call(
         functools.partial(_chunk_compact_kernel, chunk=chunk, nb_pad=nb_pad, capacity=capacity,
-                          search_iters=search_iters),
+                          search_iters=search_iters, tie_check=tie_check),
         grid=(B, H, n_chunks),
         in_specs=[k_spec, _row_spec(score_BHN), chunk_bh, _row_spec(edges_BHKE)],
         out_specs=[_row_spec(ids_out), count_out[1]],
@@ -429,6 +446,7 @@ def select_blocks(
     num_warps: int = NUM_WARPS,
     interpret: bool | None = None,
     search_iters: int = SEARCH_ITERS,
+    tie_check: int = TIE_CHECK,
     prior_BHB: jax.Array | None = None,
     gather_unroll: int = 1,
     chunk_blocks: int = CHUNK_BLOCKS,
@@ -446,11 +464,12 @@ def select_blocks(
     the same ids (`default_chunk_blocks` says when it pays).
     """
     _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB)
-    _check_search(search_iters, gather_unroll, chunk_blocks)
+    _check_search(search_iters, gather_unroll, chunk_blocks, tie_check)
     B, H, C = scores_BHC.shape
     return _select_call([scores_BHC], cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, B=B, H=H, n_blocks=n_blocks,
                         capacity=capacity, fixed_blocks=fixed_blocks, num_warps=num_warps, interpret=interpret,
-                        search_iters=search_iters, gather_unroll=gather_unroll, chunk_blocks=chunk_blocks, n_rows=0,
+                        search_iters=search_iters, tie_check=tie_check, gather_unroll=gather_unroll,
+                        chunk_blocks=chunk_blocks, n_rows=0,
                         agg="max")
 
 
@@ -489,6 +508,7 @@ def select_blocks_from_logits(
     num_warps: int = NUM_WARPS,
     interpret: bool | None = None,
     search_iters: int = SEARCH_ITERS,
+    tie_check: int = TIE_CHECK,
     prior_BHB: jax.Array | None = None,
     gather_unroll: int = 1,
     chunk_blocks: int = CHUNK_BLOCKS,
@@ -500,7 +520,7 @@ def select_blocks_from_logits(
     B, H, R, C = cl.logits_BHRC.shape
     _check(cl.logits_BHRC[:, :, 0], cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks,
            prior_BHB)
-    _check_search(search_iters, gather_unroll, chunk_blocks)
+    _check_search(search_iters, gather_unroll, chunk_blocks, tie_check)
     P, Rm = cl.m_BHPR.shape[2:]
     Pp, Rp = next_pow2(P), next_pow2(Rm)
     pad = ((0, 0), (0, 0), (0, Pp - P), (0, Rp - Rm))
@@ -508,7 +528,7 @@ def select_blocks_from_logits(
     l_sum = jnp.pad(cl.l_BHPR.astype(jnp.float32), pad)
     return _select_call([cl.logits_BHRC.astype(jnp.float32), m, l_sum], cluster_size_HC, lo_HB, hi_HB, k_BH,
                         prior_BHB, B=B, H=H, n_blocks=n_blocks, capacity=capacity, fixed_blocks=fixed_blocks,
-                        num_warps=num_warps, interpret=interpret, search_iters=search_iters,
+                        num_warps=num_warps, interpret=interpret, search_iters=search_iters, tie_check=tie_check,
                         gather_unroll=gather_unroll, chunk_blocks=chunk_blocks, n_rows=R, agg=agg)
 
 
@@ -527,6 +547,7 @@ def select_blocks_from_logits_ref(
     num_warps: int = NUM_WARPS,
     interpret: bool | None = None,
     search_iters: int = SEARCH_ITERS,
+    tie_check: int = TIE_CHECK,
     prior_BHB: jax.Array | None = None,
     gather_unroll: int = 1,
     chunk_blocks: int = CHUNK_BLOCKS,
@@ -552,6 +573,7 @@ def select_blocks_ref(
     num_warps: int = NUM_WARPS,
     interpret: bool | None = None,
     search_iters: int = SEARCH_ITERS,
+    tie_check: int = TIE_CHECK,
     prior_BHB: jax.Array | None = None,
     gather_unroll: int = 1,
     chunk_blocks: int = CHUNK_BLOCKS,
@@ -559,7 +581,7 @@ def select_blocks_ref(
     """Pure-jnp reference (exact top-k; `search_iters`, `gather_unroll` only match the signature): block score =
     max over each block's cluster range (a gather per range offset) and the prior, then `select_topk`. Memory
     O(rows x blocks), so it also checks 512K-key contexts."""
-    del num_warps, interpret, search_iters, gather_unroll, chunk_blocks
+    del num_warps, interpret, search_iters, tie_check, gather_unroll, chunk_blocks
     _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB, kernel=False)
     B, H, C = scores_BHC.shape
     s_BHC = jnp.where(cluster_size_HC[None] > 0, scores_BHC.astype(jnp.float32), _NEG_INF)

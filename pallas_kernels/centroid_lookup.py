@@ -125,6 +125,15 @@ def _check_level(q_BHRD: jax.Array, centroids_HCD: jax.Array, log_sizes_HC: jax.
         _check_float(f"{what} {name}", t)
 
 
+def _check_active(active_BH: jax.Array | None, BH: tuple[int, int]) -> None:
+    if active_BH is None:
+        return
+    if active_BH.shape != tuple(BH):
+        raise ValueError(f"active_BH must be [B, H] = {list(BH)}, got shape {active_BH.shape}")
+    if not (jnp.issubdtype(active_BH.dtype, jnp.integer) or active_BH.dtype == jnp.bool_):
+        raise TypeError(f"active_BH must be a bool or integer array, got dtype {active_BH.dtype}")
+
+
 def _resolve_method(method: str, n_rows: int, head_dim: int, c_dtype: jnp.dtype) -> str:
     """'logits' when writing + reading R f32 logits per centroid moves fewer bytes than re-reading it."""
     if method != "auto":
@@ -230,13 +239,15 @@ def _chunk_range(n_clusters: int, block_c: int, cpp: int):
     return first, jnp.minimum(cpp, n_chunks - first)
 
 
-def _flat_lse_kernel(q_ref, qn_ref, c_ref, logn_ref, rad_ref, m_ref, l_ref, *logits_ref, cfg, n_clusters,
+def _flat_lse_kernel(act_ref, q_ref, qn_ref, c_ref, logn_ref, rad_ref, m_ref, l_ref, *logits_ref, cfg, n_clusters,
                      block_c, cpp):
-    """Per-row partial LSE over this program's chunks; optionally writes the logits of real rows."""
+    """Per-row partial LSE over this program's chunks; optionally writes the logits of real rows. An inactive
+    (row, head) reads nothing: its partials are empty (max -inf, sum 0)."""
     q = q_ref[...]
     qn = qn_ref[...] if cfg.use_radius else None
     row_ok = jnp.arange(q.shape[0]) < cfg.n_rows
     first, n = _chunk_range(n_clusters, block_c, cpp)
+    n = jnp.where(act_ref[...] != 0, n, 0)
 
     def body(i, carry):
         start = (first + i) * block_c
@@ -264,14 +275,16 @@ def lse_from_partials(m_ref, l_ref) -> jax.Array:
     return M_safe + jnp.log(jnp.sum(l_sum * jnp.exp(m - M_safe[None, :]), axis=0))
 
 
-def _flat_score_kernel(q_ref, qn_ref, c_ref, logn_ref, rad_ref, m_ref, l_ref, out_ref, *, cfg, n_clusters,
-                       block_c, cpp):
-    """Aggregated scores of this program's chunks (recomputed logits; normaliser merged from partials)."""
+def _flat_score_kernel(act_ref, q_ref, qn_ref, c_ref, logn_ref, rad_ref, m_ref, l_ref, out_ref, *, cfg,
+                       n_clusters, block_c, cpp):
+    """Aggregated scores of this program's chunks (recomputed logits; normaliser merged from partials); an
+    inactive (row, head) writes `_idle_scores` without reading a centroid."""
     q = q_ref[...]
     qn = qn_ref[...] if cfg.use_radius else None
     lse = lse_from_partials(m_ref, l_ref)
     row_ok = jnp.arange(q.shape[0]) < cfg.n_rows
     first, n = _chunk_range(n_clusters, block_c, cpp)
+    active = act_ref[...] != 0
 
     def body(i, carry):
         start = (first + i) * block_c
@@ -280,25 +293,42 @@ def _flat_score_kernel(q_ref, qn_ref, c_ref, logn_ref, rad_ref, m_ref, l_ref, ou
         plgpu.store(out_ref.at[pl.ds(start, block_c)], jnp.where(logn > _NEG_INF, out, _NEG_INF), mask=col_ok)
         return carry
 
-    lax.fori_loop(0, n, body, 0)
+    def idle(i, carry):
+        sl = pl.ds((first + i) * block_c, block_c)
+        col_ok = (first + i) * block_c + jnp.arange(block_c) < n_clusters
+        plgpu.store(out_ref.at[sl], _idle_scores(plgpu.load(logn_ref.at[sl], mask=col_ok, other=_NEG_INF)),
+                    mask=col_ok)
+        return carry
+
+    lax.fori_loop(0, jnp.where(active, n, 0), body, 0)
+    lax.fori_loop(0, jnp.where(active, 0, n), idle, 0)
 
 
-def _flat_finish_kernel(logits_ref, logn_ref, m_ref, l_ref, out_ref, *, cfg, n_clusters, block_c):
-    """Aggregated scores of one chunk from stored logits (normaliser merged from partials)."""
+def _idle_scores(logn):
+    """Scores of an inactive (row, head): 0 for every non-empty cluster, -inf for empty ones (one uninformative
+    tie, so a selection that keeps every block takes the same blocks as from real scores)."""
+    return jnp.where(logn > _NEG_INF, 0.0, _NEG_INF)
+
+
+def _flat_finish_kernel(act_ref, logits_ref, logn_ref, m_ref, l_ref, out_ref, *, cfg, n_clusters, block_c):
+    """Aggregated scores of one chunk from stored logits (normaliser merged from partials); an inactive
+    (row, head), whose logits were never written, gets `_idle_scores`."""
     Rp = m_ref.shape[1]
+    active = act_ref[...] != 0
     lse = lse_from_partials(m_ref, l_ref)
     row_ok = jnp.arange(Rp) < cfg.n_rows
     start = pl.program_id(2) * block_c
     col_ok = start + jnp.arange(block_c) < n_clusters
     sl = pl.ds(start, block_c)
-    logits = plgpu.load(logits_ref.at[:, sl], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    logits = plgpu.load(logits_ref.at[:, sl], mask=row_ok[:, None] & col_ok[None, :] & active, other=0.0)
     logn = plgpu.load(logn_ref.at[sl], mask=col_ok, other=_NEG_INF)
-    out = _aggregate_rows(logits - lse[:, None], row_ok, cfg.agg, cfg.n_rows)
+    out = jnp.where(active, _aggregate_rows(logits - lse[:, None], row_ok, cfg.agg, cfg.n_rows), 0.0)
     plgpu.store(out_ref.at[sl], jnp.where(col_ok & (logn > _NEG_INF), out, _NEG_INF), mask=col_ok)
 
 
 def _flat_in_specs(Rp: int, D: int, C: int):
     return [
+        pl.BlockSpec((None, None), lambda b, h, p: (b, h)),  # active (row, head)
         pl.BlockSpec((None, None, Rp, D), lambda b, h, p: (b, h, 0, 0)),  # q
         pl.BlockSpec((None, None, Rp), lambda b, h, p: (b, h, 0)),  # ||q||
         pl.BlockSpec((None, C, D), lambda b, h, p: (h, 0, 0)),  # centroids of head h
@@ -307,7 +337,7 @@ def _flat_in_specs(Rp: int, D: int, C: int):
     ]
 
 
-def _flat_partials(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, cfg: _ScoreCfg, *,
+def _flat_partials(active_BH, q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, cfg: _ScoreCfg, *,
                    block_c: int, cpp: int, want_logits: bool, interpret: bool):
     """Phase 1: per-program partial LSE per row ([B, H, nP, Rp] max and sum); optionally logits [B,H,R,C]."""
     B, H, Rp, D = q_BHRpD.shape
@@ -329,10 +359,10 @@ def _flat_partials(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, cfg
         compiler_params=compiler_params(_num_warps(Rp, block_c), 2),
         interpret=interpret,
         name="lookup_flat_lse",
-    )(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC)
+    )(active_BH, q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC)
 
 
-def _flat_recompute(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, m_BHPR, l_BHPR,
+def _flat_recompute(active_BH, q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, m_BHPR, l_BHPR,
                     cfg: _ScoreCfg, *, block_c: int, cpp: int, interpret: bool) -> jax.Array:
     """Phase 2 (recompute): aggregated scores [B, H, C] from the phase-1 partials."""
     B, H, Rp, D = q_BHRpD.shape
@@ -349,10 +379,11 @@ def _flat_recompute(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, m_
         compiler_params=compiler_params(_num_warps(Rp, block_c), 2),
         interpret=interpret,
         name="lookup_flat_scores",
-    )(q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, m_BHPR, l_BHPR)
+    )(active_BH, q_BHRpD, qn_BHRp, centroids_HCD, log_sizes_HC, radius_HC, m_BHPR, l_BHPR)
 
 
-def _flat_finish(logits_BHRC, log_sizes_HC, m_BHPR, l_BHPR, cfg: _ScoreCfg, *, interpret: bool) -> jax.Array:
+def _flat_finish(active_BH, logits_BHRC, log_sizes_HC, m_BHPR, l_BHPR, cfg: _ScoreCfg, *,
+                 interpret: bool) -> jax.Array:
     """Phase 2 (logits): aggregated scores [B, H, C] from stored logits and the phase-1 partials."""
     B, H, R, C = logits_BHRC.shape
     nP, Rp = m_BHPR.shape[2:]
@@ -362,14 +393,15 @@ def _flat_finish(logits_BHRC, log_sizes_HC, m_BHPR, l_BHPR, cfg: _ScoreCfg, *, i
     return pl.pallas_call(
         kernel,
         grid=(B, H, pl.cdiv(C, block_c)),
-        in_specs=[pl.BlockSpec((None, None, Rp, C), lambda b, h, j: (b, h, 0, 0)),
+        in_specs=[pl.BlockSpec((None, None), lambda b, h, j: (b, h)),
+                  pl.BlockSpec((None, None, Rp, C), lambda b, h, j: (b, h, 0, 0)),
                   pl.BlockSpec((None, C), lambda b, h, j: (h, 0)), part_spec, part_spec],
         out_specs=pl.BlockSpec((None, None, C), lambda b, h, j: (b, h, 0)),
         out_shape=jax.ShapeDtypeStruct((B, H, C), jnp.float32),
         compiler_params=compiler_params(4, 1),
         interpret=interpret,
         name="lookup_flat_finish",
-    )(logits_BHRC, log_sizes_HC, m_BHPR, l_BHPR)
+    )(active_BH, logits_BHRC, log_sizes_HC, m_BHPR, l_BHPR)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -413,9 +445,17 @@ def _check_cpp(cpp: int | None) -> None:
         raise ValueError(f"chunks_per_program must be a positive int, got {cpp!r}")
 
 
+def _active(active_BH: jax.Array | None, B: int, H: int) -> jax.Array:
+    """The (row, head) activity mask as int32 [B, H] (all active when None)."""
+    if active_BH is None:
+        return jnp.ones((B, H), jnp.int32)
+    return active_BH.astype(jnp.int32)
+
+
 def _flat_phase1(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg: _ScoreCfg, *, block_c: int,
-                 cpp: int | None, want_logits: bool, interpret: bool):
-    """The flat lookup's first launch on padded rows: (q_p, ||q_p||, chunks per program, `_flat_partials` out)."""
+                 cpp: int | None, want_logits: bool, interpret: bool, active_BH: jax.Array | None = None):
+    """The flat lookup's first launch on padded rows: (q_p, ||q_p||, chunks per program, active [B, H] int32,
+    `_flat_partials` out)."""
     B, H = q_BHRD.shape[:2]
     C = centroids_HCD.shape[1]
     q_p = _prepare_q(q_BHRD)
@@ -423,13 +463,15 @@ def _flat_phase1(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg: _ScoreCfg,
     qn = _q_norms(q_p) if cfg.use_radius else jnp.zeros((B, H, Rp), jnp.float32)
     if cpp is None:
         cpp = _default_chunks_per_program(pl.cdiv(C, block_c), Rp)
-    outs = _flat_partials(q_p, qn, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c, cpp=cpp,
+    active = _active(active_BH, B, H)
+    outs = _flat_partials(active, q_p, qn, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c, cpp=cpp,
                           want_logits=want_logits, interpret=interpret)
-    return q_p, qn, cpp, outs
+    return q_p, qn, cpp, active, outs
 
 
 def _flat_scores_and_lse(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg: _ScoreCfg, *, block_c: int,
-                         method: str, cpp: int | None, interpret: bool) -> tuple[jax.Array, jax.Array]:
+                         method: str, cpp: int | None, interpret: bool,
+                         active_BH: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Flat lookup: (scores [B, H, C], per-row log-normaliser [B, H, R]); two kernel launches.
 
     The normaliser is merged from the phase-1 partials inside the phase-2 kernel; the jnp merge returned
@@ -437,12 +479,13 @@ def _flat_scores_and_lse(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg: _S
     """
     _, _, R, D = q_BHRD.shape
     method = _resolve_method(method, R, D, centroids_HCD.dtype)
-    q_p, qn, cpp, outs = _flat_phase1(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c, cpp=cpp,
-                                      want_logits=method == "logits", interpret=interpret)
+    q_p, qn, cpp, active, outs = _flat_phase1(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c,
+                                              cpp=cpp, want_logits=method == "logits", interpret=interpret,
+                                              active_BH=active_BH)
     if method == "logits":
-        scores = _flat_finish(outs[2], log_sizes_HC, outs[0], outs[1], cfg, interpret=interpret)
+        scores = _flat_finish(active, outs[2], log_sizes_HC, outs[0], outs[1], cfg, interpret=interpret)
     else:
-        scores = _flat_recompute(q_p, qn, centroids_HCD, log_sizes_HC, radius_HC, outs[0], outs[1], cfg,
+        scores = _flat_recompute(active, q_p, qn, centroids_HCD, log_sizes_HC, radius_HC, outs[0], outs[1], cfg,
                                  block_c=block_c, cpp=cpp, interpret=interpret)
     return scores, _merge_partials(outs[0], outs[1])[:, :, :R]
 
@@ -472,6 +515,7 @@ def centroid_scores(
     method: Method = "auto",
     dot_dtype: str | None = None,
     chunks_per_program: int | None = None,
+    active_BH: jax.Array | None = None,
 ) -> jax.Array:
     """Aggregated log-probability estimate of every fine cluster, [B, H, C] float32.
 
@@ -481,15 +525,18 @@ def centroid_scores(
     `method` the phase-2 strategy (module doc), `dot_dtype` the dot operands: None = the query dtype (bf16
     queries put f32 centroids on the bf16 tensor cores: ~3x faster prefill on the H100, log-probabilities
     within ~1e-2; an f32 query runs tf32 on the GPU), "float32" = full f32 precision (slow on the GPU).
+    `active_BH` (optional, bool or int [B, H]): a (row, head) where it is 0 reads no centroid and scores every
+    non-empty cluster 0 (empty ones -inf): for selections that keep every block whatever the scores.
     """
     _check_options(score, agg, method, radius_weight, dot_dtype)
     _check_level(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, "fine")
+    _check_active(active_BH, q_BHRD.shape[:2])
     _check_cpp(chunks_per_program)
     block_c = _resolve_block_c(block_c, q_BHRD.shape[2])
     cfg = _make_cfg(q_BHRD, score, radius_weight, agg, scale, dot_dtype)
     scores, _ = _flat_scores_and_lse(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c,
                                      method=method, cpp=chunks_per_program,
-                                     interpret=resolve_interpret(interpret))
+                                     interpret=resolve_interpret(interpret), active_BH=active_BH)
     return scores
 
 
@@ -538,7 +585,7 @@ def centroid_logits(
     _check_cpp(chunks_per_program)
     block_c = _resolve_block_c(block_c, q_BHRD.shape[2])
     cfg = _make_cfg(q_BHRD, score, radius_weight, "max", scale, dot_dtype)
-    *_, (m, l_sum, logits) = _flat_phase1(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c,
+    *_, _, (m, l_sum, logits) = _flat_phase1(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c,
                                           cpp=chunks_per_program, want_logits=True,
                                           interpret=resolve_interpret(interpret))
     return ClusterLogits(logits, m, l_sum)
@@ -610,17 +657,22 @@ def centroid_scores_ref(
     method: Method = "auto",
     dot_dtype: str | None = None,
     chunks_per_program: int | None = None,
+    active_BH: jax.Array | None = None,
 ) -> jax.Array:
     """Pure-jnp reference of `centroid_scores` in f32 (the tuning knobs are accepted and ignored)."""
     del block_c, interpret, chunks_per_program
     _check_options(score, agg, method, radius_weight, dot_dtype)
     _check_level(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, "fine")
+    _check_active(active_BH, q_BHRD.shape[:2])
     cfg = _make_cfg(q_BHRD, score, radius_weight, agg, scale, None)
     logits = _ref_logits(q_BHRD, centroids_HCD, radius_HC, cfg)
     logn = log_sizes_HC.astype(jnp.float32)[None, :, None, :]
     lse = jax.nn.logsumexp(logits + logn, axis=-1)
     ok = jnp.broadcast_to(log_sizes_HC > _NEG_INF, (q_BHRD.shape[0],) + log_sizes_HC.shape)
-    return _aggregate_logits(logits, lse, ok, agg)
+    scores = _aggregate_logits(logits, lse, ok, agg)
+    if active_BH is None:
+        return scores
+    return jnp.where(active_BH[..., None] != 0, scores, _idle_scores(log_sizes_HC[None]))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -404,3 +404,18 @@ def test_default_chunk_blocks_fills_one_wave():
     assert default_chunk_blocks(32768, 16) == 4096
     assert default_chunk_blocks(32768, 32) == 0 and default_chunk_blocks(2048, 8) == 0
     assert fused_select_chunks(8192, 8) == 512 and fused_select_chunks(MAX_BLOCKS + 1, 8) is None
+
+
+@pytest.mark.parametrize("seed,ties,chunk", [(40, True, 0), (41, False, 0), (42, True, 32), (43, True, 0)])
+def test_tie_check_takes_the_same_blocks(seed, ties, chunk):
+    """Stopping the search on a band that holds one tied value (after 0, 2 or 6 steps) takes the reference's
+    blocks, in the one-program and the chunked forms, with rounded (tied) and distinct scores."""
+    c = _case(seed, ties=ties)
+    args = (c["scores"], c["sizes"], c["lo"], c["hi"], c["k"])
+    ids_r, count_r = select_blocks_ref(*args, **c["kw"])
+    for tie_check in (0, 2, 6):
+        ids, count = select_blocks(*args, interpret=True, chunk_blocks=chunk, tie_check=tie_check, **c["kw"])
+        np.testing.assert_array_equal(np.asarray(count), np.asarray(count_r))
+        np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_r))
+    with pytest.raises(ValueError, match="tie_check"):
+        select_blocks(*args, interpret=True, tie_check=-1, **c["kw"])

@@ -79,6 +79,31 @@ def test_flat_matches_ref(case):
     _assert_scores_close(got, want, atol=ATOL if kw["dot_dtype"] == "float32" else 0.05)
 
 
+@pytest.mark.parametrize("method, R, cpp", [("logits", 3, None), ("recompute", 20, 2)])
+def test_flat_inactive_rows_read_nothing(method, R, cpp):
+    """Rows with active 0 score every non-empty cluster 0 (empty ones -inf); active rows are unchanged."""
+    B, H, D, C = 3, 2, 64, 70
+    rng = np.random.default_rng(R)
+    c, logn, rad = _level(rng, H, C, D, jnp.float32)
+    logn = logn.at[1, 5].set(-jnp.inf)
+    q = _queries(rng, B, H, R, D, jnp.bfloat16)
+    active = jnp.asarray([[True, False], [False, False], [True, True]])
+    kw = dict(score="radius", method=method, block_c=16, chunks_per_program=cpp, dot_dtype=DOT, active_BH=active)
+    got = np.asarray(centroid_scores(q, c, logn, rad, **kw))
+    want = centroid_scores_ref(q, c, logn, rad, **kw)
+    _assert_scores_close(got, want)
+    full = np.asarray(centroid_scores(q, c, logn, rad, **{**kw, "active_BH": None}))
+    np.testing.assert_array_equal(got[0, 0], full[0, 0])
+    np.testing.assert_array_equal(got[2], full[2])
+    idle = np.where(np.isneginf(np.asarray(logn)), -np.inf, 0.0)
+    for b, h in ((0, 1), (1, 0), (1, 1)):
+        np.testing.assert_array_equal(got[b, h], idle[h])
+    with pytest.raises(ValueError, match="active_BH must be"):
+        centroid_scores(q, c, logn, rad, active_BH=active[:2])
+    with pytest.raises(TypeError, match="active_BH"):
+        centroid_scores(q, c, logn, rad, active_BH=active.astype(jnp.float32))
+
+
 def _naive_scores(q, c, logn, agg):
     """The paper's formula in float64 without max-subtraction:
     S_j = exp(q.c_j / sqrt d) / sum_i N_i exp(q.c_i / sqrt d)."""
@@ -283,7 +308,7 @@ def test_kernels_lower_to_triton_for_h100(method, R):
         S((H, Cc), jnp.int32),
     )
     kw = dict(score="radius", method=method, interpret=False)
-    txt = lower_for_h100(centroid_scores, q, *fine, **kw)
+    txt = lower_for_h100(lambda *a: centroid_scores(*a[:4], active_BH=a[4], **kw), q, *fine, S((B, H), jnp.bool_))
     assert has_triton_call(txt)
     assert "lookup_flat_lse" in txt and ("lookup_flat_scores" in txt) == (method == "recompute")
     txt = lower_for_h100(

@@ -105,3 +105,36 @@ def test_oracle_mass_is_the_recall_upper_bound(budget):
         recall[policy] = float(aux["recall"])
     assert all(recall["oracle_mass"] >= r - 1e-5 for r in recall.values()), recall
     assert recall["oracle_mass"] < 1.0
+
+
+@pytest.mark.parametrize("use_pallas", [True, False])
+def test_full_budget_keeps_every_block_and_skips_its_lookup(use_pallas, monkeypatch):
+    """A request at budget 1 keeps every key block (equal to the dense policy) and its (row, head)s read no
+    centroid; a request at 1/4 in the same batch keeps its own selection."""
+    import squeeze_jax.attention.context as context_mod
+
+    index, (H, G, D) = tiny_index()
+    B = 2
+    q_BHTGD = jax.random.normal(jax.random.key(5), (B, H, 1, G, D))
+    lengths = jnp.asarray([3, 9], jnp.int32)
+    seen = []
+    name = "centroid_scores" if use_pallas else "centroid_scores_ref"
+    lookup = getattr(context_mod.centroid_lookup, name)
+    monkeypatch.setattr(context_mod.centroid_lookup, name,
+                        lambda *a, **k: seen.append(k.get("active_BH")) or lookup(*a, **k))
+    budget = jnp.asarray([[1.0, 0.25]])
+    outs = {}
+    for policy in ("squeezed", "dense"):
+        backend = ContextAttention(policy=policy, max_budget=1.0, use_pallas=use_pallas,
+                                   interpret=True if use_pallas else None, fidelity=True)
+        state = jax.tree.map(lambda a: a[0], ContextState.for_backend(index, budget, backend))
+        outs[policy] = backend.context_part(q_BHTGD, lengths, LayerIndex.of(state.index), state)
+    (o_s, lse_s, aux_s), (o_d, lse_d, _) = outs["squeezed"], outs["dense"]
+    np.testing.assert_allclose(np.asarray(o_s[0]), np.asarray(o_d[0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse_s[0]), np.asarray(lse_d[0]), rtol=1e-5, atol=1e-5)
+    kept = np.asarray(aux_s["_kept_BHTN"])[:, :, 0]
+    valid = np.asarray(context_mod._valid_keys(LayerIndex.of(state.index)))
+    assert kept[0][valid].all() and not kept[1][valid].all()  # every key at budget 1, not at 1/4
+    assert 0 < kept[1].sum() < kept[0].sum()
+    if use_pallas:  # the kernel path masks the lookup per (row, head)
+        np.testing.assert_array_equal(np.asarray(seen[-1]), [[False] * H, [True] * H])

@@ -377,10 +377,21 @@ class ContextAttention:
         """Key blocks the fixed region (sinks + window) spans: always selected."""
         return -(-idx.n_fixed // self.block_k)
 
+    def _key_blocks(self, idx) -> int:
+        """Key blocks holding at least one context key (fixed or clustered): a selection of this many blocks
+        keeps every key, whatever the scores."""
+        bk = self.block_k
+        fixed_blocks = self._fixed_blocks(idx)
+        if not idx.n_clustered:
+            return fixed_blocks
+        first = max(idx.fixed_pad // bk, fixed_blocks)
+        return fixed_blocks + max(-(-(idx.fixed_pad + idx.n_clustered) // bk) - first, 0)
+
     def _k_blocks(self, idx, budget_B) -> tuple[jax.Array, int]:
-        """Blocks to select per (row, KV head) `[B, H]` (fixed blocks included) and the static capacity."""
+        """Blocks to select per (row, KV head) `[B, H]` (fixed blocks included) and the static capacity; a
+        request budget of 1 keeps every block holding a key."""
         H = idx.keys.shape[0]
-        n_blocks_valid = math.ceil(idx.context_len / self.block_k)
+        key_blocks = self._key_blocks(idx)
         fixed_blocks = self._fixed_blocks(idx)
         all_blocks = idx.keys.shape[1] // self.block_k
         if self.policy == "dense":
@@ -396,7 +407,8 @@ class ContextAttention:
                            all_blocks)
             k_B = jnp.ceil(budget_B * idx.context_len / self.block_k).astype(jnp.int32)
             k_BH = jnp.broadcast_to(k_B[:, None], (budget_B.shape[0], H))
-        k_BH = jnp.clip(k_BH, min(fixed_blocks + 1, capacity), min(capacity, n_blocks_valid + fixed_blocks))
+        k_BH = jnp.where(budget_B[:, None] >= 1.0, key_blocks, k_BH)
+        k_BH = jnp.clip(k_BH, min(fixed_blocks + 1, capacity), min(capacity, key_blocks))
         return k_BH, capacity
 
     def _context(self, q_BHTGD, seq_lens_B, idx, budget_B, block_ranges=(None, None), box_table_HCE=None,
@@ -456,8 +468,10 @@ class ContextAttention:
                 ids, count = select_blocks_from_logits(logits, idx.cluster_size, lo_HB, hi_HB, k_rows, agg=self.agg,
                                                        **sel)
             else:
-                ids, count = select_blocks(self._cluster_scores(rows_BHRD, idx, box_table_HCE), idx.cluster_size,
-                                           lo_HB, hi_HB, k_rows, **sel)
+                # a row whose budget keeps every block reads no centroid (its selection needs no scores)
+                active = k_rows < self._key_blocks(idx)
+                ids, count = select_blocks(self._cluster_scores(rows_BHRD, idx, box_table_HCE, active),
+                                           idx.cluster_size, lo_HB, hi_HB, k_rows, **sel)
         else:
             bscores = self._block_scores(rows_BHRD, idx, nb, box_table_HCE)
             if prior_BHN is not None and self.policy == "squeezed":
@@ -508,8 +522,9 @@ class ContextAttention:
                     dict(score="mean", scale=1.0 / math.sqrt(rows_BHRD.shape[-1])))
         return rows_BHRD, idx.centroids, log_sizes, idx.radius, dict(score=self.score, radius_weight=self.radius_weight)
 
-    def _cluster_scores(self, rows_BHRD, idx, box_table_HCE=None):
-        """Squeezed policy: the estimated log-probability of every fine cluster, [rows, H, C]."""
+    def _cluster_scores(self, rows_BHRD, idx, box_table_HCE=None, active_BH=None):
+        """Squeezed policy: the estimated log-probability of every fine cluster, [rows, H, C]. The flat lookup
+        skips the (row, head)s where `active_BH` is False (`centroid_lookup.centroid_scores`)."""
         if self._uses_hierarchy(idx):
             log_sizes = jnp.log(jnp.maximum(idx.cluster_size, 1).astype(jnp.float32))
             n_coarse = idx.coarse_centroids.shape[1]
@@ -522,7 +537,7 @@ class ContextAttention:
                 radius_weight=self.radius_weight, agg=self.agg, interpret=self.interpret)
         q, table, log_n, radius, kw = self._flat_lookup_inputs(rows_BHRD, idx, box_table_HCE)
         fn = centroid_lookup.centroid_scores if self._pallas() else centroid_lookup.centroid_scores_ref
-        return fn(q, table, log_n, radius, agg=self.agg, interpret=self.interpret, **kw)
+        return fn(q, table, log_n, radius, agg=self.agg, interpret=self.interpret, active_BH=active_BH, **kw)
 
     def _block_scores(self, rows_BHRD, idx, nb, box_table_HCE=None):
         fixed_blocks = self._fixed_blocks(idx)
