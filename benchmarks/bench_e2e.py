@@ -438,6 +438,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model-context", type=int, default=131072)
     ap.add_argument("--model-layers", type=int, default=4, help="0 = no whole-model rows")
     ap.add_argument("--box-keeps", default="", help="kept fractions also timed with box-bound cluster scores")
+    ap.add_argument("--hier-keeps", default="0.125", help="kept fractions also timed with the hierarchical lookup")
     ap.add_argument("--select-variants", default="",
                     help="more flat rows at the first kept fraction < 1, each a selection path: fused, xla, fold, "
                          "chunkN (the chunked Pallas selection, N blocks per program), foldchunkN; a tieN suffix "
@@ -455,6 +456,7 @@ def main(argv=None) -> int:
                 continue
             rows += attention_rows(n, shape, keeps, read_bw, budget,
                                    box_keeps=tuple(float(x) for x in args.box_keeps.split(",") if x),
+                                   hier_keeps=tuple(float(x) for x in args.hier_keeps.split(",") if x),
                                    select_variants=select_variants)
     if args.model_layers > 0:
         rows += model_rows(args.model_context, args.model_layers, 0.125, 32, budget)
