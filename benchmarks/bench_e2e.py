@@ -96,7 +96,8 @@ def squeezed_select(q_BHGD, ix: dict, *, keep_blocks: int, hierarchical: bool, c
     sel_kw = dict(n_blocks=ix["n_blocks"], capacity=keep_blocks, fixed_blocks=N_FIXED // BLOCK_K)
     tables = (ix["cluster_size"], ix["lo"], ix["hi"], k_BH)
     if reference:
-        return select_blocks_ref(_lookup(q_BHGD, ix, {}, lookup_kw, reference=True), *tables, **sel_kw)
+        return select_blocks_ref(_lookup(q_BHGD, ix, {}, lookup_kw, reference=True), *tables,
+                                 active_BH=lookup_kw["active"], **sel_kw)
     if select == "auto":
         chunks = fused_select_chunks(ix["n_blocks"], B * H)
         select, chunk_blocks = ("xla", 0) if chunks is None else ("fused", chunks)
@@ -108,7 +109,7 @@ def squeezed_select(q_BHGD, ix: dict, *, keep_blocks: int, hierarchical: bool, c
         logits = centroid_logits(q_BHGD, ix["centroids"], ix["log_sizes"], ix["radius"])
         return select_blocks_from_logits(logits, *tables, chunk_blocks=chunk_blocks, tie_check=tie_check, **sel_kw)
     return select_blocks(_lookup(q_BHGD, ix, {}, lookup_kw), *tables, chunk_blocks=chunk_blocks,
-                         tie_check=tie_check, **sel_kw)
+                         tie_check=tie_check, active_BH=lookup_kw["active"], **sel_kw)
 
 
 def squeezed_step(q_BHGD, k_user_BUHD, v_user_BUHD, ix: dict, *, keep_blocks: int, hierarchical: bool,

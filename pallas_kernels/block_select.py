@@ -120,12 +120,13 @@ def _cluster_score_fn(s_ref, m_ref, l_ref, *, n_rows: int, agg: str):
     return cluster_score
 
 
-def _block_scores(cluster_score, size_ref, lo, hi, blk, prior_ref, *, n_blocks: int, fixed_blocks: int,
+def _block_scores(cluster_score, size_ref, lo, hi, blk, prior_ref, active, *, n_blocks: int, fixed_blocks: int,
                   gather_unroll: int):
     """Scores of the blocks `blk` (their cluster ranges `lo, hi`): the max over the range's clusters (size > 0)
-    and the prior; fixed blocks +inf, blocks past `n_blocks` -inf."""
+    and the prior; fixed blocks +inf, blocks past `n_blocks` -inf. An inactive row reads nothing: 0 for every
+    block with a cluster range."""
     real = blk < n_blocks
-    span = jnp.max(jnp.where(real, hi - lo + 1, 0))
+    span = jnp.where(active, jnp.max(jnp.where(real, hi - lo + 1, 0)), 0)
 
     def gather_max(j, acc):
         # `gather_unroll` range offsets per step, their loads issued before the first is used (fewer memory
@@ -144,7 +145,8 @@ def _block_scores(cluster_score, size_ref, lo, hi, blk, prior_ref, *, n_blocks: 
     score = lax.fori_loop(0, (span + gather_unroll - 1) // gather_unroll, gather_max,
                           jnp.full(blk.shape, _NEG_INF, jnp.float32))
     if prior_ref is not None:
-        score = jnp.maximum(score, plgpu.load(prior_ref, mask=real, other=_NEG_INF).astype(jnp.float32))
+        score = jnp.maximum(score, plgpu.load(prior_ref, mask=real & active, other=_NEG_INF).astype(jnp.float32))
+    score = jnp.where(active, score, jnp.where(lo <= hi, 0.0, _NEG_INF))
     return jnp.where(real & (blk < fixed_blocks), jnp.inf, jnp.where(real, score, _NEG_INF))
 
 
@@ -225,7 +227,7 @@ def _take(t, valid, a, b, need, before=0):
     return take, gt_through + jnp.minimum(eq_through, need)
 
 
-def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks: int, capacity: int,
+def _select_kernel(k_ref, act_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks: int, capacity: int,
                    search_iters: int, tie_check: int, gather_unroll: int, prior: bool, n_rows: int, agg: str):
     """One program per (row, KV head): block scores, the k-th by a search over the whole range, compaction.
     `s_ref`: cluster scores [C], or (n_rows > 0) the lookup's logits [n_rows, C] with its partial normalisers in
@@ -235,8 +237,8 @@ def _select_kernel(k_ref, s_ref, *refs, n_blocks: int, nb_pad: int, fixed_blocks
     prior_ref, ids_ref, cnt_ref = refs if prior else (None, *refs)
     blk = lax.broadcasted_iota(jnp.int32, (nb_pad,), 0)
     score = _block_scores(_cluster_score_fn(s_ref, m_ref, l_ref, n_rows=n_rows, agg=agg), size_ref, lo_ref[...],
-                          hi_ref[...], blk, prior_ref, n_blocks=n_blocks, fixed_blocks=fixed_blocks,
-                          gather_unroll=gather_unroll)
+                          hi_ref[...], blk, prior_ref, act_ref[...] != 0, n_blocks=n_blocks,
+                          fixed_blocks=fixed_blocks, gather_unroll=gather_unroll)
     valid, n_valid, kk, f_min, f_max = _score_stats(score, k_ref, capacity)
     big = f_max + 1.0
     t = jnp.where(score == jnp.inf, big, score)  # +inf (fixed) blocks rank above every finite one
@@ -260,7 +262,7 @@ def _band_edges() -> jax.Array:
     return (lax.broadcasted_iota(jnp.int32, (BAND_EDGES,), 0) - (BAND_EDGES - 1)).astype(jnp.float32) * BAND_STEP
 
 
-def _chunk_scores_kernel(s_ref, *refs, chunk: int, n_blocks: int, fixed_blocks: int, gather_unroll: int,
+def _chunk_scores_kernel(act_ref, s_ref, *refs, chunk: int, n_blocks: int, fixed_blocks: int, gather_unroll: int,
                          prior: bool, n_rows: int, agg: str):
     """Chunked selection, launch 1, one program per (row, KV head, chunk of blocks): the chunk's block scores
     and, per band edge, how many of them score at or above it."""
@@ -269,8 +271,8 @@ def _chunk_scores_kernel(s_ref, *refs, chunk: int, n_blocks: int, fixed_blocks: 
     prior_ref, score_ref, edge_ref = refs if prior else (None, *refs)
     blk = pl.program_id(2) * chunk + lax.broadcasted_iota(jnp.int32, (chunk,), 0)
     score = _block_scores(_cluster_score_fn(s_ref, m_ref, l_ref, n_rows=n_rows, agg=agg), size_ref, lo_ref[...],
-                          hi_ref[...], blk, prior_ref, n_blocks=n_blocks, fixed_blocks=fixed_blocks,
-                          gather_unroll=gather_unroll)
+                          hi_ref[...], blk, prior_ref, act_ref[...] != 0, n_blocks=n_blocks,
+                          fixed_blocks=fixed_blocks, gather_unroll=gather_unroll)
     score_ref[...] = score
     edge_ref[...] = jnp.sum((score[:, None] >= _band_edges()[None, :]).astype(jnp.int32), axis=0)
 
@@ -320,8 +322,8 @@ def _chunk_compact_kernel(k_ref, score_ref, own_ref, edge_ref, ids_ref, cnt_ref,
     cnt_ref[...] = jnp.maximum(kk, 1)
 
 
-def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB=None, *,
-           kernel: bool = True):
+def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB=None,
+           active_BH=None, *, kernel: bool = True):
     if scores_BHC.ndim != 3:
         raise ValueError(f"scores_BHC must be [B, H, C], got {scores_BHC.shape}")
     B, H, C = scores_BHC.shape
@@ -338,6 +340,10 @@ def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, 
             raise TypeError(f"{name} must be integer, got {x.dtype}")
     if k_BH.shape != (B, H) or not jnp.issubdtype(k_BH.dtype, jnp.integer):
         raise ValueError(f"k_BH must be an integer [{B}, {H}] array, got {k_BH.dtype}{list(k_BH.shape)}")
+    if active_BH is not None and (active_BH.shape != (B, H) or not (
+            jnp.issubdtype(active_BH.dtype, jnp.integer) or active_BH.dtype == jnp.bool_)):
+        raise ValueError(f"active_BH must be a bool or integer [{B}, {H}] array, got "
+                         f"{active_BH.dtype}{list(active_BH.shape)}")
     if kernel and n_blocks > MAX_BLOCKS:
         raise ValueError(f"select_blocks handles at most {MAX_BLOCKS} blocks per head, got n_blocks={n_blocks}; use "
                          "selection.block_scores + select_topk")
@@ -370,8 +376,8 @@ def _row_spec(x: jax.Array) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, *tail), lambda b, h, *_: (b, h, *(0,) * len(tail)))
 
 
-def _select_call(source: list[jax.Array], cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, *, B: int, H: int,
-                 n_blocks: int, capacity: int, fixed_blocks: int, num_warps: int, interpret: bool | None,
+def _select_call(source: list[jax.Array], cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, active_BH, *, B: int,
+                 H: int, n_blocks: int, capacity: int, fixed_blocks: int, num_warps: int, interpret: bool | None,
                  search_iters: int, tie_check: int, gather_unroll: int, chunk_blocks: int, n_rows: int,
                  agg: str) -> tuple[jax.Array, jax.Array]:
     """The selection launch(es) over the given score source ([B, H, ..] arrays): grid (B, H), one program per row
@@ -384,8 +390,10 @@ def _select_call(source: list[jax.Array], cluster_size_HC, lo_HB, hi_HB, k_BH, p
     k_spec = pl.BlockSpec((None, None), lambda b, h, *_: (b, h))
     chunk_row = pl.BlockSpec((None, chunk), lambda b, h, *c: (h, *c) if c else (h, 0))
     chunk_bh = pl.BlockSpec((None, None, chunk), lambda b, h, *c: (b, h, *c) if c else (b, h, 0))
-    in_specs = [*map(_row_spec, source), pl.BlockSpec((None, C), lambda b, h, *_: (h, 0)), chunk_row, chunk_row]
-    args = [*source, cluster_size_HC.astype(jnp.int32), lo, hi]
+    in_specs = [k_spec, *map(_row_spec, source), pl.BlockSpec((None, C), lambda b, h, *_: (h, 0)), chunk_row,
+                chunk_row]
+    active = jnp.ones((B, H), jnp.int32) if active_BH is None else active_BH.astype(jnp.int32)
+    args = [active, *source, cluster_size_HC.astype(jnp.int32), lo, hi]
     if prior_BHB is not None:  # padded blocks are masked on load
         in_specs.append(chunk_bh)
         args.append(jnp.pad(prior_BHB, ((0, 0), (0, 0), (0, nb_pad - n_blocks)), constant_values=_NEG_INF))
@@ -450,6 +458,7 @@ def select_blocks(
     search_iters: int = SEARCH_ITERS,
     tie_check: int = TIE_CHECK,
     prior_BHB: jax.Array | None = None,
+    active_BH: jax.Array | None = None,
     gather_unroll: int = 1,
     chunk_blocks: int = CHUNK_BLOCKS,
 ) -> tuple[jax.Array, jax.Array]:
@@ -462,13 +471,17 @@ def select_blocks(
     `gather_unroll` range offsets are gathered per step of the block-score loop; `search_iters` < SEARCH_ITERS
     stops the search early: still exactly k blocks, every block scoring above the final band [a, b) (width
     range / 3**search_iters) and the lowest-index blocks inside it (0 = the first k blocks with a score: the
-    search's fixed cost, for profiling). `chunk_blocks` > 0 (a power of two >= 16): the two-launch chunked form,
-    the same ids (`default_chunk_blocks` says when it pays).
+    search's fixed cost, for profiling). `tie_check`: the step after which a band of one tied value ends the
+    search (the same blocks, fewer steps). `chunk_blocks` > 0 (a power of two >= 16): the two-launch chunked form,
+    the same ids (`default_chunk_blocks` says when it pays). `active_BH` (optional, bool or int [B, H]): a row
+    where it is 0 reads no score, prior or cluster size: every block with a cluster range scores 0 (for rows whose
+    k keeps every block, e.g. a budget of 1: the same blocks without the gather).
     """
-    _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB)
+    _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB, active_BH)
     _check_search(search_iters, gather_unroll, chunk_blocks, tie_check)
     B, H, C = scores_BHC.shape
-    return _select_call([scores_BHC], cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, B=B, H=H, n_blocks=n_blocks,
+    return _select_call([scores_BHC], cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, active_BH, B=B, H=H,
+                        n_blocks=n_blocks,
                         capacity=capacity, fixed_blocks=fixed_blocks, num_warps=num_warps, interpret=interpret,
                         search_iters=search_iters, tie_check=tie_check, gather_unroll=gather_unroll,
                         chunk_blocks=chunk_blocks, n_rows=0,
@@ -512,6 +525,7 @@ def select_blocks_from_logits(
     search_iters: int = SEARCH_ITERS,
     tie_check: int = TIE_CHECK,
     prior_BHB: jax.Array | None = None,
+    active_BH: jax.Array | None = None,
     gather_unroll: int = 1,
     chunk_blocks: int = CHUNK_BLOCKS,
 ) -> tuple[jax.Array, jax.Array]:
@@ -521,7 +535,7 @@ def select_blocks_from_logits(
     _check_logits(cl, agg)
     B, H, R, C = cl.logits_BHRC.shape
     _check(cl.logits_BHRC[:, :, 0], cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks,
-           prior_BHB)
+           prior_BHB, active_BH)
     _check_search(search_iters, gather_unroll, chunk_blocks, tie_check)
     P, Rm = cl.m_BHPR.shape[2:]
     Pp, Rp = next_pow2(P), next_pow2(Rm)
@@ -529,7 +543,7 @@ def select_blocks_from_logits(
     m = jnp.pad(cl.m_BHPR.astype(jnp.float32), pad, constant_values=_NEG_INF)
     l_sum = jnp.pad(cl.l_BHPR.astype(jnp.float32), pad)
     return _select_call([cl.logits_BHRC.astype(jnp.float32), m, l_sum], cluster_size_HC, lo_HB, hi_HB, k_BH,
-                        prior_BHB, B=B, H=H, n_blocks=n_blocks, capacity=capacity, fixed_blocks=fixed_blocks,
+                        prior_BHB, active_BH, B=B, H=H, n_blocks=n_blocks, capacity=capacity, fixed_blocks=fixed_blocks,
                         num_warps=num_warps, interpret=interpret, search_iters=search_iters, tie_check=tie_check,
                         gather_unroll=gather_unroll, chunk_blocks=chunk_blocks, n_rows=R, agg=agg)
 
@@ -551,6 +565,7 @@ def select_blocks_from_logits_ref(
     search_iters: int = SEARCH_ITERS,
     tie_check: int = TIE_CHECK,
     prior_BHB: jax.Array | None = None,
+    active_BH: jax.Array | None = None,
     gather_unroll: int = 1,
     chunk_blocks: int = CHUNK_BLOCKS,
 ) -> tuple[jax.Array, jax.Array]:
@@ -558,7 +573,8 @@ def select_blocks_from_logits_ref(
     _check_logits(cl, agg)
     mask_HC = jnp.where(cluster_size_HC > 0, 0.0, _NEG_INF)
     return select_blocks_ref(scores_from_logits(cl, mask_HC, agg), cluster_size_HC, lo_HB, hi_HB, k_BH,
-                             n_blocks=n_blocks, capacity=capacity, fixed_blocks=fixed_blocks, prior_BHB=prior_BHB)
+                             n_blocks=n_blocks, capacity=capacity, fixed_blocks=fixed_blocks, prior_BHB=prior_BHB,
+                             active_BH=active_BH)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -577,6 +593,7 @@ def select_blocks_ref(
     search_iters: int = SEARCH_ITERS,
     tie_check: int = TIE_CHECK,
     prior_BHB: jax.Array | None = None,
+    active_BH: jax.Array | None = None,
     gather_unroll: int = 1,
     chunk_blocks: int = CHUNK_BLOCKS,
 ) -> tuple[jax.Array, jax.Array]:
@@ -584,7 +601,8 @@ def select_blocks_ref(
     max over each block's cluster range (a gather per range offset) and the prior, then `select_topk`. Memory
     O(rows x blocks), so it also checks 512K-key contexts."""
     del num_warps, interpret, search_iters, tie_check, gather_unroll, chunk_blocks
-    _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB, kernel=False)
+    _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB, active_BH,
+           kernel=False)
     B, H, C = scores_BHC.shape
     s_BHC = jnp.where(cluster_size_HC[None] > 0, scores_BHC.astype(jnp.float32), _NEG_INF)
     span = jnp.max(hi_HB - lo_HB + 1)
@@ -598,5 +616,7 @@ def select_blocks_ref(
     bs_BHB = lax.fori_loop(0, jnp.maximum(span, 0), one_offset, jnp.full((B, H, n_blocks), _NEG_INF, jnp.float32))
     if prior_BHB is not None:
         bs_BHB = jnp.maximum(bs_BHB, prior_BHB.astype(jnp.float32))
+    if active_BH is not None:  # inactive rows: 0 for every block with a cluster range, nothing read
+        bs_BHB = jnp.where(active_BH[..., None] != 0, bs_BHB, jnp.where(lo_HB <= hi_HB, 0.0, _NEG_INF)[None])
     bs_BHB = jnp.where((jnp.arange(n_blocks) < fixed_blocks)[None, None], jnp.inf, bs_BHB)
     return select_topk(bs_BHB, k_BH, capacity)

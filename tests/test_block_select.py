@@ -419,3 +419,28 @@ def test_tie_check_takes_the_same_blocks(seed, ties, chunk):
         np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_r))
     with pytest.raises(ValueError, match="tie_check"):
         select_blocks(*args, interpret=True, tie_check=-1, **c["kw"])
+
+
+@pytest.mark.parametrize("seed,chunk", [(50, 0), (51, 32), (52, 0)])
+def test_inactive_rows_take_every_block_with_a_range(seed, chunk):
+    """A row with active 0 reads no score, prior or size: every block with a cluster range scores 0, so at k =
+    all such blocks it takes them all (fixed ones included); active rows select as before. Kernel == reference,
+    one-program and chunked."""
+    c = _case(seed, ties=True)
+    B, H = c["k"].shape
+    nb = c["kw"]["n_blocks"]
+    rng = np.random.default_rng(seed)
+    active = jnp.asarray(rng.random((B, H)) < 0.5).at[0, 0].set(False)
+    prior = jnp.asarray(rng.normal(size=(B, H, nb)).astype(np.float32))
+    kw = {**c["kw"], "capacity": nb}
+    k = jnp.full((B, H), nb, jnp.int32).at[-1, -1].set(max(1, nb // 3))
+    args = (c["scores"], c["sizes"], c["lo"], c["hi"], k)
+    ids, count = select_blocks(*args, interpret=True, chunk_blocks=chunk, active_BH=active, prior_BHB=prior, **kw)
+    ids_r, count_r = select_blocks_ref(*args, active_BH=active, prior_BHB=prior, **kw)
+    np.testing.assert_array_equal(np.asarray(count), np.asarray(count_r))
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_r))
+    lo, hi = np.asarray(c["lo"]), np.asarray(c["hi"])
+    want = sorted(set(range(c["kw"]["fixed_blocks"])) | set(np.flatnonzero(lo[0] <= hi[0]).tolist()))
+    assert int(count[0, 0]) == len(want) and np.asarray(ids)[0, 0, :len(want)].tolist() == want
+    with pytest.raises(ValueError, match="active_BH"):
+        select_blocks(*args, active_BH=active[:, :1] if H > 1 else active[:0], **kw)

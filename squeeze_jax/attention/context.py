@@ -468,10 +468,10 @@ class ContextAttention:
                 ids, count = select_blocks_from_logits(logits, idx.cluster_size, lo_HB, hi_HB, k_rows, agg=self.agg,
                                                        **sel)
             else:
-                # a row whose budget keeps every block reads no centroid (its selection needs no scores)
+                # a row whose budget keeps every block reads no centroid and its selection no score
                 active = k_rows < self._key_blocks(idx)
                 ids, count = select_blocks(self._cluster_scores(rows_BHRD, idx, box_table_HCE, active),
-                                           idx.cluster_size, lo_HB, hi_HB, k_rows, **sel)
+                                           idx.cluster_size, lo_HB, hi_HB, k_rows, active_BH=active, **sel)
         else:
             bscores = self._block_scores(rows_BHRD, idx, nb, box_table_HCE)
             if prior_BHN is not None and self.policy == "squeezed":
