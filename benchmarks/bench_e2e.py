@@ -75,7 +75,9 @@ def synthetic_index(n_keys: int, H: int, seed: int, centroid_fraction: float = 0
         C=C, Cc=Cc, max_fine=int(counts.max()), n_blocks=n_blocks,
         keys=jax.random.normal(key, (H, n_keys, D), jnp.bfloat16),
         values=jax.random.normal(jax.random.fold_in(key, 1), (H, n_keys, D), jnp.bfloat16),
-        centroids=jnp.asarray(fine), log_sizes=jnp.asarray(log_sizes), radius=jnp.ones((H, C), jnp.float32),
+        # centroids in the keys' dtype, as ContextState.for_backend stores them for the kernel path
+        centroids=jnp.asarray(fine, jnp.bfloat16), log_sizes=jnp.asarray(log_sizes),
+        radius=jnp.ones((H, C), jnp.float32),
         coarse_centroids=jnp.asarray(coarse), coarse_log_sizes=jnp.asarray(coarse_logn, jnp.float32),
         coarse_first=jnp.asarray(first, jnp.int32), coarse_count=jnp.asarray(counts, jnp.int32),
         cluster_start=jnp.asarray(starts, jnp.int32), cluster_size=jnp.asarray(sizes, jnp.int32), lo=lo, hi=hi,
@@ -203,7 +205,8 @@ def attention_rows(n_keys: int, shape: str, keeps: list[float], read_bw: float, 
             est = median_time(lambda step=step, arr=arrays: step(q, k_u, v_u, arr), 3) / 2
             t = device_time(lambda i, q, ku, vu, arr, step=step: step(q, ku, vu, arr), (q, k_u, v_u, arrays),
                             est_s=est, unroll=2, reps=3)
-            table_row = 2 * D * ITEM if score == "box" else D * 4  # box table [2D] bf16; centroids [D] f32
+            # box table [2D] bf16; centroids [D] bf16 (the hierarchical lookup's coarse ones f32)
+            table_row = 2 * D * ITEM if score == "box" else (D * 4 if hierarchical else D * ITEM)
             lookup_read = hierarchical or keep_blocks < ix["n_blocks"]  # a keep-all selection reads no centroid
             nbytes = (2 * H * keep_blocks * BLOCK_K * D * ITEM + 2 * H * USER * D * ITEM
                       + lookup_read * H * (ix["Cc"] if hierarchical else ix["C"]) * (table_row + 8)

@@ -139,8 +139,8 @@ def stage_variants(n: int, smoke: bool):
                 lambda i, x: block_logprob_max(x, ix["keys"], lse_rows, valid, block_k=BK, scale=D ** -0.5)))
     q_box = signed_split(q)
     zeros = jnp.zeros_like(ix["log_sizes"])
-    for table, args in (("mean_f32", fine), ("box_bf16", (box, ix["log_sizes"], zeros))):
-        qq = q if table == "mean_f32" else q_box
+    for table, args in (("mean_bf16", fine), ("box_bf16", (box, ix["log_sizes"], zeros))):
+        qq = q if table == "mean_bf16" else q_box
         for method in ("logits", "recompute"):
             for block_c in (64, 128, 256):
                 for cpp in (1, 2, 4):
@@ -151,8 +151,9 @@ def stage_variants(n: int, smoke: bool):
                         x, *a, method=v["method"], block_c=v["block_c"], chunks_per_program=v["chunks_per_program"],
                         scale=D ** -0.5)))
     # phase 1 alone (partial normalisers + logits written): the rest of the lookup is the finish launch
-    for table, args in (("mean_f32", fine), ("box_bf16", (box, ix["log_sizes"], zeros))):
-        qq = q if table == "mean_f32" else q_box
+    fine_f32 = (fine[0].astype(jnp.float32), *fine[1:])
+    for table, args in (("mean_bf16", fine), ("mean_f32", fine_f32), ("box_bf16", (box, ix["log_sizes"], zeros))):
+        qq = q_box if table == "box_bf16" else q
         out.append(("lookup", {"table": table, "phase1_only": True}, (qq,),
                     lambda i, x, a=args: cl.centroid_logits(x, *a, scale=D ** -0.5)))
     user = dict(k_user_BUHD=k_u, v_user_BUHD=k_u, user_len_B=user_len)

@@ -138,3 +138,41 @@ def test_full_budget_keeps_every_block_and_skips_its_lookup(use_pallas, monkeypa
     assert 0 < kept[1].sum() < kept[0].sum()
     if use_pallas:  # the kernel path masks the lookup per (row, head)
         np.testing.assert_array_equal(np.asarray(seen[-1]), [[False] * H, [True] * H])
+
+
+def test_key_dtype_centroids_give_the_same_decode(monkeypatch):
+    """With bf16 keys, the kernel path's state carries bf16 centroids for the lookup (half the bytes); the dot
+    rounds float32 centroids to the bf16 queries' dtype anyway, so the step is unchanged."""
+    import dataclasses
+
+    import squeeze_jax.attention.context as context_mod
+
+    read = []
+    lookup = context_mod.centroid_lookup.centroid_scores
+    monkeypatch.setattr(context_mod.centroid_lookup, "centroid_scores",
+                        lambda q, c, *a, **k: read.append(c.dtype) or lookup(q, c, *a, **k))
+
+    index, (H, G, D) = tiny_index()
+    index = dataclasses.replace(index, keys_LHND=index.keys_LHND.astype(jnp.bfloat16),
+                                values_LHND=index.values_LHND.astype(jnp.bfloat16))
+    B, S = 2, 16
+    key = jax.random.key(8)
+    q = jax.random.normal(key, (B, 1, H * G, D), jnp.bfloat16)
+    k_new = jax.random.normal(jax.random.fold_in(key, 1), (B, 1, H, D), jnp.bfloat16)
+    cache = LayerKV(jnp.zeros((B, S, H, D), jnp.bfloat16), jnp.zeros((B, S, H, D), jnp.bfloat16))
+    lengths = jnp.asarray([4, 10], jnp.int32)
+    backend = ContextAttention(max_budget=0.25, use_pallas=True, interpret=True, score="mean", fidelity=True)
+    budget = jnp.full((1, B), 0.25)
+    with_bf16 = ContextState.for_backend(index, budget, backend)
+    assert with_bf16.centroids_LHCD.dtype == jnp.bfloat16 and index.centroids_LHCD.dtype == jnp.float32
+    plain = ContextState.create(index, budget, backend.block_k)
+    assert plain.centroids_LHCD is None
+    assert ContextState.for_backend(index, budget, dataclasses.replace(backend, score="box")).centroids_LHCD is None
+    outs = []
+    for st in (with_bf16, plain):
+        out, _, aux = backend(q, k_new, k_new, cache, lengths, lengths + 1, jnp.zeros((B, 1), jnp.int32),
+                              jax.tree.map(lambda a: a[0], st))
+        outs.append((np.asarray(out, np.float32), float(aux["recall"])))
+    assert read == [jnp.bfloat16, jnp.float32]
+    assert outs[0][1] == outs[1][1]
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6, atol=1e-6)

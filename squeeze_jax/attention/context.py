@@ -91,6 +91,9 @@ class ContextState:
 
     `block_lo_LHB, block_hi_LHB` (optional, from `ContextState.create`): per key block the range of clusters
     overlapping it, precomputed once per index so that decode on the GPU runs the fused selection kernel.
+    `centroids_LHCD` (optional): the index's fine centroids in the keys' dtype, read by the lookup instead of the
+    index's float32 ones: half the bytes, and on the GPU the same scores (its dot rounds float32 centroids to the
+    bf16 queries' dtype anyway).
     """
 
     index: Any
@@ -104,12 +107,14 @@ class ContextState:
     # per request: where the prompt rows that `exact_tail` makes exact end (default: each row's length). Teacher
     # forcing a question + answer row sets the answer's start, so that the answer tokens stay sparse as in decode.
     exact_end_LB: jax.Array | None = None
+    centroids_LHCD: jax.Array | None = None
 
     @classmethod
-    def create(cls, index, budget_LB: jax.Array, block_k: int = 16, box_weight: float | None = None
-               ) -> ContextState:
-        """State with the block -> cluster tables for `block_k` (the backend's key-block size) precomputed, and
-        with `box_weight`, the box-score table of `score="box"` (squeeze_jax/index/bounds.py) in the keys' dtype."""
+    def create(cls, index, budget_LB: jax.Array, block_k: int = 16, box_weight: float | None = None,
+               key_dtype_centroids: bool = False) -> ContextState:
+        """State with the block -> cluster tables for `block_k` (the backend's key-block size) precomputed, with
+        `box_weight` the box-score table of `score="box"` (squeeze_jax/index/bounds.py) in the keys' dtype, and
+        with `key_dtype_centroids` the centroids in the keys' dtype (when that is not theirs)."""
         n_blocks = index.keys_LHND.shape[2] // block_k
         ranges = jax.jit(jax.vmap(functools.partial(block_cluster_ranges, n_blocks=n_blocks, block_k=block_k)))
         lo, hi = ranges(index.cluster_start_LHC, index.cluster_size_LHC)
@@ -118,13 +123,20 @@ class ContextState:
             build = jax.jit(jax.vmap(functools.partial(index_box_table, box_weight=float(box_weight),
                                                        dtype=index.keys_LHND.dtype)))
             table = build(index.keys_LHND, index.centroids_LHCD, index.cluster_start_LHC, index.cluster_size_LHC)
-        return cls(index=index, budget_B=budget_LB, block_lo_LHB=lo, block_hi_LHB=hi, box_table_LHCE=table)
+        cents = None
+        if key_dtype_centroids and index.centroids_LHCD.dtype != index.keys_LHND.dtype:
+            cents = index.centroids_LHCD.astype(index.keys_LHND.dtype)
+        return cls(index=index, budget_B=budget_LB, block_lo_LHB=lo, block_hi_LHB=hi, box_table_LHCE=table,
+                   centroids_LHCD=cents)
 
     @classmethod
     def for_backend(cls, index, budget_LB: jax.Array, backend: ContextAttention) -> ContextState:
-        """`create` with what `backend` reads: its block size, and the box table when it scores boxes."""
+        """`create` with what `backend` reads: its block size, the box table when it scores boxes, and on the
+        kernel path centroids in the keys' dtype when it scores centroids."""
+        squeezed = backend.policy == "squeezed"
         return cls.create(index, budget_LB, backend.block_k,
-                          backend.box_weight if backend.policy == "squeezed" and backend.score == "box" else None)
+                          backend.box_weight if squeezed and backend.score == "box" else None,
+                          key_dtype_centroids=squeezed and backend.score != "box" and backend._pallas())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +289,8 @@ class ContextAttention:
                  layer_state: ContextState):
         del positions_BT
         idx = LayerIndex.of(layer_state.index)
+        if layer_state.centroids_LHCD is not None:  # the lookup's centroids in the keys' dtype
+            idx = dataclasses.replace(idx, centroids=layer_state.centroids_LHCD)
         new_kv = write_kv(layer_kv, k_BTHD, v_BTHD, lengths_B, seq_lens_B)
         B, T, Hq, D = q_BTHqD.shape
         H = idx.keys.shape[0]
