@@ -48,8 +48,10 @@ MAX_BLOCKS = 2**16 - 1
 SEARCH_ITERS = 21
 # Step after which the search also stops on a band holding one (tied) value (>= SEARCH_ITERS: never): the k-th
 # block score is usually tied (a cluster spanning several blocks gives them one score), and then the search ran
-# all SEARCH_ITERS steps. H200, GQA 32/8, 1/8 kept, whole decode step: 128K keys 63.8 us at 8 vs 71.0 without.
-TIE_CHECK = 8
+# all SEARCH_ITERS steps. The check costs two reductions and pays only once the band is narrow enough to hold the
+# tie alone. H200, 1/8 kept, whole decode step, check at step 11 / 8 / never: GQA 32K 29.9 / 34.6 / 33.5 us,
+# GQA 128K 65.1 / 63.8 / 71.0, MHA 32K 54.3 / 59.3 / 55.2, MHA 128K 134.6 / 137.3 / 139.8.
+TIE_CHECK = 11
 # Warps per program: the selection is a chain of block-wide reductions on one program per (row, KV head), so
 # more warps per program shorten each one (H100, 128K keys in 16-key blocks, 8 KV heads: 27.2 / 23.8 / 20.0 us
 # at 8 / 16 / 32 warps).
