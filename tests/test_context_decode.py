@@ -107,8 +107,8 @@ def test_oracle_mass_is_the_recall_upper_bound(budget):
     assert recall["oracle_mass"] < 1.0
 
 
-@pytest.mark.parametrize("use_pallas", [True, False])
-def test_full_budget_keeps_every_block_and_skips_its_lookup(use_pallas, monkeypatch):
+@pytest.mark.parametrize("use_pallas,fold", [(True, False), (True, True), (False, False)])
+def test_full_budget_keeps_every_block_and_skips_its_lookup(use_pallas, fold, monkeypatch):
     """A request at budget 1 keeps every key block (equal to the dense policy) and its (row, head)s read no
     centroid; a request at 1/4 in the same batch keeps its own selection."""
     import squeeze_jax.attention.context as context_mod
@@ -126,7 +126,8 @@ def test_full_budget_keeps_every_block_and_skips_its_lookup(use_pallas, monkeypa
     outs = {}
     for policy in ("squeezed", "dense"):
         backend = ContextAttention(policy=policy, max_budget=1.0, use_pallas=use_pallas,
-                                   interpret=True if use_pallas else None, fidelity=True)
+                                   interpret=True if use_pallas else None, fidelity=True, fold_lookup_finish=fold,
+                                   score="mean" if fold else "box")
         state = jax.tree.map(lambda a: a[0], ContextState.for_backend(index, budget, backend))
         outs[policy] = backend.context_part(q_BHTGD, lengths, LayerIndex.of(state.index), state)
     (o_s, lse_s, aux_s), (o_d, lse_d, _) = outs["squeezed"], outs["dense"]
@@ -136,7 +137,7 @@ def test_full_budget_keeps_every_block_and_skips_its_lookup(use_pallas, monkeypa
     valid = np.asarray(context_mod._valid_keys(LayerIndex.of(state.index)))
     assert kept[0][valid].all() and not kept[1][valid].all()  # every key at budget 1, not at 1/4
     assert 0 < kept[1].sum() < kept[0].sum()
-    if use_pallas:  # the kernel path masks the lookup per (row, head)
+    if use_pallas and not fold:  # the three-launch kernel path masks the lookup per (row, head)
         np.testing.assert_array_equal(np.asarray(seen[-1]), [[False] * H, [True] * H])
 
 

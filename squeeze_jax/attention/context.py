@@ -471,8 +471,11 @@ class ContextAttention:
             if lo_HB.shape != (H, nb):
                 raise ValueError(f"ContextState block tables are for {lo_HB.shape[-1]} blocks, the backend uses {nb} "
                                  f"(block_k={self.block_k}); build the state with ContextState.create(..., block_k)")
+            # a row whose budget keeps every block reads no score in the selection (and no centroid in the
+            # three-launch lookup)
+            active = k_rows < self._key_blocks(idx)
             sel = dict(n_blocks=nb, capacity=capacity, fixed_blocks=self._fixed_blocks(idx), interpret=self.interpret,
-                       prior_BHB=prior_BHN, chunk_blocks=chunk_blocks)
+                       prior_BHB=prior_BHN, chunk_blocks=chunk_blocks, active_BH=active)
             if (self.fold_lookup_finish and rows_BHRD.shape[2] <= FROM_LOGITS_MAX_ROWS
                     and not self._uses_hierarchy(idx)):
                 # decode: the lookup's finish runs inside the selection (two launches, not three)
@@ -482,10 +485,8 @@ class ContextAttention:
                 ids, count = select_blocks_from_logits(logits, idx.cluster_size, lo_HB, hi_HB, k_rows, agg=self.agg,
                                                        **sel)
             else:
-                # a row whose budget keeps every block reads no centroid and its selection no score
-                active = k_rows < self._key_blocks(idx)
                 ids, count = select_blocks(self._cluster_scores(rows_BHRD, idx, box_table_HCE, active),
-                                           idx.cluster_size, lo_HB, hi_HB, k_rows, active_BH=active, **sel)
+                                           idx.cluster_size, lo_HB, hi_HB, k_rows, **sel)
         else:
             bscores = self._block_scores(rows_BHRD, idx, nb, box_table_HCE)
             if prior_BHN is not None and self.policy == "squeezed":
