@@ -38,7 +38,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.centroid_lookup import ClusterLogits, lse_from_partials, scores_from_logits
-from pallas_kernels.common import SM_COUNT, compiler_params, is_pow2, next_pow2, resolve_interpret
+from pallas_kernels.common import (
+    SM_COUNT,
+    check_row_head_mask,
+    compiler_params,
+    is_pow2,
+    next_pow2,
+    resolve_interpret,
+)
 from pallas_kernels.selection import select_topk
 
 # Most blocks per head: the search packs two block counts into one int32, c1 + c2 * 2**16 (each below 2**16; the
@@ -342,10 +349,7 @@ def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, 
             raise TypeError(f"{name} must be integer, got {x.dtype}")
     if k_BH.shape != (B, H) or not jnp.issubdtype(k_BH.dtype, jnp.integer):
         raise ValueError(f"k_BH must be an integer [{B}, {H}] array, got {k_BH.dtype}{list(k_BH.shape)}")
-    if active_BH is not None and (active_BH.shape != (B, H) or not (
-            jnp.issubdtype(active_BH.dtype, jnp.integer) or active_BH.dtype == jnp.bool_)):
-        raise ValueError(f"active_BH must be a bool or integer [{B}, {H}] array, got "
-                         f"{active_BH.dtype}{list(active_BH.shape)}")
+    check_row_head_mask(active_BH, B, H)
     if kernel and n_blocks > MAX_BLOCKS:
         raise ValueError(f"select_blocks handles at most {MAX_BLOCKS} blocks per head, got n_blocks={n_blocks}; use "
                          "selection.block_scores + select_topk")
@@ -356,8 +360,7 @@ def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, 
 
 
 _STATIC = ("n_blocks", "capacity", "fixed_blocks", "num_warps", "interpret", "search_iters", "tie_check",
-           "gather_unroll",
-           "chunk_blocks")
+           "gather_unroll", "chunk_blocks")
 
 
 def _check_search(search_iters: int, gather_unroll: int, chunk_blocks: int, tie_check: int) -> None:
@@ -483,11 +486,9 @@ def select_blocks(
     _check_search(search_iters, gather_unroll, chunk_blocks, tie_check)
     B, H, C = scores_BHC.shape
     return _select_call([scores_BHC], cluster_size_HC, lo_HB, hi_HB, k_BH, prior_BHB, active_BH, B=B, H=H,
-                        n_blocks=n_blocks,
-                        capacity=capacity, fixed_blocks=fixed_blocks, num_warps=num_warps, interpret=interpret,
-                        search_iters=search_iters, tie_check=tie_check, gather_unroll=gather_unroll,
-                        chunk_blocks=chunk_blocks, n_rows=0,
-                        agg="max")
+                        n_blocks=n_blocks, capacity=capacity, fixed_blocks=fixed_blocks, num_warps=num_warps,
+                        interpret=interpret, search_iters=search_iters, tie_check=tie_check,
+                        gather_unroll=gather_unroll, chunk_blocks=chunk_blocks, n_rows=0, agg="max")
 
 
 # Most rows whose logits the fused selection reads per cluster (decode: the GQA group); more rows are cheaper
@@ -599,9 +600,9 @@ def select_blocks_ref(
     gather_unroll: int = 1,
     chunk_blocks: int = CHUNK_BLOCKS,
 ) -> tuple[jax.Array, jax.Array]:
-    """Pure-jnp reference (exact top-k; `search_iters`, `gather_unroll` only match the signature): block score =
-    max over each block's cluster range (a gather per range offset) and the prior, then `select_topk`. Memory
-    O(rows x blocks), so it also checks 512K-key contexts."""
+    """Pure-jnp reference (exact top-k; `search_iters`, `tie_check`, `gather_unroll` only match the signature):
+    block score = max over each block's cluster range (a gather per range offset) and the prior, then
+    `select_topk`. Memory O(rows x blocks), so it also checks 512K-key contexts."""
     del num_warps, interpret, search_iters, tie_check, gather_unroll, chunk_blocks
     _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB, active_BH,
            kernel=False)

@@ -42,6 +42,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (
     check_head_dim,
+    check_row_head_mask,
     compiler_params,
     default_scale,
     is_pow2,
@@ -123,15 +124,6 @@ def _check_level(q_BHRD: jax.Array, centroids_HCD: jax.Array, log_sizes_HC: jax.
         if t.shape != (H, C):
             raise ValueError(f"{what} {name} must be [H={H}, C={C}], got shape {t.shape}")
         _check_float(f"{what} {name}", t)
-
-
-def _check_active(active_BH: jax.Array | None, BH: tuple[int, int]) -> None:
-    if active_BH is None:
-        return
-    if active_BH.shape != tuple(BH):
-        raise ValueError(f"active_BH must be [B, H] = {list(BH)}, got shape {active_BH.shape}")
-    if not (jnp.issubdtype(active_BH.dtype, jnp.integer) or active_BH.dtype == jnp.bool_):
-        raise TypeError(f"active_BH must be a bool or integer array, got dtype {active_BH.dtype}")
 
 
 def _resolve_method(method: str, n_rows: int, head_dim: int, c_dtype: jnp.dtype) -> str:
@@ -530,7 +522,7 @@ def centroid_scores(
     """
     _check_options(score, agg, method, radius_weight, dot_dtype)
     _check_level(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, "fine")
-    _check_active(active_BH, q_BHRD.shape[:2])
+    check_row_head_mask(active_BH, *q_BHRD.shape[:2])
     _check_cpp(chunks_per_program)
     block_c = _resolve_block_c(block_c, q_BHRD.shape[2])
     cfg = _make_cfg(q_BHRD, score, radius_weight, agg, scale, dot_dtype)
@@ -663,7 +655,7 @@ def centroid_scores_ref(
     del block_c, interpret, chunks_per_program
     _check_options(score, agg, method, radius_weight, dot_dtype)
     _check_level(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, "fine")
-    _check_active(active_BH, q_BHRD.shape[:2])
+    check_row_head_mask(active_BH, *q_BHRD.shape[:2])
     cfg = _make_cfg(q_BHRD, score, radius_weight, agg, scale, None)
     logits = _ref_logits(q_BHRD, centroids_HCD, radius_HC, cfg)
     logn = log_sizes_HC.astype(jnp.float32)[None, :, None, :]

@@ -115,6 +115,16 @@ def check_fixed_layout(n_keys: int, n_fixed: int, fixed_pad: int, n_clustered: i
         )
 
 
+def check_row_head_mask(active_BH: jax.Array | None, B: int, H: int) -> None:
+    """A per-(row, head) on/off mask must be a bool or integer [B, H] array (None: all on)."""
+    if active_BH is None:
+        return
+    if active_BH.shape != (B, H):
+        raise ValueError(f"active_BH must be [B, H] = [{B}, {H}], got shape {list(active_BH.shape)}")
+    if not (jnp.issubdtype(active_BH.dtype, jnp.integer) or active_BH.dtype == jnp.bool_):
+        raise TypeError(f"active_BH must be a bool or integer array, got dtype {active_BH.dtype}")
+
+
 def check_block_k(block_k: int, n_keys: int) -> None:
     """Key blocks are powers of two that tile the key axis."""
     if not is_pow2(block_k):

@@ -53,7 +53,7 @@ from pallas_kernels.block_select import (
     select_blocks,
     select_blocks_from_logits,
 )
-from pallas_kernels.common import has_gpu
+from pallas_kernels.common import has_gpu, valid_blocks
 from pallas_kernels.merge import (
     chunked_attention_lse,
     dense_attention_lse,
@@ -394,12 +394,7 @@ class ContextAttention:
     def _key_blocks(self, idx) -> int:
         """Key blocks holding at least one context key (fixed or clustered): a selection of this many blocks
         keeps every key, whatever the scores."""
-        bk = self.block_k
-        fixed_blocks = self._fixed_blocks(idx)
-        if not idx.n_clustered:
-            return fixed_blocks
-        first = max(idx.fixed_pad // bk, fixed_blocks)
-        return fixed_blocks + max(-(-(idx.fixed_pad + idx.n_clustered) // bk) - first, 0)
+        return len(valid_blocks(idx.n_fixed, idx.fixed_pad, idx.n_clustered, self.block_k))
 
     def _k_blocks(self, idx, budget_B) -> tuple[jax.Array, int]:
         """Blocks to select per (row, KV head) `[B, H]` (fixed blocks included) and the static capacity; a
