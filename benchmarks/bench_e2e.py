@@ -109,7 +109,8 @@ def squeezed_select(q_BHGD, ix: dict, *, keep_blocks: int, hierarchical: bool, c
         return select_topk(bs, k_BH, keep_blocks)
     if fold and not hierarchical and score == "mean":
         logits = centroid_logits(q_BHGD, ix["centroids"], ix["log_sizes"], ix["radius"])
-        return select_blocks_from_logits(logits, *tables, chunk_blocks=chunk_blocks, tie_check=tie_check, **sel_kw)
+        return select_blocks_from_logits(logits, *tables, chunk_blocks=chunk_blocks, tie_check=tie_check,
+                                         active_BH=lookup_kw["active"], **sel_kw)
     return select_blocks(_lookup(q_BHGD, ix, {}, lookup_kw), *tables, chunk_blocks=chunk_blocks,
                          tie_check=tie_check, active_BH=lookup_kw["active"], **sel_kw)
 

@@ -13,8 +13,8 @@ its cost, next to the floor of an empty launch on the same grid:
             offsets gathered per step, from the lookup's logits (its finish folded in), the chunked selection
             (blocks per program, from scores and from logits), and the gather at span 1 (every block one cluster)
   prior     the question prior: selection with a prior row, and the prefill pass building it (16 rows)
-  lookup    flat centroid lookup over the mean centroids (f32 [C, D]) and the box table (bf16 [C, 2D]):
-            phase-2 method, centroids per step, steps per program
+  lookup    flat centroid lookup over the mean centroids (bf16 [C, D]; phase 1 alone also f32) and the box
+            table (bf16 [C, 2D]): phase-2 method, centroids per step, steps per program
   decode    sparse decode with 512 user tokens in the launch: splits, blocks per step, warps, stages; the
             same count of blocks at consecutive ids; without the user tokens; and the split combine alone
   tail      the exact-question pass (32 queries over every key): kernel vs XLA key chunks
