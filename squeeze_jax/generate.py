@@ -94,7 +94,7 @@ def sample_next(logits_BV: jax.Array, key: jax.Array, temperature: float, top_p:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend", "cache_len"), donate_argnames=())
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend", "cache_len"))
 def _prefill(graphdef, state, tokens_BT, seq_lens_B, position_offset, backend_state, *, backend, cache_len):
     config = _config_of(graphdef, state)
     B, T = tokens_BT.shape
@@ -107,6 +107,8 @@ def _prefill(graphdef, state, tokens_BT, seq_lens_B, position_offset, backend_st
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "backend", "sampling"), donate_argnames=("cache",))
 def _decode(graphdef, state, first_logits_BV, cache, position_offset, backend_state, key, *, backend, sampling):
+    """The decode loop; returns the final cache too, so that the donated input cache is updated in place (a donated
+    buffer that is no output cannot be reused)."""
     B = first_logits_BV.shape[0]
     n_new = sampling.max_new_tokens
     stop = jnp.asarray(sampling.stop_tokens or (-1,), dtype=jnp.int32)
@@ -154,7 +156,7 @@ def _decode(graphdef, state, first_logits_BV, cache, position_offset, backend_st
 
     carry = (jnp.int32(1), tok0, out0, cache, done0, n_gen0, key, aux0)
     steps, _, out, cache, _, n_gen, _, aux_sum = jax.lax.while_loop(cond, body, carry)
-    return out, n_gen, steps, aux_sum
+    return out, n_gen, steps, aux_sum, cache
 
 
 def _config_of(graphdef, state):
@@ -246,7 +248,7 @@ def generate(
         backend_state, aux_prefill = handoff(backend_state, aux_prefill)
     logits.block_until_ready()
     t1 = time.perf_counter()
-    out, n_gen, steps, aux_sum = _decode(graphdef, state, logits, cache, offset, backend_state,
+    out, n_gen, steps, aux_sum, _ = _decode(graphdef, state, logits, cache, offset, backend_state,
                                          jax.random.key(seed), backend=backend, sampling=sampling)
     out = np.asarray(out)
     t2 = time.perf_counter()

@@ -63,6 +63,17 @@ def test_same_bucket_does_not_retrace(model, monkeypatch):
     assert calls != []
 
 
+def test_decode_reuses_the_donated_cache(model):
+    """The decode loop returns its cache, so the donated prefill cache is updated in place: jax warns when a donated
+    buffer cannot be used. A fresh sampling config forces a new compile, where the warning would be raised."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(model, [[4, 5, 6]], sampling=SamplingConfig(max_new_tokens=5, stop_tokens=(95,)))
+    assert not [w for w in caught if "donated buffers were not usable" in str(w.message)]
+
+
 def test_stop_token_ends_generation(model):
     sp = SamplingConfig(max_new_tokens=8)
     free = generate(model, [[3, 4, 5]], sampling=sp).tokens[0]
