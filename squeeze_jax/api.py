@@ -113,7 +113,8 @@ def ask(
 
 
 def kept_fractions(result: GenerationResult) -> tuple[float | None, float | None]:
-    """Mean fraction of the context's keys attended in prefill and per decode step (None where not run)."""
+    """Mean fraction of the context's keys attended per prompt token in prefill (padding excluded, the exact
+    question tokens counting every key) and per decode step (None where not run)."""
     mean = lambda part: None if part not in result.stats else float(np.mean(result.stats[part]["kept_fraction"]))
     return mean("prefill"), mean("decode_mean")
 

@@ -177,3 +177,28 @@ def test_key_dtype_centroids_give_the_same_decode(monkeypatch):
     assert read == [jnp.bfloat16, jnp.float32]
     assert outs[0][1] == outs[1][1]
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["squeezed", "dense", "streaming"])
+def test_prefill_kept_fraction_counts_valid_tokens_only(policy):
+    """The prefill's kept fraction is a mean over each row's valid user tokens: padding tokens of the length bucket
+    do not count, and the exact tail's tokens count as every context key."""
+    index, (H, G, D) = tiny_index()
+    B, T = 2, 16
+    seq_lens = jnp.asarray([3, 10], jnp.int32)
+    q_BHTGD = jax.random.normal(jax.random.key(7), (B, H, T, G, D))
+    full = (index.n_fixed + index.n_clustered) / index.context_len
+    kept = {}
+    for tail in (0, 2, 8):
+        backend = ContextAttention(policy=policy, max_budget=0.125, use_pallas=False, exact_tail=tail)
+        state = jax.tree.map(lambda a: a[0], ContextState.for_backend(index, jnp.full((1, B), 0.125), backend))
+        kept[tail] = float(backend.context_part(q_BHTGD, seq_lens, LayerIndex.of(state.index), state)[2]
+                           ["kept_fraction"])
+    if policy == "dense":
+        assert kept[0] == kept[2] == kept[8] == pytest.approx(full)
+        return
+    sparse = kept[0]
+    assert 0.0 < sparse < 0.5 * full
+    # 13 valid tokens; exact tail 2: 2 + 2 of them exact; exact tail 8: all 3 of row 0 and 8 of row 1
+    assert kept[2] == pytest.approx((4 * full + 9 * sparse) / 13, rel=1e-5)
+    assert kept[8] == pytest.approx((11 * full + 2 * sparse) / 13, rel=1e-5)

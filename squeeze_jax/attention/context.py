@@ -328,6 +328,8 @@ class ContextAttention:
             ends_B = seq_lens_B if state.exact_end_LB is None else jnp.minimum(state.exact_end_LB, seq_lens_B)
             o, lse, aux = self._exact_tail(q_BHTGD, ends_B, idx, o, lse, aux, min(self.exact_tail, T),
                                            state.budget_B)
+        aux = dict(aux)
+        aux["kept_fraction"] = _kept_fraction(aux.pop("_kept_keys_BT"), seq_lens_B, idx.context_len)
         return o, lse, aux
 
     def _exact_tail(self, q_BHTGD, ends_B, idx, o, lse, aux, rows: int, budget_B):
@@ -360,8 +362,8 @@ class ContextAttention:
                 aux = dict(aux, _question_ids_BHM=ids, _question_count_BH=count)
             else:
                 aux = dict(aux, _prior_BHN=self._pin(prior, idx, budget_B) if self.prior_pin else prior)
-        full = jnp.float32(idx.n_fixed + idx.n_clustered) / idx.context_len
-        aux = dict(aux, kept_fraction=aux["kept_fraction"] + (full - aux["kept_fraction"]) * (rows / T))
+        kept_BT = aux["_kept_keys_BT"]
+        aux = dict(aux, _kept_keys_BT=kept_BT.at[jnp.arange(B)[:, None], pos_BL].set(_full_keys(idx)))
         if "_kept_BHTN" in aux:
             kept = aux["_kept_BHTN"]
             aux["_kept_BHTN"] = put_rows(kept, pos_BL, jnp.broadcast_to(valid_N, (B, H, rows, kept.shape[-1])))
@@ -505,10 +507,11 @@ class ContextAttention:
             o, lse = attend_prefill(q_BHTGD, idx.keys, idx.values, ids, count, block_q=self.block_q,
                                     interpret=self.interpret, **kw)
         if self.policy == "dense":  # every block, padding ones included (masked in the kernel)
-            aux = {"kept_fraction": jnp.float32(idx.n_fixed + idx.n_clustered) / idx.context_len}
-        else:
-            kept = jnp.minimum(count * self.block_k, idx.keys.shape[1]).astype(jnp.float32)
-            aux = {"kept_fraction": jnp.mean(kept) / idx.context_len}
+            aux = {"_kept_keys_BT": jnp.full((B, T), _full_keys(idx))}
+        else:  # [B, H] (decode) or [B, H, query blocks] (prefill): per token, the mean over the KV heads
+            kept_BHQ = jnp.minimum(count * self.block_k, idx.keys.shape[1]).astype(jnp.float32).reshape(B, H, -1)
+            aux = {"_kept_keys_BT": jnp.repeat(jnp.mean(kept_BHQ, axis=1), self.block_q if not decode else 1,
+                                               axis=1)[:, :T]}
         if self.fidelity:
             aux["_kept_BHTN"] = _blocks_to_key_mask(ids if not decode else ids[:, :, None], count if not decode
                                                     else count[:, :, None], self.block_k, idx.keys.shape[1],
@@ -569,7 +572,7 @@ class ContextAttention:
         v_BHND = jnp.broadcast_to(idx.values[None], (B,) + idx.values.shape)
         valid_N = _valid_keys(idx)[0]
         o, lse = dense_attention_lse(q_BHTGD, k_BHND, v_BHND, valid_N[None, None, None, :])
-        aux = {"kept_fraction": jnp.float32(idx.n_fixed + idx.n_clustered) / idx.context_len}
+        aux = {"_kept_keys_BT": jnp.full((B, T), _full_keys(idx))}
         if self.fidelity:
             aux["_kept_BHTN"] = jnp.broadcast_to(valid_N[None, None, None, :], (B, H, T, valid_N.shape[0]))
         return o, lse, aux
@@ -620,7 +623,7 @@ class ContextAttention:
         kv_BHND = jnp.broadcast_to(idx.keys[None], (B,) + idx.keys.shape)
         vv_BHND = jnp.broadcast_to(idx.values[None], (B,) + idx.values.shape)
         o, lse = _masked_grouped_attention(q_BHTGD, kv_BHND, vv_BHND, mask_BHTGN)
-        aux = {"kept_fraction": jnp.mean(jnp.sum(kept_BHTN, -1).astype(jnp.float32)) / idx.context_len}
+        aux = {"_kept_keys_BT": jnp.mean(jnp.sum(kept_BHTN, -1).astype(jnp.float32), axis=1)}
         if self.fidelity:
             aux["_kept_BHTN"] = kept_BHTN
         return o, lse, aux
@@ -682,6 +685,18 @@ def _with_user(q_BHTGD, o, lse, aux, user: UserKV | None):
     o_u, lse_u = _user_attention(q_BHTGD, user.k_BUHD, user.v_BUHD, user.len_B - 1)
     o, lse = merge_attention(o.astype(jnp.float32), lse, o_u.astype(jnp.float32), lse_u)
     return o, lse, aux
+
+
+def _full_keys(idx) -> jax.Array:
+    """Context keys a dense pass attends (the fixed and the clustered ones), float32."""
+    return jnp.float32(idx.n_fixed + idx.n_clustered)
+
+
+def _kept_fraction(kept_keys_BT: jax.Array, seq_lens_B: jax.Array, context_len: int) -> jax.Array:
+    """Mean fraction of the context's keys attended per valid user token (padding tokens excluded)."""
+    valid_BT = jnp.arange(kept_keys_BT.shape[1])[None, :] < seq_lens_B[:, None]
+    n_valid = jnp.maximum(jnp.sum(valid_BT), 1)
+    return jnp.sum(jnp.where(valid_BT, kept_keys_BT, 0.0)) / n_valid / context_len
 
 
 def _valid_keys(idx) -> jax.Array:
