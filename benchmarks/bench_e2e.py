@@ -385,7 +385,8 @@ def model_rows(context: int, n_layers: int, keep: float, new_tokens: int, budget
 
 
 def _dense_prefill(model, prompt_BT: np.ndarray, sampling) -> tuple:
-    """(first logits, KV cache) of a cuDNN prefill of the whole prompt, room left for the new tokens."""
+    """(first logits, KV cache) of a cuDNN prefill (XLA off the GPU) of the whole prompt, room left for the new
+    tokens."""
     from flax import nnx
 
     from models.attention import DenseAttention
@@ -395,7 +396,8 @@ def _dense_prefill(model, prompt_BT: np.ndarray, sampling) -> tuple:
     T = prompt_BT.shape[1]
     cache_len = T + -(-sampling.max_new_tokens // 64) * 64
     args = (jnp.asarray(prompt_BT), jnp.full((1,), T, jnp.int32), jnp.int32(0), None)
-    logits, cache, _ = _prefill(graphdef, state, *args, backend=DenseAttention(implementation="cudnn"),
+    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"  # XLA: the CPU smoke test
+    logits, cache, _ = _prefill(graphdef, state, *args, backend=DenseAttention(implementation=impl),
                                 cache_len=cache_len)
     return jax.block_until_ready((logits, cache))
 
@@ -414,8 +416,8 @@ def _dense_decode_ms(model, prefilled: tuple, sampling, impl: str, reps: int = 2
     for _ in range(reps + 1):
         c = jax.block_until_ready(jax.tree.map(jnp.copy, cache))
         t0 = time.perf_counter()
-        out, _, steps, _ = _decode(graphdef, state, logits, c, jnp.int32(0), None, jax.random.key(0),
-                                   backend=DenseAttention(implementation=impl), sampling=sampling)
+        out, _, steps, _, _ = _decode(graphdef, state, logits, c, jnp.int32(0), None, jax.random.key(0),
+                                      backend=DenseAttention(implementation=impl), sampling=sampling)
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / max(int(steps) - 1, 1))
     return 1e3 * min(times[1:])
