@@ -249,7 +249,7 @@ def generate(
     logits.block_until_ready()
     t1 = time.perf_counter()
     out, n_gen, steps, aux_sum, _ = _decode(graphdef, state, logits, cache, offset, backend_state,
-                                         jax.random.key(seed), backend=backend, sampling=sampling)
+                                            jax.random.key(seed), backend=backend, sampling=sampling)
     out = np.asarray(out)
     t2 = time.perf_counter()
     n_gen = np.asarray(n_gen)
