@@ -59,6 +59,7 @@ class Instr:
     shape: str
     operands: list[str]
     line: str
+    root: bool = False
 
 
 def parse_hlo(text: str) -> dict[str, list[Instr]]:
@@ -78,7 +79,8 @@ def parse_hlo(text: str) -> dict[str, list[Instr]]:
         m = _INSTR.match(line)
         if m:
             args = m.group(5).split("), ")[0]
-            comps[current].append(Instr(m.group(2), m.group(4), m.group(3), _OPERANDS.findall(args), line))
+            comps[current].append(Instr(m.group(2), m.group(4), m.group(3), _OPERANDS.findall(args), line,
+                                        root=bool(m.group(1))))
     return comps
 
 
@@ -114,16 +116,19 @@ def executed(comps: dict[str, list[Instr]], default_trips: int) -> list[tuple[In
 
 def summarize(text: str, default_trips: int, top: int = 12) -> dict:
     """Launches and bytes written per step by kind, and the largest writers (custom-call readers marked)."""
-    runs = [(i, n) for i, n in executed(parse_hlo(text), default_trips) if i.opcode not in _FREE]
+    comps = parse_hlo(text)
+    roots = {name: next((i.opcode for i in body if i.root), "?") for name, body in comps.items()}
+    runs = [(i, n) for i, n in executed(comps, default_trips) if i.opcode not in _FREE]
     read_by_kernel = {op for i, _ in runs if i.opcode == "custom-call" for op in i.operands}
     launches: Counter = Counter()
     written: defaultdict = defaultdict(int)
     rows = []
     for ins, n in runs:
         kind = ins.opcode
-        if kind == "fusion":
+        if kind == "fusion":  # with its fused computation's root: a `dynamic-slice` root is a copied slice
             m = re.search(r"kind=(k\w+)", ins.line)
-            kind = f"fusion:{m.group(1) if m else '?'}"
+            called = re.search(r"calls=%?([\w.\-]+)", ins.line)
+            kind = f"fusion:{m.group(1) if m else '?'}:{roots.get(called.group(1), '?') if called else '?'}"
         elif kind == "custom-call":
             m = re.search(r'custom_call_target="([^"]+)"', ins.line)
             kind = f"custom-call:{m.group(1) if m else '?'}"

@@ -88,10 +88,15 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
   %w = (s32[], f32[4,8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   ROOT %f = bf16[2,2]{1,0} fusion(%a), kind=kLoop, calls=%fused
 }
+
+%fused (x: f32[4,8]) -> bf16[2,2] {
+  %x = f32[4,8]{1,0} parameter(0)
+  ROOT %s = bf16[2,2]{1,0} dynamic-slice(%x, %i, %j), dynamic_slice_sizes={2,2}
+}
 """
     r = summarize(text, default_trips=7)
     assert r["launches_per_step"] == {"copy": 3, "custom-call:__gpu$xla.gpu.triton": 3, "compare": 3,
-                                      "fusion:kLoop": 1}
+                                      "fusion:kLoop:dynamic-slice": 1}
     assert r["bytes_written_per_step"]["copy"] == 3 * 4 * 8 * 4
     copy_row = next(w for w in r["largest"] if w["name"] == "c")
     assert copy_row["read_by_custom_call"] and copy_row["per_step"] == 3
