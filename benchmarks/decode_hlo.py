@@ -114,12 +114,29 @@ def executed(comps: dict[str, list[Instr]], default_trips: int) -> list[tuple[In
     return out
 
 
+def _kernel_operands(comps: dict[str, list[Instr]]) -> set[str]:
+    """Names of the instructions whose buffers custom calls read, looking through views (bitcasts, tuple
+    elements) to the instruction that wrote the buffer."""
+    by_name = {i.name: i for body in comps.values() for i in body}
+    todo = [op for body in comps.values() for i in body if i.opcode == "custom-call" for op in i.operands]
+    found: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        ins = by_name.get(name)
+        if ins is not None and ins.opcode in ("bitcast", "get-tuple-element"):
+            todo += ins.operands
+    return found
+
+
 def summarize(text: str, default_trips: int, top: int = 12) -> dict:
     """Launches and bytes written per step by kind, and the largest writers (custom-call readers marked)."""
     comps = parse_hlo(text)
     roots = {name: next((i.opcode for i in body if i.root), "?") for name, body in comps.items()}
     runs = [(i, n) for i, n in executed(comps, default_trips) if i.opcode not in _FREE]
-    read_by_kernel = {op for i, _ in runs if i.opcode == "custom-call" for op in i.operands}
+    read_by_kernel = _kernel_operands(comps)
     launches: Counter = Counter()
     written: defaultdict = defaultdict(int)
     rows = []

@@ -74,7 +74,8 @@ def test_hlo_parser_weights_loop_bodies_by_trip_count():
   %p = (s32[], f32[4,8]) parameter(0)
   %x = f32[4,8]{1,0} get-tuple-element(%p), index=1
   %c = f32[4,8]{1,0} copy(%x)
-  %k = f32[4,8]{1,0} custom-call(%c), custom_call_target="__gpu$xla.gpu.triton"
+  %v = f32[32]{0} bitcast(%c)
+  %k = f32[4,8]{1,0} custom-call(%v), custom_call_target="__gpu$xla.gpu.triton"
   ROOT %t = (s32[], f32[4,8]) tuple(%i, %k)
 }
 
@@ -98,6 +99,6 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
     assert r["launches_per_step"] == {"copy": 3, "custom-call:__gpu$xla.gpu.triton": 3, "compare": 3,
                                       "fusion:kLoop:dynamic-slice": 1}
     assert r["bytes_written_per_step"]["copy"] == 3 * 4 * 8 * 4
-    copy_row = next(w for w in r["largest"] if w["name"] == "c")
+    copy_row = next(w for w in r["largest"] if w["name"] == "c")  # read through a bitcast
     assert copy_row["read_by_custom_call"] and copy_row["per_step"] == 3
     assert shape_bytes("(bf16[2,3], s32[5])") == 2 * 6 + 4 * 5
