@@ -202,3 +202,31 @@ def test_prefill_kept_fraction_counts_valid_tokens_only(policy):
     # 13 valid tokens; exact tail 2: 2 + 2 of them exact; exact tail 8: all 3 of row 0 and 8 of row 1
     assert kept[2] == pytest.approx((4 * full + 9 * sparse) / 13, rel=1e-5)
     assert kept[8] == pytest.approx((11 * full + 2 * sparse) / 13, rel=1e-5)
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.125, 0.3])
+def test_block_id_lists_need_no_padding_in_the_kernels(budget, monkeypatch):
+    """The selection's capacity is rounded up to IDS_MULTIPLE blocks (the decode kernel reads 8 ids a step), so the
+    decode kernel pads nothing; k is clipped at the unrounded capacity, so the same blocks are kept."""
+    import math
+
+    import squeeze_jax.attention.context as context_mod
+    from squeeze_jax.attention.context import IDS_MULTIPLE
+
+    index, (H, G, D) = tiny_index()
+    B = 2
+    backend = ContextAttention(max_budget=budget, use_pallas=True, interpret=True)
+    state = jax.tree.map(lambda a: a[0], ContextState.for_backend(index, jnp.full((1, B), budget), backend))
+    idx = LayerIndex.of(state.index)
+    k_BH, capacity = backend._k_blocks(idx, jnp.full((B,), budget))
+    n_blocks = idx.keys.shape[1] // backend.block_k
+    assert capacity % IDS_MULTIPLE == 0 or capacity == n_blocks
+    assert int(k_BH.max()) <= math.ceil(budget * idx.context_len / backend.block_k) <= capacity
+    seen = []
+    real = context_mod.sparse_decode
+    monkeypatch.setattr(context_mod, "sparse_decode", lambda q, k, v, ids, count, **kw: seen.append(ids.shape[-1])
+                        or real(q, k, v, ids, count, **kw))
+    q_BHTGD = jax.random.normal(jax.random.key(2), (B, H, 1, G, D))
+    o, _, aux = backend.context_part(q_BHTGD, jnp.ones((B,), jnp.int32), idx, state)
+    assert seen == [capacity] and np.isfinite(np.asarray(o)).all()
+    assert float(aux["kept_fraction"]) <= budget + backend.block_k / idx.context_len

@@ -53,7 +53,7 @@ from pallas_kernels.block_select import (
     select_blocks,
     select_blocks_from_logits,
 )
-from pallas_kernels.common import has_gpu, valid_blocks
+from pallas_kernels.common import has_gpu, round_up, valid_blocks
 from pallas_kernels.merge import (
     chunked_attention_lse,
     dense_attention_lse,
@@ -71,6 +71,9 @@ POLICIES = BLOCK_POLICIES + KEY_POLICIES
 ALLOCATIONS = ("auto", "uniform", "calibrated")
 SCORES = ("mean", "radius", "box")
 QUEST_PAGE = 16
+# Selection capacities are rounded up to a multiple of this: the decode (8) and prefill (4) attention kernels read
+# their block ids that many at a time and would otherwise pad the id lists on every call.
+IDS_MULTIPLE = 8
 
 
 def fused_select_chunks(n_blocks: int, programs: int) -> int | None:
@@ -399,8 +402,8 @@ class ContextAttention:
         return len(valid_blocks(idx.n_fixed, idx.fixed_pad, idx.n_clustered, self.block_k))
 
     def _k_blocks(self, idx, budget_B) -> tuple[jax.Array, int]:
-        """Blocks to select per (row, KV head) `[B, H]` (fixed blocks included) and the static capacity; a
-        request budget of 1 keeps every block holding a key."""
+        """Blocks to select per (row, KV head) `[B, H]` (fixed blocks included) and the static capacity (a
+        multiple of IDS_MULTIPLE or every block); a request budget of 1 keeps every block holding a key."""
         H = idx.keys.shape[0]
         key_blocks = self._key_blocks(idx)
         fixed_blocks = self._fixed_blocks(idx)
@@ -420,7 +423,9 @@ class ContextAttention:
             k_BH = jnp.broadcast_to(k_B[:, None], (budget_B.shape[0], H))
         k_BH = jnp.where(budget_B[:, None] >= 1.0, key_blocks, k_BH)
         k_BH = jnp.clip(k_BH, min(fixed_blocks + 1, capacity), min(capacity, key_blocks))
-        return k_BH, capacity
+        # the id lists' width (k is clipped above): a whole number of the attention kernels' steps, so that they
+        # pad nothing per call
+        return k_BH, min(round_up(capacity, IDS_MULTIPLE), all_blocks)
 
     def _context(self, q_BHTGD, seq_lens_B, idx, budget_B, block_ranges=(None, None), box_table_HCE=None,
                  user: UserKV | None = None, prior_BHN: jax.Array | None = None, chosen=None):
