@@ -94,19 +94,30 @@ def default_chunk_blocks(n_blocks: int, programs: int) -> int:
 
 
 def block_cluster_ranges(cluster_start_HC: jax.Array, cluster_size_HC: jax.Array, *, n_blocks: int,
-                         block_k: int) -> tuple[jax.Array, jax.Array]:
+                         block_k: int, pad_pow2: bool = False) -> tuple[jax.Array, jax.Array]:
     """Per key block, the contiguous range [lo, hi] of cluster indices that overlap it: (lo_HB, hi_HB) int32.
 
     Clusters are ordered by start and contiguous, so the overlapping clusters are those whose end is past the
     block's first key and whose start is before the block's end. lo > hi means no cluster (fixed or padding
-    blocks). Depends on the index only: compute it once per index, outside the decode loop.
+    blocks). Depends on the index only: compute it once per index, outside the decode loop. `pad_pow2`: the
+    tables padded to `next_pow2(n_blocks)` blocks without a cluster, the width the selection kernel reads (it
+    then pads nothing per call).
     """
     start = cluster_start_HC.astype(jnp.int32)
     end = start + cluster_size_HC.astype(jnp.int32)
     first_B = jnp.arange(n_blocks, dtype=jnp.int32) * block_k
-    lo = jax.vmap(lambda e: jnp.searchsorted(e, first_B, side="right"))(end)
-    hi = jax.vmap(lambda s: jnp.searchsorted(s, first_B + block_k, side="left"))(start) - 1
-    return lo.astype(jnp.int32), hi.astype(jnp.int32)
+    lo = jax.vmap(lambda e: jnp.searchsorted(e, first_B, side="right"))(end).astype(jnp.int32)
+    hi = (jax.vmap(lambda s: jnp.searchsorted(s, first_B + block_k, side="left"))(start) - 1).astype(jnp.int32)
+    return _pad_ranges(lo, hi, next_pow2(n_blocks)) if pad_pow2 else (lo, hi)
+
+
+def _pad_ranges(lo_HB: jax.Array, hi_HB: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    """Block tables padded to `width` blocks with empty ranges (lo 1 > hi 0); unchanged when that wide."""
+    if lo_HB.shape[1] == width:
+        return lo_HB.astype(jnp.int32), hi_HB.astype(jnp.int32)
+    pad = ((0, 0), (0, width - lo_HB.shape[1]))
+    return (jnp.pad(lo_HB.astype(jnp.int32), pad, constant_values=1),
+            jnp.pad(hi_HB.astype(jnp.int32), pad, constant_values=0))
 
 
 def _cluster_score_fn(s_ref, m_ref, l_ref, *, n_rows: int, agg: str):
@@ -343,8 +354,9 @@ def _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, 
     if cluster_size_HC.shape != (H, C):
         raise ValueError(f"cluster_size_HC must be [{H}, {C}], got {cluster_size_HC.shape}")
     for name, x in (("lo_HB", lo_HB), ("hi_HB", hi_HB)):
-        if x.shape != (H, n_blocks):
-            raise ValueError(f"{name} must be [{H}, n_blocks={n_blocks}], got {x.shape}")
+        if x.shape not in ((H, n_blocks), (H, next_pow2(n_blocks))):
+            raise ValueError(f"{name} must be [{H}, n_blocks={n_blocks}] (or padded to [{H}, "
+                             f"{next_pow2(n_blocks)}] by block_cluster_ranges(..., pad_pow2=True)), got {x.shape}")
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise TypeError(f"{name} must be integer, got {x.dtype}")
     if k_BH.shape != (B, H) or not jnp.issubdtype(k_BH.dtype, jnp.integer):
@@ -390,8 +402,7 @@ def _select_call(source: list[jax.Array], cluster_size_HC, lo_HB, hi_HB, k_BH, p
     C = cluster_size_HC.shape[1]
     nb_pad = next_pow2(n_blocks)
     chunk = min(chunk_blocks, nb_pad) if chunk_blocks else nb_pad
-    lo = jnp.pad(lo_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=1)
-    hi = jnp.pad(hi_HB.astype(jnp.int32), ((0, 0), (0, nb_pad - n_blocks)), constant_values=0)
+    lo, hi = _pad_ranges(lo_HB, hi_HB, nb_pad)
     k_spec = pl.BlockSpec((None, None), lambda b, h, *_: (b, h))
     chunk_row = pl.BlockSpec((None, chunk), lambda b, h, *c: (h, *c) if c else (h, 0))
     chunk_bh = pl.BlockSpec((None, None, chunk), lambda b, h, *c: (b, h, *c) if c else (b, h, 0))
@@ -469,7 +480,8 @@ def select_blocks(
 ) -> tuple[jax.Array, jax.Array]:
     """Top-k key blocks per (row, head) straight from cluster scores: (block_ids[B, H, capacity], count[B, H]).
 
-    `scores_BHC`: per-cluster scores (e.g. `centroid_scores`); `lo_HB, hi_HB` from `block_cluster_ranges`;
+    `scores_BHC`: per-cluster scores (e.g. `centroid_scores`); `lo_HB, hi_HB` from `block_cluster_ranges` (with
+    `pad_pow2=True` this call pads nothing);
     `k_BH`: blocks to keep (fixed blocks included), clipped to [1, capacity]. Ids ascending, padded with the
     last. Clusters of size 0 are ignored. `prior_BHB` (optional, float): a block's score is the max of its
     clusters' scores and its prior (e.g. the question's exact block log-probabilities; -inf = no prior).
@@ -607,6 +619,7 @@ def select_blocks_ref(
     _check(scores_BHC, cluster_size_HC, lo_HB, hi_HB, k_BH, n_blocks, capacity, fixed_blocks, prior_BHB, active_BH,
            kernel=False)
     B, H, C = scores_BHC.shape
+    lo_HB, hi_HB = lo_HB[:, :n_blocks], hi_HB[:, :n_blocks]  # the tables may come padded
     s_BHC = jnp.where(cluster_size_HC[None] > 0, scores_BHC.astype(jnp.float32), _NEG_INF)
     span = jnp.max(hi_HB - lo_HB + 1)
 

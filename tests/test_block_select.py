@@ -23,7 +23,7 @@ from pallas_kernels.centroid_lookup import (
     centroid_scores,
     scores_from_logits,
 )
-from pallas_kernels.common import has_triton_call, lower_for_h100
+from pallas_kernels.common import has_triton_call, lower_for_h100, next_pow2
 from pallas_kernels.selection import block_scores, select_topk
 from tests.test_selection import _layout
 
@@ -65,6 +65,28 @@ def test_select_blocks_matches_reference_and_unfused_path(seed, ties, dead):
     ids_np, cnt = np.asarray(ids), np.asarray(count)
     assert (cnt >= 1).all() and (cnt <= c["kw"]["capacity"]).all()
     assert (np.diff(ids_np, axis=-1) >= 0).all() and (ids_np < c["kw"]["n_blocks"]).all()
+
+
+@pytest.mark.parametrize("seed,chunk", [(4, 0), (5, 0), (6, 16)])
+def test_padded_block_tables_select_the_same_blocks(seed, chunk):
+    """Tables from block_cluster_ranges(..., pad_pow2=True) (what ContextState stores, so the kernel pads nothing
+    per call) give the same selection as the unpadded ones, in the kernel and in the reference; other widths are
+    refused."""
+    c = _case(seed, ties=True)
+    nb = c["kw"]["n_blocks"]
+    lo_p, hi_p = block_cluster_ranges(c["starts"], c["sizes"], n_blocks=nb, block_k=c["block_k"], pad_pow2=True)
+    assert lo_p.shape[1] == next_pow2(nb) and bool(jnp.all(lo_p[:, nb:] > hi_p[:, nb:]))
+    np.testing.assert_array_equal(np.asarray(lo_p[:, :nb]), np.asarray(c["lo"]))
+    want = select_blocks_ref(c["scores"], c["sizes"], c["lo"], c["hi"], c["k"], **c["kw"])
+    for fn, extra in ((select_blocks, dict(interpret=True, chunk_blocks=chunk)), (select_blocks_ref, {})):
+        got = fn(c["scores"], c["sizes"], lo_p, hi_p, c["k"], **extra, **c["kw"])
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if next_pow2(nb) != nb + 1:  # one block wider than the block count and than its power of two
+        one_more = ((0, 0), (0, 1))
+        with pytest.raises(ValueError, match="lo_HB must be"):
+            select_blocks(c["scores"], c["sizes"], jnp.pad(c["lo"], one_more), jnp.pad(c["hi"], one_more), c["k"],
+                          interpret=True, **c["kw"])
 
 
 @pytest.mark.parametrize("seed,spread", [(10, 1e-3), (11, 50.0)])

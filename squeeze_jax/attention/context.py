@@ -53,7 +53,7 @@ from pallas_kernels.block_select import (
     select_blocks,
     select_blocks_from_logits,
 )
-from pallas_kernels.common import has_gpu, round_up, valid_blocks
+from pallas_kernels.common import has_gpu, next_pow2, round_up, valid_blocks
 from pallas_kernels.merge import (
     chunked_attention_lse,
     dense_attention_lse,
@@ -93,7 +93,8 @@ class ContextState:
     """Backend state: the context index (leading layer axis) and a per-request kept fraction `budget_B`.
 
     `block_lo_LHB, block_hi_LHB` (optional, from `ContextState.create`): per key block the range of clusters
-    overlapping it, precomputed once per index so that decode on the GPU runs the fused selection kernel.
+    overlapping it, precomputed once per index so that decode on the GPU runs the fused selection kernel (padded
+    to a power-of-two count of blocks, the width that kernel reads).
     `centroids_LHCD` (optional): the index's fine centroids in the keys' dtype, read by the lookup instead of the
     index's float32 ones: half the bytes, and on the GPU the same scores (its dot rounds float32 centroids to the
     bf16 queries' dtype anyway).
@@ -119,7 +120,8 @@ class ContextState:
         `box_weight` the box-score table of `score="box"` (squeeze_jax/index/bounds.py) in the keys' dtype, and
         with `key_dtype_centroids` the centroids in the keys' dtype (when that is not theirs)."""
         n_blocks = index.keys_LHND.shape[2] // block_k
-        ranges = jax.jit(jax.vmap(functools.partial(block_cluster_ranges, n_blocks=n_blocks, block_k=block_k)))
+        ranges = jax.jit(jax.vmap(functools.partial(block_cluster_ranges, n_blocks=n_blocks, block_k=block_k,
+                                                    pad_pow2=True)))
         lo, hi = ranges(index.cluster_start_LHC, index.cluster_size_LHC)
         table = None
         if box_weight is not None:
@@ -470,7 +472,7 @@ class ContextAttention:
             count = jnp.full((rows, H), capacity, jnp.int32)
         elif (self.policy == "squeezed" and self._pallas() and lo_HB is not None
               and (chunk_blocks := fused_select_chunks(nb, rows * H)) is not None):
-            if lo_HB.shape != (H, nb):
+            if lo_HB.shape not in ((H, nb), (H, next_pow2(nb))):
                 raise ValueError(f"ContextState block tables are for {lo_HB.shape[-1]} blocks, the backend uses {nb} "
                                  f"(block_k={self.block_k}); build the state with ContextState.create(..., block_k)")
             # a row whose budget keeps every block reads no score in the selection (and no centroid in the
