@@ -230,3 +230,26 @@ def test_block_id_lists_need_no_padding_in_the_kernels(budget, monkeypatch):
     o, _, aux = backend.context_part(q_BHTGD, jnp.ones((B,), jnp.int32), idx, state)
     assert seen == [capacity] and np.isfinite(np.asarray(o)).all()
     assert float(aux["kept_fraction"]) <= budget + backend.block_k / idx.context_len
+
+
+def test_lowered_decode_step_pads_no_block_table():
+    """The kernel path's decode step, lowered for an H100, pads no integer array: the block tables come padded
+    from ContextState and the id lists are as wide as the kernels read them (the one pad left is the lookup's
+    query rows, float)."""
+    import re
+
+    from pallas_kernels.common import lower_for_h100
+
+    index, (H, G, D) = tiny_index()
+    B, S = 1, 64
+    backend = ContextAttention(max_budget=0.25, use_pallas=True, interpret=False)
+    state = jax.tree.map(lambda a: a[0], ContextState.for_backend(index, jnp.full((1, B), 0.125), backend))
+    cache = LayerKV(jnp.zeros((B, S, H, D)), jnp.zeros((B, S, H, D)))
+
+    def step(q, k, v, cache, lengths, state):
+        return backend(q, k, v, cache, lengths, jnp.ones((B,), jnp.int32), jnp.zeros((B, 1), jnp.int32), state)[0]
+
+    text = lower_for_h100(step, jnp.zeros((B, 1, H * G, D)), jnp.zeros((B, 1, H, D)), jnp.zeros((B, 1, H, D)), cache,
+                          jnp.asarray([5], jnp.int32), state)
+    pads = re.findall(r"stablehlo\.pad .*-> tensor<([^>]*)>", text)
+    assert pads and all(not t.endswith("i32") for t in pads), pads
