@@ -235,7 +235,7 @@ def test_block_id_lists_need_no_padding_in_the_kernels(budget, monkeypatch):
 def test_lowered_decode_step_pads_no_block_table():
     """The kernel path's decode step, lowered for an H100, pads no integer array: the block tables come padded
     from ContextState and the id lists are as wide as the kernels read them (the one pad left is the lookup's
-    query rows, float)."""
+    query rows, float); nor does it take the log of the cluster sizes (ContextState holds it)."""
     import re
 
     from pallas_kernels.common import lower_for_h100
@@ -253,3 +253,4 @@ def test_lowered_decode_step_pads_no_block_table():
                           jnp.asarray([5], jnp.int32), state)
     pads = re.findall(r"stablehlo\.pad .*-> tensor<([^>]*)>", text)
     assert pads and all(not t.endswith("i32") for t in pads), pads
+    assert not re.search(rf"stablehlo\.log .*tensor<{H}x{index.n_clusters}xf32>", text)

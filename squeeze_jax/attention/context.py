@@ -112,6 +112,7 @@ class ContextState:
     # forcing a question + answer row sets the answer's start, so that the answer tokens stay sparse as in decode.
     exact_end_LB: jax.Array | None = None
     centroids_LHCD: jax.Array | None = None
+    log_sizes_LHC: jax.Array | None = None  # log of each cluster's key count (>= 1), once per index
 
     @classmethod
     def create(cls, index, budget_LB: jax.Array, block_k: int = 16, box_weight: float | None = None,
@@ -132,7 +133,7 @@ class ContextState:
         if key_dtype_centroids and index.centroids_LHCD.dtype != index.keys_LHND.dtype:
             cents = index.centroids_LHCD.astype(index.keys_LHND.dtype)
         return cls(index=index, budget_B=budget_LB, block_lo_LHB=lo, block_hi_LHB=hi, box_table_LHCE=table,
-                   centroids_LHCD=cents)
+                   centroids_LHCD=cents, log_sizes_LHC=_log_sizes(index.cluster_size_LHC))
 
     @classmethod
     def for_backend(cls, index, budget_LB: jax.Array, backend: ContextAttention) -> ContextState:
@@ -165,6 +166,7 @@ class LayerIndex:
     n_clustered: int
     max_fine_per_coarse: int
     budget_fractions: tuple[float, ...]
+    log_sizes: jax.Array | None = None  # from ContextState (computed once); else computed where needed
 
     @classmethod
     def of(cls, ix) -> LayerIndex:
@@ -172,6 +174,11 @@ class LayerIndex:
                    ix.cluster_size_LHC, ix.radius_LHC, ix.coarse_centroids_LHCcD, ix.coarse_first_LHCc,
                    ix.coarse_count_LHCc, ix.budgets_LHF, ix.context_len, ix.n_fixed, ix.fixed_pad,
                    ix.n_clustered, ix.max_fine_per_coarse, tuple(ix.budget_fractions))
+
+    @property
+    def cluster_log_sizes(self) -> jax.Array:
+        """log of each fine cluster's key count `[H, C]` (empty clusters count 1: their blocks are masked by size)."""
+        return _log_sizes(self.cluster_size) if self.log_sizes is None else self.log_sizes
 
     @property
     def coarse_size(self) -> jax.Array:
@@ -296,6 +303,8 @@ class ContextAttention:
         idx = LayerIndex.of(layer_state.index)
         if layer_state.centroids_LHCD is not None:  # the lookup's centroids in the keys' dtype
             idx = dataclasses.replace(idx, centroids=layer_state.centroids_LHCD)
+        if layer_state.log_sizes_LHC is not None:
+            idx = dataclasses.replace(idx, log_sizes=layer_state.log_sizes_LHC)
         new_kv = write_kv(layer_kv, k_BTHD, v_BTHD, lengths_B, seq_lens_B)
         B, T, Hq, D = q_BTHqD.shape
         H = idx.keys.shape[0]
@@ -530,7 +539,7 @@ class ContextAttention:
 
     def _flat_lookup_inputs(self, rows_BHRD, idx, box_table_HCE=None):
         """(queries, centroid table, log sizes, radius, scoring kwargs) of the flat lookup for `self.score`."""
-        log_sizes = jnp.log(jnp.maximum(idx.cluster_size, 1).astype(jnp.float32))
+        log_sizes = idx.cluster_log_sizes
         if self.score == "box":  # centroid dot in 2D: [q+, q-] . [c + w (hi - c), c + w (lo - c)]
             if box_table_HCE is None:
                 if self._pallas():  # building the boxes every step would read every key: not for the kernel path
@@ -538,7 +547,8 @@ class ContextAttention:
                                      "with ContextState.for_backend(index, budget, backend)")
                 box_table_HCE = index_box_table(idx.keys, idx.centroids, idx.cluster_start, idx.cluster_size,
                                                 self.box_weight)
-            return (signed_split(rows_BHRD), box_table_HCE, log_sizes, jnp.zeros_like(log_sizes),
+            # the radius input is not read by score="mean": the index's own array, nothing built per step
+            return (signed_split(rows_BHRD), box_table_HCE, log_sizes, idx.radius,
                     dict(score="mean", scale=1.0 / math.sqrt(rows_BHRD.shape[-1])))
         return rows_BHRD, idx.centroids, log_sizes, idx.radius, dict(score=self.score, radius_weight=self.radius_weight)
 
@@ -546,7 +556,7 @@ class ContextAttention:
         """Squeezed policy: the estimated log-probability of every fine cluster, [rows, H, C]. The flat lookup
         skips the (row, head)s where `active_BH` is False (`centroid_lookup.centroid_scores`)."""
         if self._uses_hierarchy(idx):
-            log_sizes = jnp.log(jnp.maximum(idx.cluster_size, 1).astype(jnp.float32))
+            log_sizes = idx.cluster_log_sizes
             n_coarse = idx.coarse_centroids.shape[1]
             hfn = centroid_lookup.hierarchical_scores if self._pallas() else centroid_lookup.hierarchical_scores_ref
             return hfn(
@@ -692,6 +702,10 @@ def _with_user(q_BHTGD, o, lse, aux, user: UserKV | None):
     o_u, lse_u = _user_attention(q_BHTGD, user.k_BUHD, user.v_BUHD, user.len_B - 1)
     o, lse = merge_attention(o.astype(jnp.float32), lse, o_u.astype(jnp.float32), lse_u)
     return o, lse, aux
+
+
+def _log_sizes(cluster_size: jax.Array) -> jax.Array:
+    return jnp.log(jnp.maximum(cluster_size, 1).astype(jnp.float32))
 
 
 def _full_keys(idx) -> jax.Array:
