@@ -45,6 +45,7 @@ from pallas_kernels.common import (
     is_pow2,
     next_pow2,
     resolve_interpret,
+    row_head_mask_i32,
 )
 from pallas_kernels.selection import select_topk
 
@@ -408,8 +409,7 @@ def _select_call(source: list[jax.Array], cluster_size_HC, lo_HB, hi_HB, k_BH, p
     chunk_bh = pl.BlockSpec((None, None, chunk), lambda b, h, *c: (b, h, *c) if c else (b, h, 0))
     in_specs = [k_spec, *map(_row_spec, source), pl.BlockSpec((None, C), lambda b, h, *_: (h, 0)), chunk_row,
                 chunk_row]
-    active = jnp.ones((B, H), jnp.int32) if active_BH is None else active_BH.astype(jnp.int32)
-    args = [active, *source, cluster_size_HC.astype(jnp.int32), lo, hi]
+    args = [row_head_mask_i32(active_BH, B, H), *source, cluster_size_HC.astype(jnp.int32), lo, hi]
     if prior_BHB is not None:  # padded blocks are masked on load
         in_specs.append(chunk_bh)
         args.append(jnp.pad(prior_BHB, ((0, 0), (0, 0), (0, nb_pad - n_blocks)), constant_values=_NEG_INF))

@@ -50,6 +50,7 @@ from pallas_kernels.common import (
     pad_axis,
     padded_rows,
     resolve_interpret,
+    row_head_mask_i32,
 )
 
 Score = Literal["mean", "radius"]
@@ -437,13 +438,6 @@ def _check_cpp(cpp: int | None) -> None:
         raise ValueError(f"chunks_per_program must be a positive int, got {cpp!r}")
 
 
-def _active(active_BH: jax.Array | None, B: int, H: int) -> jax.Array:
-    """The (row, head) activity mask as int32 [B, H] (all active when None)."""
-    if active_BH is None:
-        return jnp.ones((B, H), jnp.int32)
-    return active_BH.astype(jnp.int32)
-
-
 def _flat_phase1(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg: _ScoreCfg, *, block_c: int,
                  cpp: int | None, want_logits: bool, interpret: bool, active_BH: jax.Array | None = None):
     """The flat lookup's first launch on padded rows: (q_p, ||q_p||, chunks per program, active [B, H] int32,
@@ -455,7 +449,7 @@ def _flat_phase1(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg: _ScoreCfg,
     qn = _q_norms(q_p) if cfg.use_radius else jnp.zeros((B, H, Rp), jnp.float32)
     if cpp is None:
         cpp = _default_chunks_per_program(pl.cdiv(C, block_c), Rp)
-    active = _active(active_BH, B, H)
+    active = row_head_mask_i32(active_BH, B, H)
     outs = _flat_partials(active, q_p, qn, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c, cpp=cpp,
                           want_logits=want_logits, interpret=interpret)
     return q_p, qn, cpp, active, outs
@@ -577,7 +571,7 @@ def centroid_logits(
     _check_cpp(chunks_per_program)
     block_c = _resolve_block_c(block_c, q_BHRD.shape[2])
     cfg = _make_cfg(q_BHRD, score, radius_weight, "max", scale, dot_dtype)
-    *_, _, (m, l_sum, logits) = _flat_phase1(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c,
+    *_, (m, l_sum, logits) = _flat_phase1(q_BHRD, centroids_HCD, log_sizes_HC, radius_HC, cfg, block_c=block_c,
                                           cpp=chunks_per_program, want_logits=True,
                                           interpret=resolve_interpret(interpret))
     return ClusterLogits(logits, m, l_sum)

@@ -125,6 +125,11 @@ def check_row_head_mask(active_BH: jax.Array | None, B: int, H: int) -> None:
         raise TypeError(f"active_BH must be a bool or integer array, got dtype {active_BH.dtype}")
 
 
+def row_head_mask_i32(active_BH: jax.Array | None, B: int, H: int) -> jax.Array:
+    """The (row, head) on/off mask as the int32 [B, H] kernel input (all on when None)."""
+    return jnp.ones((B, H), jnp.int32) if active_BH is None else active_BH.astype(jnp.int32)
+
+
 def check_block_k(block_k: int, n_keys: int) -> None:
     """Key blocks are powers of two that tile the key axis."""
     if not is_pow2(block_k):

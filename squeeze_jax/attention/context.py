@@ -301,10 +301,9 @@ class ContextAttention:
                  layer_state: ContextState):
         del positions_BT
         idx = LayerIndex.of(layer_state.index)
-        if layer_state.centroids_LHCD is not None:  # the lookup's centroids in the keys' dtype
-            idx = dataclasses.replace(idx, centroids=layer_state.centroids_LHCD)
-        if layer_state.log_sizes_LHC is not None:
-            idx = dataclasses.replace(idx, log_sizes=layer_state.log_sizes_LHC)
+        # what the state computed once per index: the lookup's centroids in the keys' dtype, the log cluster sizes
+        once = dict(centroids=layer_state.centroids_LHCD, log_sizes=layer_state.log_sizes_LHC)
+        idx = dataclasses.replace(idx, **{k: v for k, v in once.items() if v is not None})
         new_kv = write_kv(layer_kv, k_BTHD, v_BTHD, lengths_B, seq_lens_B)
         B, T, Hq, D = q_BTHqD.shape
         H = idx.keys.shape[0]
